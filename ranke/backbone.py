@@ -1,0 +1,122 @@
+"""The backbone interface every recipe talks to: encode prompts, sample tokens with CFG,
+score tokens by teacher forcing, decode tokens to pixels.
+
+A backbone bundles a frozen text encoder, an AR policy and a VQ tokenizer. Recipes pass the
+policy / decoder to use explicitly (online or EMA copies), so the backbone itself holds no
+training state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ranke.assets import asset_path, load_asset
+from ranke.config import RunConfig, SamplingConfig, TextConfig
+from ranke.models.gpt import GPTArgs, Transformer
+from ranke.models.text import T5TextEncoder, ToyTextEncoder
+from ranke.models.vq import VQArgs, VQModel, to_unit_range
+from ranke.runtime import UserError
+from ranke.sampling import SampleOutput, generate, token_logprobs
+from ranke.toy.captions import VOCABULARY
+
+
+def build_text_encoder(cfg: TextConfig, device: torch.device | str = "cpu"):
+    """The frozen text encoder named by the config (`toy` or `t5`)."""
+    if cfg.kind == "toy":
+        return ToyTextEncoder(VOCABULARY, cfg.dim, cfg.max_tokens, cfg.seed).to(device)
+    if cfg.kind == "t5":
+        if not cfg.path:
+            raise UserError("text.kind=t5 needs text.path=<local flan-t5-xl directory>")
+        return T5TextEncoder(cfg.path, max_length=cfg.max_tokens, device=device)
+    raise UserError(f"unknown text.kind '{cfg.kind}' (toy or t5)")
+
+
+def load_tokenizer(path: str | Path | None = None, device: torch.device | str = "cpu") -> VQModel:
+    """A VQ tokenizer from an asset file (default: the committed toy tokenizer), in eval mode."""
+    args, state = load_asset(path or asset_path("tokenizer"), "vq")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    model = VQModel(VQArgs(**args))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_policy(path: str | Path | None = None, device: torch.device | str = "cpu") -> tuple[Transformer, TextConfig]:
+    """A policy asset (default: the committed toy SFT policy) and the text encoder config it was trained with."""
+    args, state = load_asset(path or asset_path("policy"), "policy")
+    model = Transformer(GPTArgs(**args["gpt"]))
+    model.load_state_dict(state)
+    return model.to(device).eval(), TextConfig(**args["text"])
+
+
+def check_compatible(gpt: GPTArgs, vq: VQArgs, text: TextConfig, image_size: int) -> None:
+    """One clear line when the policy, tokenizer, text encoder and image size do not fit together."""
+    grid = image_size // vq.downsample_factor
+    if gpt.vocab_size != vq.codebook_size:
+        raise UserError(f"gpt.vocab_size={gpt.vocab_size} must equal the tokenizer's codebook_size={vq.codebook_size}")
+    if gpt.block_size != grid * grid:
+        raise UserError(f"gpt.block_size={gpt.block_size} must be {grid * grid} ({grid}x{grid} tokens of {image_size}px)")
+    if gpt.caption_dim != text.dim or gpt.cls_token_num != text.max_tokens:
+        raise UserError(
+            f"gpt expects text [{gpt.cls_token_num} x {gpt.caption_dim}] but the text encoder gives "
+            f"[{text.max_tokens} x {text.dim}]: set text.max_tokens/text.dim or gpt.cls_token_num/gpt.caption_dim"
+        )
+
+
+@dataclass
+class Backbone:
+    text_encoder: object
+    policy: Transformer
+    tokenizer: VQModel
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.tok_embeddings.weight.device
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, mask = self.text_encoder.encode(list(prompts))
+        return emb.to(self.device), mask.to(self.device)
+
+    def sample(
+        self,
+        text_emb: torch.Tensor,
+        text_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        generator: torch.Generator,
+        policy: Transformer | None = None,
+        return_logprobs: bool = False,
+    ) -> SampleOutput:
+        return generate(
+            policy or self.policy,
+            text_emb,
+            text_mask,
+            cfg_scale=sampling.cfg_scale,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            generator=generator,
+            return_logprobs=return_logprobs,
+        )
+
+    def token_logprobs(self, policy: Transformer, text_emb, text_mask, tokens, return_entropy: bool = False):
+        return token_logprobs(policy, text_emb, text_mask, tokens, return_entropy=return_entropy)
+
+    def decode(self, tokens: torch.Tensor, decoder: VQModel | None = None) -> torch.Tensor:
+        """Token sequences [B, N] -> images [B, 3, H, W] in [0, 1] (differentiable through the decoder)."""
+        return to_unit_range((decoder or self.tokenizer).decode_codes(tokens))
+
+
+def load_toy_backbone(
+    policy_path: str | Path | None = None,
+    tokenizer_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Backbone, RunConfig]:
+    """The toy backbone from asset files (defaults: the committed toy SFT policy and tokenizer)."""
+    policy, text_cfg = load_policy(policy_path, device)
+    tokenizer = load_tokenizer(tokenizer_path, device)
+    cfg = dataclasses.replace(RunConfig(), text=text_cfg, gpt=policy.args, vq=tokenizer.args)
+    check_compatible(policy.args, tokenizer.args, text_cfg, cfg.toy.image_size)
+    return Backbone(build_text_encoder(text_cfg, device), policy, tokenizer), cfg

@@ -1,0 +1,143 @@
+"""`ranke <command>`: argument parsing only; every command calls into the library.
+
+Bad input raises `UserError`, printed as one line with exit code 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ranke.runtime import UserError
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/latest")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=2000")
+
+
+def cmd_train_tokenizer(args) -> None:
+    from ranke.train.tokenizer import train_tokenizer
+
+    train_tokenizer(args.config, args.out, args.overrides, resume=args.resume)
+
+
+def cmd_sft(args) -> None:
+    from ranke.train.sft import train_sft
+
+    train_sft(args.config, args.out, args.overrides, resume=args.resume)
+
+
+# Buffers some LlamaGen checkpoints carry that are not weights (KV caches set up for sampling).
+GPT_IGNORED_KEYS = ("*.kv_cache.k_cache", "*.kv_cache.v_cache", "freqs_cis", "causal_mask")
+
+
+def cmd_check_checkpoint(args) -> None:
+    from ranke.models.gpt import GPT_PRESETS, Transformer
+    from ranke.models.load import check_checkpoint_report
+    from ranke.models.vq import VQ_PRESETS, VQModel
+
+    presets, model_class = (VQ_PRESETS, VQModel) if args.kind == "vq" else (GPT_PRESETS, Transformer)
+    if args.preset not in presets:
+        raise UserError(f"unknown {args.kind} preset '{args.preset}' (one of: {', '.join(presets)})")
+    ignore = GPT_IGNORED_KEYS if args.kind == "gpt" else ()
+    ok, lines = check_checkpoint_report(
+        args.file, lambda: model_class(presets[args.preset]), args.trust_checkpoint, ignore
+    )
+    print("\n".join(lines))
+    if not ok:
+        sys.exit(2)
+
+
+def cmd_toy_sample(args) -> None:
+    from ranke.toy.tools import write_samples
+
+    write_samples(args.n, args.out, split=args.split, seed=args.seed)
+    print(f"wrote {args.n} images and captions.jsonl to {args.out}")
+
+
+def cmd_toy_verify(args) -> None:
+    from ranke.toy.tools import verify_dir
+
+    print(json.dumps(verify_dir(args.dir)))
+
+
+def cmd_sample(args) -> None:
+    from ranke.generate import sample_prompts_to_dir
+
+    summary = sample_prompts_to_dir(
+        ckpt=args.ckpt,
+        prompts_file=args.prompts,
+        out_dir=args.out,
+        cfg_scale=args.cfg,
+        seed=args.seed,
+        n_per_prompt=args.n_per_prompt,
+        batch_size=args.batch_size,
+    )
+    print(json.dumps(summary))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ranke", description="RankE: post-training of discrete AR text-to-image models with decoder co-evolution"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-tokenizer", help="train a VQ tokenizer (toy world by default)")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("sft", help="supervised training of the AR policy on tokenizer codes")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("check-checkpoint", help="check a checkpoint file against a model layout")
+    p.add_argument("--kind", choices=["vq", "gpt"], required=True)
+    p.add_argument("--preset", required=True, help="e.g. VQ-16, GPT-B, GPT-XL, toy")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary unpickling (trusted files only)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_checkpoint)
+
+    p = sub.add_parser("sample", help="sample images for prompts (PNG + captions.jsonl)")
+    p.add_argument("--ckpt", default=None, help="run dir or checkpoint dir (default: committed toy assets)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (or .jsonl with 'caption')")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-per-prompt", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_sample)
+
+    toy = sub.add_parser("toy", help="the embedded toy shapes world").add_subparsers(dest="toy_command", required=True)
+    p = toy.add_parser("sample", help="render toy images with captions")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", choices=["train", "heldout"], default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_toy_sample)
+    p = toy.add_parser("verify", help="score a folder of images against captions.jsonl")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_toy_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"ranke: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("ranke: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Typed configuration: dataclasses are the single source of truth, YAML presets fill them,
+and trailing `key=value` arguments override them.
+
+Override keys are resolved the way users type them: a dotted key (`vq.codebook_size=512`)
+is absolute; a bare key (`steps=2000`) is looked up first in the running recipe's section
+(`tokenizer`, `sft`, ...) and then at the top level. Unknown keys are errors with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ranke.models.gpt import GPT_PRESETS, GPTArgs
+from ranke.models.vq import VQ_PRESETS, VQArgs
+from ranke.runtime import UserError
+from ranke.toy.data import ToyConfig
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, failing with a one-line message."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], where)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{where}' must be a mapping, got {value!r}")
+        return build(annotation, value, prefix=where + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{where}' must be a list, got {value!r}")
+        args = typing.get_args(annotation)
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{where}' must be true or false, got {value!r}")
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation is str and isinstance(value, str):
+        return value
+    if annotation in (int, float, str):
+        raise UserError(f"config key '{where}' must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """Construct dataclass `cls` from a nested dict, rejecting unknown keys.
+
+    A mapping given for a nested dataclass field is merged onto that field's default
+    (e.g. `vq: {codebook_size: 512}` changes one field of the default toy VQ preset).
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in fields:
+            raise UserError(f"unknown config key '{prefix}{key}'{_suggest(key, list(fields))}")
+        default = _field_default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = {**to_dict(default), **value}
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    """Plain nested dict of a config dataclass (tuples as lists, for YAML)."""
+
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(obj))
+
+
+def _resolve_key(cls, key: str, section: str | None) -> list[str]:
+    """Map a user-typed override key to its path of field names."""
+    parts = key.split(".")
+    if len(parts) == 1 and section is not None:
+        section_cls = typing.get_type_hints(cls)[section]
+        if key in _field_names(section_cls):
+            return [section, key]
+    node = cls
+    for i, part in enumerate(parts):
+        names = _field_names(node) if dataclasses.is_dataclass(node) else []
+        if part not in names:
+            candidates = names + (
+                _field_names(typing.get_type_hints(cls)[section]) if section and i == 0 else []
+            )
+            raise UserError(f"unknown config key '{key}'{_suggest(part, candidates)}")
+        node = typing.get_type_hints(node)[part]
+    return parts
+
+
+def apply_overrides(cls, data: dict, overrides: list[str], section: str | None = None) -> dict:
+    """Return a copy of `data` with `key=value` overrides applied (values parsed as YAML)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        path = _resolve_key(cls, key.strip(), section)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping at the top level")
+    return data or {}
+
+
+def load(cls, path: str | None, overrides: list[str] = (), section: str | None = None):
+    """Load config dataclass `cls` from a YAML file (or defaults) plus overrides."""
+    data = read_yaml(resolve_config_path(path)) if path is not None else {}
+    data = apply_overrides(cls, data, list(overrides), section)
+    return build(cls, data)
+
+
+def save(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run configuration: one dataclass per recipe section, model args from the model modules.
+# ---------------------------------------------------------------------------------------------
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TextConfig:
+    """Frozen text encoder: `toy` (seeded word + position embeddings) or `t5` (local directory)."""
+
+    kind: str = "toy"
+    path: str | None = None
+    max_tokens: int = 24
+    dim: int = 64
+    seed: int = 0
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for `ranke sample` / evaluation rollouts."""
+
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """`ranke train-tokenizer`: VQGAN training (LlamaGen's vq_loss terms, toy-sized defaults)."""
+
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    recon_kind: str = "l2"
+    recon_weight: float = 1.0
+    perceptual: str = "pyramid"
+    perceptual_weight: float = 0.5
+    vgg_path: str | None = None
+    lpips_lin_path: str | None = None
+    codebook_weight: float = 1.0
+    restart_dead_codes_every: int = 100  # 0 disables; re-seeds codes unused in the recent window
+    disc_weight: float = 0.5
+    disc_start: int = 2500
+    disc_lr: float = 1e-4
+    disc_channels: int = 64
+    disc_layers: int = 3
+    eval_images: int = 500
+    log_every: int = 10
+    grid_every: int = 500
+    save_every: int = 1000
+
+
+@dataclass
+class SFTConfig:
+    """`ranke sft`: next-token training of the policy on (caption, tokenizer codes)."""
+
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    tokenizer: str | None = None  # asset file; None: the committed toy tokenizer
+    eval_prompts: int = 16  # prompts shown in the sample grids
+    eval_samples: int = 500  # held-out prompts scored by the verifier at the end
+    log_every: int = 10
+    grid_every: int = 1000
+    save_every: int = 1000
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; presets under configs/ fill it, `key=value` overrides change it."""
+
+    seed: int = 0
+    device: str = "auto"
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    vq: VQArgs = field(default_factory=lambda: VQ_PRESETS["toy"])
+    gpt: GPTArgs = field(default_factory=lambda: GPT_PRESETS["toy"])
+    text: TextConfig = field(default_factory=TextConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a bundled preset (`toy` -> ranke/configs/toy.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        return bundled
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise UserError(f"config '{name_or_path}' not found (a YAML path, or one of: {', '.join(presets)})")

@@ -1,0 +1,43 @@
+"""Small process-level helpers shared by every recipe: errors, devices, seeding, progress."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+class UserError(Exception):
+    """Bad input from the user. The CLI prints the message as one line and exits 2."""
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """Resolve a device name; `auto` means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch global generators (recipes also keep explicit generators)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """Deterministic kernels, used by tests and exact-resume runs on CPU."""
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", **kwargs):
+    """A tqdm bar on stderr; silenced when RANKE_NO_PROGRESS=1 (CI logs, tests)."""
+    disable = os.environ.get("RANKE_NO_PROGRESS") == "1"
+    return tqdm(iterable, total=total, desc=desc, disable=disable, file=sys.stderr, dynamic_ncols=True, **kwargs)

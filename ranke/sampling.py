@@ -1,0 +1,147 @@
+"""Sampling image tokens from the policy with classifier-free guidance, and teacher-forced scoring.
+
+`generate` draws token sequences (CFG, temperature, top-k, top-p, KV cache, explicit generator);
+`token_logprobs` scores given sequences with one differentiable forward. Both use the same model
+code, so the log-probs `generate` records equal the ones `token_logprobs` recomputes (GRPO's
+old/ref log-probs and its ratio are taken between these two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ranke.models.gpt import Transformer
+from ranke.runtime import UserError
+
+
+@dataclass
+class SampleOutput:
+    """tokens [B, N] (int64); logprobs [B, N] float32: log pi(z_t | z_<t, y), conditional policy,
+    temperature 1, no top-k/top-p, CFG not applied (None unless requested)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None = None
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: l_u + s * (l_c - l_u)."""
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k, then outside the nucleus top-p, to -inf ([B, V], new tensor).
+
+    top_k <= 0 or >= V and top_p >= 1 disable the filters. The nucleus is the smallest set of most
+    likely tokens whose probability reaches top_p (the most likely token is always kept).
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        outside_sorted = mass_before >= top_p
+        outside = torch.empty_like(outside_sorted).scatter_(-1, order, outside_sorted)
+        logits = logits.masked_fill(outside, float("-inf"))
+    return logits
+
+
+def _check_settings(temperature: float, top_k: int, top_p: float) -> None:
+    if not temperature > 0:
+        raise UserError(f"sampling temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise UserError(f"sampling top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"sampling top_p must be in (0, 1] (1 disables it), got {top_p}")
+
+
+def _activation_dtype(model: Transformer) -> torch.dtype:
+    """dtype of keys/values: the autocast dtype when autocast is on, else the weights' dtype."""
+    weight = model.tok_embeddings.weight
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
+def generate(
+    model: Transformer,
+    text_emb: torch.Tensor,
+    text_mask: torch.Tensor | None = None,
+    *,
+    cfg_scale: float,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator,
+    return_logprobs: bool = False,
+    use_kv_cache: bool = True,
+) -> SampleOutput:
+    """Sample `block_size` image tokens per caption (text_emb [B, T, C], left-padded, text_mask [B, T]).
+
+    Each step: guided logits l_u + s * (l_c - l_u) (the unconditional rows use the model's
+    uncond_embedding with the same text mask; no unconditional rows when cfg_scale == 1),
+    divided by temperature, top-k then top-p filtered, and one draw of torch.multinomial with
+    `generator`. The generator alone decides the draws, so a given seed gives the same tokens with
+    and without the KV cache. `use_kv_cache=False` recomputes the full sequence at every step
+    (slow; the reference the cache is tested against).
+
+    `logprobs` (when return_logprobs) are log pi_theta(z_t | z_<t, y) of the sampled tokens under
+    the CONDITIONAL policy at temperature 1 without filtering or guidance: the quantity GRPO's
+    old/ref log-probs stand for, equal to `token_logprobs(model, text_emb, text_mask, tokens)`.
+    """
+    _check_settings(temperature, top_k, top_p)
+    batch, num_tokens = text_emb.shape[0], model.args.block_size
+    use_cfg = cfg_scale != 1.0
+    with torch.inference_mode():
+        rows_text, rows_mask = text_emb, text_mask
+        if use_cfg:
+            uncond = model.cls_embedding.uncond_embedding.to(text_emb.dtype).expand_as(text_emb)
+            rows_text = torch.cat([text_emb, uncond])
+            rows_mask = None if text_mask is None else torch.cat([text_mask, text_mask])
+        tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=text_emb.device)
+        logprobs = torch.empty(batch, num_tokens, device=text_emb.device) if return_logprobs else None
+
+        if use_kv_cache:
+            cache = model.new_cache(rows_text.shape[0], _activation_dtype(model))
+            logits = model.prefill(rows_text, rows_mask, cache)
+        for t in range(num_tokens):
+            if not use_kv_cache:
+                so_far = tokens[:, :t]
+                logits = model.next_token_logits(rows_text, torch.cat([so_far, so_far]) if use_cfg else so_far, rows_mask)
+            cond = logits[:batch]
+            step_logits = guided_logits(cond, logits[batch:], cfg_scale) if use_cfg else cond
+            step_logits = filter_logits(step_logits / temperature, top_k, top_p)
+            next_token = torch.multinomial(step_logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+            tokens[:, t] = next_token
+            if logprobs is not None:
+                logprobs[:, t] = cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]
+            if use_kv_cache and t + 1 < num_tokens:
+                logits = model.decode_step(torch.cat([next_token, next_token]) if use_cfg else next_token, cache)
+    # clones are ordinary tensors: inference tensors cannot be saved for a later backward pass
+    return SampleOutput(tokens.clone(), None if logprobs is None else logprobs.clone())
+
+
+def token_logprobs(
+    model: Transformer,
+    text_emb: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    tokens: torch.Tensor,
+    *,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log pi_theta(z_t | z_<t, y) [B, N] of `tokens` [B, N], one forward, differentiable.
+
+    The conditional policy at temperature 1, no dropout of any kind (whatever the module's mode):
+    exactly what `generate(..., return_logprobs=True)` records. With `return_entropy`, also the
+    entropy [B, N] of each step's full distribution.
+    """
+    log_probs = model(text_emb, tokens, text_mask).log_softmax(dim=-1)
+    chosen = log_probs.gather(-1, tokens[..., None])[..., 0]
+    if not return_entropy:
+        return chosen
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return chosen, entropy

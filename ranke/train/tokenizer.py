@@ -1,0 +1,166 @@
+"""Recipe: train a VQ tokenizer (VQGAN-style) on the toy world.
+
+    ranke train-tokenizer --config configs/toy.yaml --out runs/tokenizer [key=value ...]
+
+Per step: a fresh batch from the seeded toy training stream; the generator loss is
+reconstruction + perceptual + codebook/commitment (+ adaptively weighted PatchGAN hinge
+loss once `disc_start` is reached); then one discriminator hinge step. At the end the
+model is evaluated (PSNR and codebook usage on the fixed reference image set) and written
+as `RUN/toy_tokenizer.safetensors`, the format of the committed asset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ranke import config as config_lib
+from ranke.algo.vqgan import (
+    adaptive_generator_weight,
+    adopt_weight,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    reconstruction_loss,
+)
+from ranke.assets import save_asset
+from ranke.config import RunConfig
+from ranke.models.discriminator import PatchDiscriminator
+from ranke.models.perceptual import build_perceptual
+from ranke.models.vq import VQModel, to_model_range, to_unit_range
+from ranke.runtime import progress, seed_everything, select_device
+from ranke.toy.data import reference_images, train_batch
+from ranke.train import state as state_lib
+from ranke.train.logging import MetricsWriter, save_image_grid
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model: VQModel, images_uint8: np.ndarray, device, batch_size: int = 100) -> dict:
+    """PSNR (dB, images in [0,1]) and codebook usage of `model` on a fixed image set."""
+    model.eval()
+    squared_errors, used = [], torch.zeros(model.args.codebook_size, dtype=torch.bool)
+    for start in range(0, len(images_uint8), batch_size):
+        batch = torch.from_numpy(images_uint8[start : start + batch_size].copy()).permute(0, 3, 1, 2).float() / 255
+        batch = batch.to(device)
+        quant, _, codes = model.encode(to_model_range(batch))
+        recon = to_unit_range(model.decode(quant))
+        squared_errors.append(((recon - batch) ** 2).flatten(1).mean(1).cpu())
+        used[codes.flatten().cpu()] = True
+    mse = torch.cat(squared_errors)
+    psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean().item()
+    return {"psnr": psnr, "codebook_usage": used.float().mean().item(), "n": len(images_uint8)}
+
+
+def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
+    cfg = config_lib.load(RunConfig, config_path, overrides, section="tokenizer")
+    tcfg = cfg.tokenizer
+    run = Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, run / "config.yaml")
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+
+    model = VQModel(cfg.vq).to(device)
+    disc = PatchDiscriminator(base_channels=tcfg.disc_channels, n_layers=tcfg.disc_layers).to(device)
+    perceptual = build_perceptual(tcfg.perceptual, tcfg.vgg_path, tcfg.lpips_lin_path).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    opt_disc = torch.optim.AdamW(disc.parameters(), lr=tcfg.disc_lr, betas=tuple(tcfg.betas), weight_decay=0.0)
+    data_rng = np.random.default_rng(cfg.seed)
+    restart_gen = torch.Generator(device).manual_seed(cfg.seed)
+    eval_images = reference_images(cfg.toy, tcfg.eval_images)
+    preview = torch.from_numpy(eval_images[:16].copy()).permute(0, 3, 1, 2).float().div(255).to(device)
+
+    start_step = 0
+    latest = state_lib.latest_checkpoint(run) if resume else None
+    if latest is not None:
+        tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
+        model.load_state_dict(tensors["vq"])
+        disc.load_state_dict(tensors["discriminator"])
+        opt.load_state_dict(trainer_state["optimizer"])
+        opt_disc.load_state_dict(trainer_state["optimizer_disc"])
+        state_lib.restore_rng_state(trainer_state["rng"], {"data": data_rng, "restart": restart_gen})
+        start_step = trainer_state["step"]
+
+    metrics = MetricsWriter(run / "metrics.jsonl")
+    t0 = time.perf_counter()
+    bar = progress(range(start_step, tcfg.steps), total=tcfg.steps, initial=start_step, desc="tokenizer")
+    for step in bar:
+        model.train()
+        images, _, _ = train_batch(data_rng, tcfg.batch_size, cfg.toy)
+        x = to_model_range(images.to(device))
+        quant, vq_losses, codes = model.encode(x)
+        recon = model.decode(quant)
+
+        rec = reconstruction_loss(x, recon, kind=tcfg.recon_kind)
+        perc = perceptual(x, recon).mean() if tcfg.perceptual_weight > 0 else torch.zeros((), device=device)
+        nll = tcfg.recon_weight * rec + tcfg.perceptual_weight * perc
+        disc_factor = adopt_weight(step, tcfg.disc_start)
+        gen = hinge_generator_loss(disc(recon)) if disc_factor > 0 else torch.zeros((), device=device)
+        gen_weight = (
+            adaptive_generator_weight(nll, gen, model.last_layer) if disc_factor > 0 else torch.zeros((), device=device)
+        )
+        loss = nll + tcfg.codebook_weight * vq_losses.total + tcfg.disc_weight * disc_factor * gen_weight * gen
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        if tcfg.restart_dead_codes_every and (step + 1) % tcfg.restart_dead_codes_every == 0:
+            with torch.no_grad():
+                model.quantize.restart_dead_codes(model.quant_conv(model.encoder(x)), generator=restart_gen)
+
+        disc_loss = torch.zeros(())
+        if disc_factor > 0:
+            disc_loss = hinge_discriminator_loss(disc(x), disc(recon.detach()))
+            opt_disc.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            opt_disc.step()
+
+        record = {
+            "step": step + 1,
+            "loss": loss.item(),
+            "recon": rec.item(),
+            "perceptual": perc.item(),
+            "codebook": vq_losses.codebook.item(),
+            "commitment": vq_losses.commitment.item(),
+            "generator": gen.item(),
+            "generator_weight": float(gen_weight),
+            "discriminator": disc_loss.item(),
+            "batch_code_usage": codes.unique().numel() / cfg.vq.codebook_size,
+        }
+        if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+            metrics.write(record)
+            bar.set_postfix(recon=f"{rec.item():.4f}", usage=f"{record['batch_code_usage']:.2f}")
+        if (step + 1) % tcfg.grid_every == 0 or step + 1 == tcfg.steps:
+            with torch.no_grad():
+                model.eval()
+                shown = to_unit_range(model.decode(model.encode(to_model_range(preview))[0]))
+            save_image_grid(torch.cat([preview, shown]), run / f"reconstructions_{step + 1:06d}.png", nrow=16)
+        if (step + 1) % tcfg.save_every == 0 or step + 1 == tcfg.steps:
+            state_lib.save_checkpoint(
+                run,
+                step + 1,
+                {"vq": model.state_dict(), "discriminator": disc.state_dict()},
+                {
+                    "step": step + 1,
+                    "optimizer": opt.state_dict(),
+                    "optimizer_disc": opt_disc.state_dict(),
+                    "rng": state_lib.rng_state({"data": data_rng, "restart": restart_gen}),
+                },
+                (run / "config.yaml").read_text(),
+                keep_last=2,
+            )
+    train_seconds = time.perf_counter() - t0
+
+    result = evaluate_tokenizer(model, eval_images, device)
+    result["train_seconds"] = round(train_seconds, 1)
+    result["steps"] = tcfg.steps
+    (run / "eval.json").write_text(json.dumps(result, indent=2))
+    save_asset(run / "toy_tokenizer.safetensors", "vq", cfg.vq, model.state_dict())
+    print(
+        f"tokenizer: PSNR {result['psnr']:.2f} dB, codebook usage {result['codebook_usage']:.1%} "
+        f"on {result['n']} reference images; {train_seconds / 60:.1f} min -> {run / 'toy_tokenizer.safetensors'}"
+    )
+    return result

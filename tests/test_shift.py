@@ -1,0 +1,58 @@
+"""Latent Covariate Shift measures: histograms, smoothed KL, per-position KL, entropy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits, token_kl
+
+
+def test_code_histogram_counts_every_entry_and_checks_range():
+    codes = torch.tensor([[0, 2, 2], [3, 2, 0]])
+    np.testing.assert_array_equal(code_histogram(codes, 5), [2, 0, 3, 1, 0])
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        code_histogram(codes, 3)
+
+
+def test_kl_of_identical_histograms_is_zero():
+    counts = np.array([5, 0, 3, 9])
+    assert token_kl(counts, counts) == 0.0
+
+
+def test_hand_computed_three_code_example():
+    # Add-one smoothing: p = (3, 2, 2) / 7, q = (2, 2, 3) / 7
+    # KL = 3/7 ln(3/2) + 2/7 ln 1 + 2/7 ln(2/3) = ln(1.5) / 7.
+    assert token_kl([2, 1, 1], [1, 1, 2]) == pytest.approx(math.log(1.5) / 7, rel=1e-12)
+    # Tiny smoothing recovers the plain KL of (1/2, 1/4, 1/4) || (1/4, 1/4, 1/2) = ln(2) / 4.
+    assert token_kl([2, 1, 1], [1, 1, 2], smoothing=1e-9) == pytest.approx(math.log(2) / 4, rel=1e-6)
+
+
+def test_kl_is_finite_with_codes_the_reference_never_uses():
+    policy, real = np.array([4, 4, 0, 0]), np.array([8, 0, 0, 0])
+    # p = (5, 5, 1, 1) / 12, q = (9, 1, 1, 1) / 12; the code unused by both adds 0.
+    expected = 5 / 12 * math.log(5 / 9) + 5 / 12 * math.log(5)
+    assert token_kl(policy, real) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="smoothing"):
+        token_kl(policy, real, smoothing=0.0)
+
+
+def test_per_position_kl_averages_positions_and_sees_misplaced_codes():
+    real = np.array([[0, 1], [0, 1], [1, 0], [1, 0]])
+    shuffled = real[:, ::-1].copy()  # same codes per row: marginal histogram unchanged
+    assert token_kl(code_histogram(shuffled, 2), code_histogram(real, 2)) == 0.0
+    assert per_position_kl(shuffled, real, 2) == 0.0  # each position still sees codes 0 and 1 twice
+    policy = np.array([[0, 1], [0, 1], [0, 1], [0, 1]])
+    # Position 0: policy counts (4, 0) vs real (2, 2) -> p = (5, 1) / 6, q = (3, 3) / 6; position 1 mirrored.
+    per_position = 5 / 6 * math.log(5 / 3) + 1 / 6 * math.log(1 / 3)
+    assert per_position_kl(policy, real, 2) == pytest.approx(per_position, rel=1e-12)
+    assert token_kl(code_histogram(policy, 2), code_histogram(real, 2)) == 0.0
+
+
+def test_entropy_in_bits():
+    assert token_entropy_bits([7, 7, 7, 7]) == pytest.approx(2.0)
+    assert token_entropy_bits([3, 0, 0, 0, 0]) == 0.0
+    assert token_entropy_bits([2, 1, 1, 0]) == pytest.approx(1.5)
