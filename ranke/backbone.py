@@ -17,17 +17,17 @@ import torch
 from ranke.assets import asset_path, load_asset
 from ranke.config import RunConfig, SamplingConfig, TextConfig
 from ranke.models.gpt import GPTArgs, Transformer
-from ranke.models.text import T5TextEncoder, ToyTextEncoder
+from ranke.models.text import T5TextEncoder
 from ranke.models.vq import VQArgs, VQModel, to_unit_range
 from ranke.runtime import UserError
 from ranke.sampling import SampleOutput, generate, token_logprobs
-from ranke.toy.captions import VOCABULARY
+from ranke.toy.text import ToyTextEncoder
 
 
 def build_text_encoder(cfg: TextConfig, device: torch.device | str = "cpu"):
     """The frozen text encoder named by the config (`toy` or `t5`)."""
     if cfg.kind == "toy":
-        return ToyTextEncoder(VOCABULARY, cfg.dim, cfg.max_tokens, cfg.seed).to(device)
+        return ToyTextEncoder(cfg.dim, cfg.max_tokens, device)
     if cfg.kind == "t5":
         if not cfg.path:
             raise UserError("text.kind=t5 needs text.path=<local flan-t5-xl directory>")

@@ -179,13 +179,12 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class TextConfig:
-    """Frozen text encoder: `toy` (seeded word + position embeddings) or `t5` (local directory)."""
+    """Frozen text encoder: `toy` (ranke.toy.text) or `t5` (a local flan-t5 directory)."""
 
     kind: str = "toy"
     path: str | None = None
-    max_tokens: int = 24
+    max_tokens: int = 4
     dim: int = 64
-    seed: int = 0
 
 
 @dataclass
@@ -202,22 +201,24 @@ class SamplingConfig:
 class TokenizerTrainConfig:
     """`ranke train-tokenizer`: VQGAN training (LlamaGen's vq_loss terms, toy-sized defaults)."""
 
-    steps: int = 4000
+    steps: int = 2400
     batch_size: int = 32
-    lr: float = 2e-4
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     recon_kind: str = "l2"
     recon_weight: float = 1.0
     perceptual: str = "pyramid"
-    perceptual_weight: float = 0.5
+    perceptual_weight: float = 0.1
     vgg_path: str | None = None
     lpips_lin_path: str | None = None
     codebook_weight: float = 1.0
     restart_dead_codes_every: int = 100  # 0 disables; re-seeds codes unused in the recent window
     disc_weight: float = 0.5
-    disc_start: int = 2500
+    disc_start: int = 1800
     disc_lr: float = 1e-4
     disc_channels: int = 64
     disc_layers: int = 3
@@ -231,8 +232,8 @@ class TokenizerTrainConfig:
 class SFTConfig:
     """`ranke sft`: next-token training of the policy on (caption, tokenizer codes)."""
 
-    steps: int = 6000
-    batch_size: int = 64
+    steps: int = 3000
+    batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200

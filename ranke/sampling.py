@@ -85,7 +85,7 @@ def generate(
     Each step: guided logits l_u + s * (l_c - l_u) (the unconditional rows use the model's
     uncond_embedding with the same text mask; no unconditional rows when cfg_scale == 1),
     divided by temperature, top-k then top-p filtered, and one draw of torch.multinomial with
-    `generator`. The generator alone decides the draws, so a given seed gives the same tokens with
+    `generator` (on the model's device). The generator alone decides the draws, so a given seed gives the same tokens with
     and without the KV cache. `use_kv_cache=False` recomputes the full sequence at every step
     (slow; the reference the cache is tested against).
 

@@ -55,5 +55,5 @@ def test_saved_config_loads_back_identically(tmp_path):
 
 
 def test_override_of_a_section_absent_from_the_yaml():
-    cfg = config_lib.load(RunConfig, "toy", ["gpt.vocab_size=64", "gpt.dim=32"])
-    assert (cfg.gpt.vocab_size, cfg.gpt.dim) == (64, 32)
+    cfg = config_lib.load(RunConfig, "toy", ["gpt.vocab_size=64", "gpt.dim=48"])
+    assert (cfg.gpt.vocab_size, cfg.gpt.dim) == (64, 48)

@@ -46,7 +46,7 @@ def test_ffn_hidden_dim_follows_llamagen_rounding():
 
 def test_preset_args():
     toy = preset_args("toy", vocab_size=512)
-    assert (toy.vocab_size, toy.block_size, toy.cls_token_num) == (512, 64, 24)
+    assert (toy.vocab_size, toy.block_size, toy.cls_token_num) == (512, 64, 4)
     with pytest.raises(UserError, match="GPT-XL"):
         preset_args("GPT-XLL")
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from ranke.models.text import T5TextEncoder, ToyTextEncoder, left_pad, sinusoidal_positions
+from ranke.models.text import T5TextEncoder, left_pad
 from ranke.runtime import UserError
 
-WORDS = ["a", "red", "blue", "circle", "square", "left", "of", ","]
 
 
 def test_left_pad_by_hand():
@@ -16,37 +15,7 @@ def test_left_pad_by_hand():
     assert out.flatten(1).tolist() == [[0, 0, 1, 2], [5, 6, 7, 8]]
     assert out_mask.tolist() == [[False, False, True, True], [True, True, True, True]]
 
-
-def test_sinusoidal_positions_by_hand():
-    table = sinusoidal_positions(3, 4)  # frequencies 1 and 1/100
-    expected = [[torch.sin(torch.tensor(p * f)).item(), torch.cos(torch.tensor(p * f)).item()][k]
-                for p in range(3) for f in (1.0, 0.01) for k in (0, 1)]
-    assert torch.allclose(table.flatten(), torch.tensor(expected))
-
-
-def test_toy_encoder_values_by_hand():
-    encoder = ToyTextEncoder(WORDS, dim=8, max_tokens=6, seed=0)
-    emb, mask = encoder.encode(["A red circle, zebra", "blue square."])
-    assert emb.shape == (2, 6, 8) and emb.dtype == torch.float32 and mask.dtype == torch.bool
-    assert mask.tolist() == [[False] + [True] * 5, [False] * 4 + [True] * 2]
-    ids = [WORDS.index(w) + 1 for w in ["a", "red", "circle", ","]] + [0]  # zebra -> <unk> (row 0)
-    assert torch.allclose(emb[0, 1:], encoder.words[ids] + encoder.positions[:5])
-    assert torch.equal(emb[1, :4], torch.zeros(4, 8))  # left padding is zeros
-    # positions count from the first word: "blue" gets position 0 although it sits at slot 4
-    assert torch.allclose(emb[1, 4], encoder.words[WORDS.index("blue") + 1] + encoder.positions[0])
-
-
-def test_toy_encoder_is_seeded_frozen_and_order_sensitive():
-    encoder = ToyTextEncoder(WORDS, dim=8, max_tokens=6, seed=0)
-    prompts = ["a red circle left of a blue square", "a blue circle left of a red square"]
-    emb, mask = encoder.encode(prompts)
-    assert mask.all()  # 8 tokens truncated to max_tokens = 6
-    assert not torch.allclose(emb[0].sum(0), emb[1].sum(0))  # same bag of words, different order
-    assert torch.equal(ToyTextEncoder(WORDS, 8, 6, seed=0).encode(prompts)[0], emb)
-    assert not torch.allclose(ToyTextEncoder(WORDS, 8, 6, seed=1).encode(prompts)[0], emb)
-    assert list(encoder.parameters()) == [] and encoder.state_dict() == {}
-    with pytest.raises(UserError):
-        ToyTextEncoder(["a", "A"], dim=8, max_tokens=6)
+WORDS = ["a", "red", "blue", "circle", "square", "left", "of", ","]
 
 
 @pytest.fixture(scope="module")

@@ -91,10 +91,11 @@ GPT_PRESETS: dict[str, GPTArgs] = {
     "GPT-L": GPTArgs(n_layer=24, n_head=16, dim=1024, **_T2I),  # 343M
     "GPT-XL": GPTArgs(n_layer=36, n_head=20, dim=1280, **_T2I),  # 775M
     "GPT-XXL": GPTArgs(n_layer=48, n_head=24, dim=1536, **_T2I),  # 1.4B
-    # 64x64 toy images through a 8x downsampling VQ: 8x8 tokens. The toy data stream is unbounded,
-    # so only caption dropout (needed for CFG) is kept; vocab_size is the toy codebook size.
+    # 64x64 toy images through a 8x downsampling VQ: 8x8 tokens; 4 text positions of the toy text
+    # encoder (ranke.toy.text). Sized so SFT fits ~30 min on 2 CPU cores. The toy data stream is
+    # unbounded, so only caption dropout (needed for CFG) is kept; vocab_size is the toy codebook size.
     "toy": GPTArgs(
-        n_layer=6, n_head=8, dim=256, cls_token_num=24, caption_dim=64, vocab_size=1024, block_size=64,
+        n_layer=4, n_head=6, dim=192, cls_token_num=4, caption_dim=64, vocab_size=1024, block_size=64,
         token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
     ),
 }
@@ -321,6 +322,11 @@ class Transformer(nn.Module):
             cache.length += x.shape[1]
         return self.norm(x)
 
+    def _embed_text(self, text_emb: torch.Tensor, caption_dropout: bool = False) -> torch.Tensor:
+        # the residual stream keeps the weights' dtype (under autocast the projection returns bf16),
+        # so prefill and teacher forcing compute the text positions identically
+        return self.cls_embedding(text_emb, caption_dropout).to(self.tok_embeddings.weight.dtype)
+
     def _check_text(self, text_emb: torch.Tensor, text_mask: torch.Tensor | None) -> None:
         expected = (self.args.cls_token_num, self.args.caption_dim)
         if text_emb.dim() != 3 or tuple(text_emb.shape[1:]) != expected:
@@ -341,7 +347,7 @@ class Transformer(nn.Module):
         self._check_text(text_emb, text_mask)
         if image_tokens.shape[1] >= self.args.block_size:
             raise ValueError(f"at most {self.args.block_size - 1} input image tokens, got {image_tokens.shape[1]}")
-        x = torch.cat([self.cls_embedding(text_emb, caption_dropout), self.tok_embeddings(image_tokens)], dim=1)
+        x = torch.cat([self._embed_text(text_emb, caption_dropout), self.tok_embeddings(image_tokens)], dim=1)
         x = F.dropout(x, self.args.token_dropout_p, training=dropout)
         mask = None if text_mask is None else padded_causal_mask(key_padding(text_mask, x.shape[1]))
         return self._run_layers(x, 0, mask, None, dropout)
@@ -388,7 +394,7 @@ class Transformer(nn.Module):
         if text_mask is not None:
             cache.visible = key_padding(text_mask, cache.keys.shape[3])
             mask = padded_causal_mask(cache.visible[:, : text_emb.shape[1]])
-        hidden = self._run_layers(self.cls_embedding(text_emb), 0, mask, cache)
+        hidden = self._run_layers(self._embed_text(text_emb), 0, mask, cache)
         return self.output(hidden[:, -1]).float()
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

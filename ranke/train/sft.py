@@ -13,7 +13,6 @@ the committed asset, and evaluated with the verifier on held-out prompts.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,14 +31,7 @@ from ranke.toy.data import heldout_prompts, train_batch
 from ranke.toy.verifier import score_image, summarize
 from ranke.train import state as state_lib
 from ranke.train.logging import MetricsWriter, save_image_grid
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay to `min_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress_ratio = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_ratio))
+from ranke.train.schedule import warmup_cosine
 
 
 @torch.no_grad()

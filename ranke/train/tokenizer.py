@@ -35,6 +35,7 @@ from ranke.runtime import progress, seed_everything, select_device
 from ranke.toy.data import reference_images, train_batch
 from ranke.train import state as state_lib
 from ranke.train.logging import MetricsWriter, save_image_grid
+from ranke.train.schedule import warmup_cosine
 
 
 @torch.no_grad()
@@ -68,6 +69,9 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
     perceptual = build_perceptual(tcfg.perceptual, tcfg.vgg_path, tcfg.lpips_lin_path).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
     opt_disc = torch.optim.AdamW(disc.parameters(), lr=tcfg.disc_lr, betas=tuple(tcfg.betas), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: warmup_cosine(step, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+    )
     data_rng = np.random.default_rng(cfg.seed)
     restart_gen = torch.Generator(device).manual_seed(cfg.seed)
     eval_images = reference_images(cfg.toy, tcfg.eval_images)
@@ -81,6 +85,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
         disc.load_state_dict(tensors["discriminator"])
         opt.load_state_dict(trainer_state["optimizer"])
         opt_disc.load_state_dict(trainer_state["optimizer_disc"])
+        schedule.load_state_dict(trainer_state["schedule"])
         state_lib.restore_rng_state(trainer_state["rng"], {"data": data_rng, "restart": restart_gen})
         start_step = trainer_state["step"]
 
@@ -107,6 +112,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
+        schedule.step()
         if tcfg.restart_dead_codes_every and (step + 1) % tcfg.restart_dead_codes_every == 0:
             with torch.no_grad():
                 model.quantize.restart_dead_codes(model.quant_conv(model.encoder(x)), generator=restart_gen)
@@ -147,6 +153,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
                     "step": step + 1,
                     "optimizer": opt.state_dict(),
                     "optimizer_disc": opt_disc.state_dict(),
+                    "schedule": schedule.state_dict(),
                     "rng": state_lib.rng_state({"data": data_rng, "restart": restart_gen}),
                 },
                 (run / "config.yaml").read_text(),

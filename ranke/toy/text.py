@@ -1,0 +1,66 @@
+"""The toy world's frozen text encoder: a caption's meaning as fixed one-hot blocks.
+
+It stands in for T5 in the toy world: a frozen encoder that already understands the language.
+LlamaGen's policy gives text positions a zero rotary factor, so the attention from image tokens
+to the caption is a plain average over the caption's positions; an encoder whose positions
+carry word identities would leave the policy to untangle a bag of averaged words. Here each
+text position owns a disjoint block of dimensions, so the average keeps everything readable:
+
+    position 0        number of objects (3 one-hot) + relation (4 one-hot, or "none")
+    position 1 + i    object i: colour (6) + shape (4) + size (2) one-hots
+
+Every phrasing of the same request encodes identically. Output convention as the T5 encoder:
+left padding (the `1 + number of objects` real positions sit at the end), zeros elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ranke.runtime import UserError
+from ranke.toy.captions import parse_caption
+from ranke.toy.scenes import COLORS, RELATIONS, SHAPES, SIZES
+
+MAX_OBJECTS = 3
+SUMMARY_WIDTH = MAX_OBJECTS + len(RELATIONS) + 1
+OBJECT_WIDTH = len(COLORS) + len(SHAPES) + len(SIZES)
+ENCODED_WIDTH = SUMMARY_WIDTH + MAX_OBJECTS * OBJECT_WIDTH
+
+
+class ToyTextEncoder:
+    """Captions of the toy grammar -> (emb [B, max_tokens, dim], mask [B, max_tokens]), left-padded."""
+
+    def __init__(self, dim: int, max_tokens: int, device: torch.device | str = "cpu"):
+        if dim < ENCODED_WIDTH:
+            raise UserError(f"text.dim={dim} is too small for the toy text encoder (needs >= {ENCODED_WIDTH})")
+        if max_tokens < 1 + MAX_OBJECTS:
+            raise UserError(f"text.max_tokens={max_tokens} is too small for the toy text encoder (needs >= 4)")
+        self.dim = dim
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+
+    def encode_one(self, prompt: str) -> torch.Tensor:
+        """The real positions [1 + number of objects, dim] of one caption."""
+        try:
+            spec = parse_caption(prompt)
+        except ValueError as err:
+            raise UserError(f"the toy text encoder reads toy-grammar captions only; '{prompt}': {err}") from None
+        rows = torch.zeros(1 + len(spec.objects), self.dim)
+        rows[0, len(spec.objects) - 1] = 1
+        relation = MAX_OBJECTS + (RELATIONS.index(spec.relation[1]) if spec.relation else len(RELATIONS))
+        rows[0, relation] = 1
+        for i, obj in enumerate(spec.objects):
+            block = SUMMARY_WIDTH + i * OBJECT_WIDTH
+            rows[1 + i, block + COLORS.index(obj.color)] = 1
+            rows[1 + i, block + len(COLORS) + SHAPES.index(obj.shape)] = 1
+            rows[1 + i, block + len(COLORS) + len(SHAPES) + SIZES.index(obj.size)] = 1
+        return rows
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.zeros(len(prompts), self.max_tokens, self.dim)
+        mask = torch.zeros(len(prompts), self.max_tokens, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            rows = self.encode_one(prompt)
+            emb[row, self.max_tokens - len(rows) :] = rows
+            mask[row, self.max_tokens - len(rows) :] = True
+        return emb.to(self.device), mask.to(self.device)
