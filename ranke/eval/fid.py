@@ -38,7 +38,7 @@ def extract_features(extractor: FeatureExtractor, images: np.ndarray, batch_size
     """Features [N, D] (float64) of uint8 images [N, H, W, 3], fed to `extractor` in batches as [B, 3, H, W]."""
     chunks = []
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        batch = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)  # copies: inputs may be read-only
         chunks.append(np.asarray(extractor(batch), dtype=np.float64))
     return np.concatenate(chunks)
 

@@ -4,12 +4,12 @@ of the reward.
 FID needs a fixed network whose features respond both to content and to image quality. The
 toy feature net is trained (by `ranke.train.reward.train_toy_features`) on a different objective
 from the toy CLIP: predict a scene's attributes from its pixels (number of objects, which
-(shape, colour, size) objects are present, where the objects are on a coarse grid, the
-background's texture kind, mean colour and contrast). Its penultimate layer then encodes
-content, layout and background texture. It is never used by any training loss.
+colours, shapes, sizes and (shape, colour, size) objects are present, where the objects are on
+a coarse grid, the background's texture kind, mean colour and contrast). Its pooled last layer
+then encodes content and background texture. It is never used by any training loss.
 
 The trunk starts with a full-resolution 3x3 conv (no patchify), so that pixel-level changes
-(blur, noise, banding) reach the features; the final 4x4 map is flattened so that layout does.
+(blur, noise, banding) reach the features.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ranke.toy.scenes import BACKGROUNDS, COLORS, SHAPES, SIZES, Scene
 ASSET_KIND = "toy_features"
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
+ATTRIBUTES = [*COLORS, *SHAPES, *SIZES]  # 12 distinct words
 OBJECT_TYPES = [(shape, color, size) for shape in SHAPES for color in COLORS for size in SIZES]
 LAYOUT_CELLS = 4  # object centres are located on a LAYOUT_CELLS x LAYOUT_CELLS grid
 MAX_OBJECTS = 3
@@ -39,8 +40,8 @@ MAX_OBJECTS = 3
 class ToyFeatureArgs:
     """Architecture of the toy feature network (stored in its asset file)."""
 
-    width: int = 32  # channels at full resolution; stages have width x (1, 1, 2, 4, 4)
-    feature_dim: int = 128  # D of the features used for Frechet distance
+    width: int = 32  # channels at full resolution; conv stages have width x (1, 1, 2, 4, 4)
+    feature_dim: int = 128  # D of the Frechet distance features: half spatial means, half maxima
     image_size: int = 64
 
 
@@ -49,6 +50,7 @@ class SceneTargets:
     """What the network learns to predict, for a batch of B scenes."""
 
     count: torch.Tensor  # [B] long, number of objects - 1
+    attributes: torch.Tensor  # [B, 12] float 0/1, presence of each colour, shape and size
     objects: torch.Tensor  # [B, 48] float 0/1, presence of each (shape, colour, size)
     layout: torch.Tensor  # [B, 16] float 0/1, grid cells holding an object centre
     background: torch.Tensor  # [B] long, index of the background kind
@@ -57,11 +59,14 @@ class SceneTargets:
 
 def scene_targets(scenes: list[Scene]) -> SceneTargets:
     """Training targets of a batch of scenes."""
+    attributes = torch.zeros(len(scenes), len(ATTRIBUTES))
     objects = torch.zeros(len(scenes), len(OBJECT_TYPES))
     layout = torch.zeros(len(scenes), LAYOUT_CELLS * LAYOUT_CELLS)
     colors = torch.zeros(len(scenes), 6)
     for row, scene in enumerate(scenes):
         for obj in scene.objects:
+            for value in (obj.spec.color, obj.spec.shape, obj.spec.size):
+                attributes[row, ATTRIBUTES.index(value)] = 1.0
             objects[row, OBJECT_TYPES.index((obj.spec.shape, obj.spec.color, obj.spec.size))] = 1.0
             cell_x = min(int(obj.x * LAYOUT_CELLS), LAYOUT_CELLS - 1)
             cell_y = min(int(obj.y * LAYOUT_CELLS), LAYOUT_CELLS - 1)
@@ -72,6 +77,7 @@ def scene_targets(scenes: list[Scene]) -> SceneTargets:
         colors[row] = torch.cat([(color_a + color_b) / 2, (color_a - color_b).abs()])
     return SceneTargets(
         count=torch.tensor([len(s.objects) - 1 for s in scenes]),
+        attributes=attributes,
         objects=objects,
         layout=layout,
         background=torch.tensor([BACKGROUNDS.index(s.background.kind) for s in scenes]),
@@ -90,7 +96,14 @@ def _conv_block(channels_in: int, channels_out: int, stride: int) -> nn.Sequenti
 class ToyFeatureNet(nn.Module):
     """Normalised pixels [B, 3, S, S] -> features [B, feature_dim] (`features`), or the heads'
     predictions (`forward`): count logits [B, 3], object logits [B, 48], layout logits [B, 16],
-    background logits [B, 4], background colour [B, 6]."""
+    background logits [B, 4], background colour [B, 6].
+
+    The features are two poolings of the last conv map ([B, feature_dim / 2, h, w]): its spatial
+    mean (like Inception's pool3: how much of each local pattern the image holds, so texture and
+    detail everywhere, background included) and its spatial max (whether a pattern occurs at all:
+    objects). The layout head reads the map itself (one logit per grid cell), the other heads
+    read the features.
+    """
 
     def __init__(self, args: ToyFeatureArgs):
         super().__init__()
@@ -99,24 +112,35 @@ class ToyFeatureNet(nn.Module):
         layers = [_conv_block(3, widths[0], stride=1)]
         for channels_in, channels_out in zip(widths[:-1], widths[1:]):
             layers.append(_conv_block(channels_in, channels_out, stride=2))
+        if args.feature_dim % 2:
+            raise ValueError(f"feature_dim must be even (mean and max halves), got {args.feature_dim}")
+        channels = args.feature_dim // 2
+        layers += [nn.Conv2d(widths[-1], channels, 1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
         self.trunk = nn.Sequential(*layers)
-        side = args.image_size // 16
-        self.embed = nn.Sequential(nn.Linear(widths[-1] * side * side, args.feature_dim), nn.GELU())
         self.count_head = nn.Linear(args.feature_dim, MAX_OBJECTS)
+        self.attribute_head = nn.Linear(args.feature_dim, len(ATTRIBUTES))
         self.object_head = nn.Linear(args.feature_dim, len(OBJECT_TYPES))
-        self.layout_head = nn.Linear(args.feature_dim, LAYOUT_CELLS * LAYOUT_CELLS)
+        self.layout_head = nn.Conv2d(channels, 1, 1)
         self.background_head = nn.Linear(args.feature_dim, len(BACKGROUNDS))
         self.color_head = nn.Linear(args.feature_dim, 6)
 
+    @staticmethod
+    def pool(feature_map: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, 2C]: spatial means, then spatial maxima."""
+        return torch.cat([feature_map.mean(dim=(2, 3)), feature_map.amax(dim=(2, 3))], dim=1)
+
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.trunk(pixels).flatten(1))
+        return self.pool(self.trunk(pixels))
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.features(pixels)
+        feature_map = self.trunk(pixels)
+        features = self.pool(feature_map)
+        cells = F.adaptive_avg_pool2d(feature_map, LAYOUT_CELLS)
         return {
             "count": self.count_head(features),
+            "attributes": self.attribute_head(features),
             "objects": self.object_head(features),
-            "layout": self.layout_head(features),
+            "layout": self.layout_head(cells).flatten(1),
             "background": self.background_head(features),
             "background_color": self.color_head(features),
         }

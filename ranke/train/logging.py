@@ -1,4 +1,4 @@
-"""Run-directory outputs shared by the recipes: metrics.jsonl and image grids."""
+"""Run directories shared by the recipes: set-up, metrics.jsonl and image grids."""
 
 from __future__ import annotations
 
@@ -9,6 +9,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from ranke import config as config_lib
+from ranke.config import RunConfig
+from ranke.runtime import seed_everything, select_device
+
+
+def start_run(config_path: str, out_dir: str, overrides: list[str], section: str) -> tuple[RunConfig, Path, torch.device]:
+    """Resolve the config for recipe `section`, create the run directory with its config.yaml,
+    seed the global generators and pick the device."""
+    cfg = config_lib.load(RunConfig, config_path, overrides, section=section)
+    run = Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, run / "config.yaml")
+    seed_everything(cfg.seed)
+    return cfg, run, select_device(cfg.device)
 
 
 class MetricsWriter:

@@ -4,8 +4,8 @@
 
 Toy CLIP (`train_toy_clip`): each step draws a fresh batch of (image, caption) pairs from the
 seeded toy training stream, adds `hard_negatives` perturbed captions per pair to the text side
-(one attribute changed, two attributes swapped between objects, or the relation changed; see
-`ranke.rewards.toy_clip.perturb_spec`), and minimises the symmetric InfoNCE loss with a learned
+(one attribute changed, an attribute swapped between two objects, the relation turned or
+reversed; see `ranke.rewards.toy_clip.perturb_spec`), and minimises the symmetric InfoNCE loss with a learned
 temperature. It is evaluated on held-out prompts rendered by `render_caption` (never training
 samples) and written as `RUN/toy_clip.safetensors`.
 
@@ -70,9 +70,9 @@ class ToyFeatureConfig:
 
     model: ToyFeatureArgs = field(default_factory=ToyFeatureArgs)
     seed_offset: int = 2
-    steps: int = 800
+    steps: int = 1200
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -319,6 +319,7 @@ def feature_losses(
 
     terms = {
         "count": F.cross_entropy(predictions["count"], targets.count),
+        "attributes": multilabel(predictions["attributes"], targets.attributes),
         "objects": multilabel(predictions["objects"], targets.objects),
         "layout": multilabel(predictions["layout"], targets.layout),
         "background": F.cross_entropy(predictions["background"], targets.background),
@@ -358,6 +359,9 @@ def evaluate_toy_features(
     targets = scene_targets(scenes)
     result = {
         "count_accuracy": (predictions["count"].argmax(1) == targets.count).float().mean().item(),
+        "attributes_exact": (
+            ((predictions["attributes"] > 0) == targets.attributes.bool()).all(1).float().mean().item()
+        ),
         "objects_exact": ((predictions["objects"] > 0) == targets.objects.bool()).all(1).float().mean().item(),
         "background_accuracy": (predictions["background"].argmax(1) == targets.background).float().mean().item(),
         "layout_exact": ((predictions["layout"] > 0) == targets.layout.bool()).all(1).float().mean().item(),
@@ -367,7 +371,7 @@ def evaluate_toy_features(
     extractor = ToyFeatureExtractor(model, device)
     reference = reference_images(toy, 2 * fd_images)
     first = extract_features(extractor, reference[:fd_images])
-    second = torch.from_numpy(np.ascontiguousarray(reference[fd_images:])).permute(0, 3, 1, 2).float() / 255.0
+    second = torch.from_numpy(np.array(reference[fd_images:])).permute(0, 3, 1, 2).float() / 255.0
 
     def distance(images: torch.Tensor) -> float:
         return frechet_distance_from_features(first, np.concatenate([extractor(c) for c in images.split(200)]))

@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ranke import config as config_lib
 from ranke.assets import save_asset
 from ranke.backbone import Backbone, build_text_encoder, check_compatible, load_tokenizer
 from ranke.config import RunConfig
 from ranke.models.gpt import Transformer
 from ranke.models.vq import to_model_range
-from ranke.runtime import progress, seed_everything, select_device
+from ranke.runtime import progress
 from ranke.toy.data import heldout_prompts, train_batch
 from ranke.toy.verifier import score_image, summarize
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, save_image_grid
+from ranke.train.logging import MetricsWriter, save_image_grid, start_run
 from ranke.train.schedule import warmup_cosine
 
 
@@ -51,13 +49,8 @@ def verifier_accuracy(images: torch.Tensor, prompts: list[str]) -> dict:
 
 
 def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
-    cfg = config_lib.load(RunConfig, config_path, overrides, section="sft")
+    cfg, run, device = start_run(config_path, out_dir, overrides, section="sft")
     scfg = cfg.sft
-    run = Path(out_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, run / "config.yaml")
-    seed_everything(cfg.seed)
-    device = select_device(cfg.device)
 
     tokenizer = load_tokenizer(scfg.tokenizer, device).requires_grad_(False)
     check_compatible(cfg.gpt, tokenizer.args, cfg.text, cfg.toy.image_size)

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ranke import config as config_lib
 from ranke.algo.vqgan import (
     adaptive_generator_weight,
     adopt_weight,
@@ -27,14 +25,13 @@ from ranke.algo.vqgan import (
     reconstruction_loss,
 )
 from ranke.assets import save_asset
-from ranke.config import RunConfig
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
-from ranke.runtime import progress, seed_everything, select_device
+from ranke.runtime import progress
 from ranke.toy.data import reference_images, train_batch
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, save_image_grid
+from ranke.train.logging import MetricsWriter, save_image_grid, start_run
 from ranke.train.schedule import warmup_cosine
 
 
@@ -56,13 +53,8 @@ def evaluate_tokenizer(model: VQModel, images_uint8: np.ndarray, device, batch_s
 
 
 def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
-    cfg = config_lib.load(RunConfig, config_path, overrides, section="tokenizer")
+    cfg, run, device = start_run(config_path, out_dir, overrides, section="tokenizer")
     tcfg = cfg.tokenizer
-    run = Path(out_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, run / "config.yaml")
-    seed_everything(cfg.seed)
-    device = select_device(cfg.device)
 
     model = VQModel(cfg.vq).to(device)
     disc = PatchDiscriminator(base_channels=tcfg.disc_channels, n_layers=tcfg.disc_layers).to(device)
