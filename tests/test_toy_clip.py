@@ -26,7 +26,7 @@ from ranke.rewards.toy_clip import (
 from ranke.toy.captions import CaptionSpec, parse_caption
 from ranke.toy.data import ToyConfig, render_caption
 from ranke.toy.scenes import ObjectSpec, sample_scene
-from ranke.train.reward import ToyCLIPConfig, contrastive_loss, train_toy_clip, warmup_cosine
+from ranke.train.reward import ToyCLIPConfig, contrastive_loss, train_toy_clip
 
 TINY = ToyCLIPArgs(width=8, depth=0, text_width=32, embed_dim=32)
 SWAPPED = (
@@ -198,12 +198,6 @@ def test_asset_round_trip(tmp_path):
 
 
 # --- training -----------------------------------------------------------------------------------
-
-
-def test_warmup_cosine_schedule():
-    factors = [warmup_cosine(step, total=110, warmup=10, min_ratio=0.1) for step in (0, 9, 10, 60, 110)]
-    # warmup (step + 1) / 10; then 0.1 + 0.9 * (1 + cos(pi * (step - 10) / 100)) / 2
-    assert factors == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1])
 
 
 def test_training_learns_the_toy_world(tmp_path):

@@ -18,7 +18,6 @@ as `RUN/toy_features.safetensors`.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from ranke.toy.captions import NUM_PHRASINGS, CaptionSpec, describe, parse_capti
 from ranke.toy.data import ToyConfig, heldout_prompts, heldout_scenes, reference_images, render_caption, train_batch
 from ranke.toy.render import render_scenes
 from ranke.train.logging import MetricsWriter
+from ranke.train.schedule import warmup_cosine
 
 CLIP_ASSET = "toy_clip.safetensors"
 FEATURES_ASSET = "toy_features.safetensors"
@@ -89,14 +89,6 @@ TOY_CLIP_PRESETS = {
     "reward": ToyCLIPConfig(model=ToyCLIPArgs(width=32), seed_offset=0),
     "eval": ToyCLIPConfig(model=ToyCLIPArgs(width=24), seed_offset=1),
 }
-
-
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Learning-rate factor: linear warmup over `warmup` steps, then cosine decay to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress_ratio = (step - warmup) / max(total - warmup, 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress_ratio, 1.0)))
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -253,7 +245,7 @@ def train_toy_clip(
     bar = progress(range(cfg.steps), total=cfg.steps, desc="toy clip")
     for step in bar:
         model.train()
-        lr = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         _set_lr(optimizer, lr)
         images, texts, image_keys, text_keys = clip_batch(data_rng, cfg.batch_size, cfg.hard_negatives, toy)
         pixels = normalize_pixels(images.to(device), clip_lib.PIXEL_MEAN, clip_lib.PIXEL_STD)
@@ -407,7 +399,7 @@ def train_toy_features(
     bar = progress(range(cfg.steps), total=cfg.steps, desc="toy features")
     for step in bar:
         model.train()
-        lr = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         _set_lr(optimizer, lr)
         images, _, scenes = train_batch(data_rng, cfg.batch_size, toy)
         predictions = model(features_lib.to_network_input(images.to(device), cfg.model.image_size))
