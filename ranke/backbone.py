@@ -104,6 +104,14 @@ class Backbone:
     def token_logprobs(self, policy: Transformer, text_emb, text_mask, tokens, return_entropy: bool = False):
         return token_logprobs(policy, text_emb, text_mask, tokens, return_entropy=return_entropy)
 
+    @torch.no_grad()
+    def generate_images(self, prompts: list[str], sampling: SamplingConfig, generator: torch.Generator, batch_size: int):
+        """Yield (prompts, images [b,3,H,W] in [0,1] on CPU) batch by batch, one image per prompt."""
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            emb, mask = self.encode_prompts(batch)
+            yield batch, self.decode(self.sample(emb, mask, sampling, generator).tokens).cpu()
+
     def decode(self, tokens: torch.Tensor, decoder: VQModel | None = None) -> torch.Tensor:
         """Token sequences [B, N] -> images [B, 3, H, W] in [0, 1] (differentiable through the decoder)."""
         return to_unit_range((decoder or self.tokenizer).decode_codes(tokens))

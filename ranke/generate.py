@@ -64,7 +64,6 @@ def load_backbone(ckpt: str | None, device: torch.device) -> tuple[Backbone, Run
     raise UserError(f"'{ckpt}' is neither a policy file nor a run directory with toy_policy.safetensors")
 
 
-@torch.no_grad()
 def sample_prompts_to_dir(
     ckpt: str | None,
     prompts_file: str,
@@ -85,14 +84,13 @@ def sample_prompts_to_dir(
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(backbone.device).manual_seed(seed)
     with open(out / CAPTIONS_FILE, "w") as captions, progress(total=len(prompts), desc="sampling") as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            emb, mask = backbone.encode_prompts(batch)
-            images = backbone.decode(backbone.sample(emb, mask, sampling, generator).tokens)
-            pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
-            for offset, (prompt, image) in enumerate(zip(batch, pixels)):
-                name = f"{start + offset:05d}.png"
+        index = 0
+        for batch, images in backbone.generate_images(prompts, sampling, generator, batch_size):
+            pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+            for prompt, image in zip(batch, pixels):
+                name = f"{index:05d}.png"
                 Image.fromarray(image).save(out / name)
                 captions.write(json.dumps({"file": name, "caption": prompt}) + "\n")
+                index += 1
             bar.update(len(batch))
     return {"n": len(prompts), "out": str(out), "cfg_scale": sampling.cfg_scale, "seed": seed}

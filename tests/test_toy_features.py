@@ -29,14 +29,7 @@ TOY = ToyConfig(supersample=2)
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops run fastest on one thread; on a busy 2-core machine two threads per process
-    oversubscribe the cores and the training test runs ~20x slower (measured: 127 s vs 5 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

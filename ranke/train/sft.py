@@ -36,12 +36,7 @@ from ranke.train.schedule import warmup_cosine
 def sample_images(backbone: Backbone, prompts: list[str], cfg: RunConfig, seed: int, batch_size: int = 64):
     """Images [N,3,H,W] in [0,1] for `prompts`, one per prompt, reproducible from `seed`."""
     generator = torch.Generator(backbone.device).manual_seed(seed)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        emb, mask = backbone.encode_prompts(prompts[start : start + batch_size])
-        tokens = backbone.sample(emb, mask, cfg.sampling, generator).tokens
-        images.append(backbone.decode(tokens).cpu())
-    return torch.cat(images)
+    return torch.cat([images for _, images in backbone.generate_images(prompts, cfg.sampling, generator, batch_size)])
 
 
 def verifier_accuracy(images: torch.Tensor, prompts: list[str]) -> dict:
