@@ -31,6 +31,19 @@ def cmd_sft(args) -> None:
     train_sft(args.config, args.out, args.overrides, resume=args.resume)
 
 
+def cmd_posttrain(args) -> None:
+    from ranke.train.posttrain import train_posttrain
+
+    train_posttrain(args.config, args.out, args.overrides, resume=args.resume)
+
+
+def cmd_demo(args) -> None:
+    from ranke.demo import run_demo
+
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    run_demo(args.out, preset, args.config, args.overrides)
+
+
 # Buffers some LlamaGen checkpoints carry that are not weights (KV caches set up for sampling).
 GPT_IGNORED_KEYS = ("*.kv_cache.k_cache", "*.kv_cache.v_cache", "freqs_cis", "causal_mask")
 
@@ -76,8 +89,42 @@ def cmd_sample(args) -> None:
         seed=args.seed,
         n_per_prompt=args.n_per_prompt,
         batch_size=args.batch_size,
+        policy=args.policy,
+        decoder=args.decoder,
     )
     print(json.dumps(summary))
+
+
+def cmd_train_reward(args) -> None:
+    from ranke.train.reward import train_reward
+
+    train_reward(args.config, args.out, args.overrides)
+
+
+def cmd_fid(args) -> None:
+    from ranke.eval.fid import folder_distance
+
+    result = folder_distance(
+        args.dir_a, args.dir_b, args.features, args.inception_weights, args.size, args.batch_size
+    )
+    print(json.dumps(result))
+
+
+def cmd_eval(args) -> None:
+    from ranke.eval.evaluate import evaluate_to_dir
+
+    metrics = evaluate_to_dir(
+        args.ckpt, args.out, args.n, args.seed, args.policy, args.decoder, args.cfg, args.batch_size
+    )
+    print(json.dumps(metrics))
+
+
+def _add_model_choice_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", default=None, help="policy file, SFT run, post-training run or checkpoint dir "
+                        "(default: committed toy assets)")
+    parser.add_argument("--policy", choices=["online", "ema"], default="online", help="policy weights of a checkpoint")
+    parser.add_argument("--decoder", choices=["online", "ema", "base"], default="online",
+                        help="decoder of a checkpoint (base: the tokenizer the run started from)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("posttrain", help="post-train policy and decoder: mode=policy (GRPO), decoder or both (RankE)")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_posttrain)
+
+    p = sub.add_parser("demo", help="GRPO vs RankE in the toy world, with a report (report.md / report.html)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a 2-3 minute version (few steps, small evaluation)")
+    size.add_argument("--full", action="store_true", help="3 seeds and the ablations")
+    p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="posttrain config overrides")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("check-checkpoint", help="check a checkpoint file against a model layout")
     p.add_argument("--kind", choices=["vq", "gpt"], required=True)
     p.add_argument("--preset", required=True, help="e.g. VQ-16, GPT-B, GPT-XL, toy")
@@ -103,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_checkpoint)
 
     p = sub.add_parser("sample", help="sample images for prompts (PNG + captions.jsonl)")
-    p.add_argument("--ckpt", default=None, help="run dir or checkpoint dir (default: committed toy assets)")
+    _add_model_choice_args(p)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line (or .jsonl with 'caption')")
     p.add_argument("--out", required=True)
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
@@ -111,6 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train-reward", help="train the toy reward CLIP, evaluation CLIP and FD feature network")
+    p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. reward.features.steps=600")
+    p.set_defaults(func=cmd_train_reward)
+
+    p = sub.add_parser("fid", help="Frechet distance between two image folders (prints JSON)")
+    p.add_argument("dir_a")
+    p.add_argument("dir_b")
+    p.add_argument("--features", choices=["toy", "inception"], default="toy")
+    p.add_argument("--inception-weights", default=None, help="clean-fid's inception-2015-12-05.pt (never downloaded)")
+    p.add_argument("--size", type=int, default=None, help="center-crop and resize both sides to SIZE first")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("eval", help="evaluate on held-out toy prompts: metrics.json, metrics.md, samples.png")
+    _add_model_choice_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1000, help="number of held-out prompts (default: 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
 
     toy = sub.add_parser("toy", help="the embedded toy shapes world").add_subparsers(dest="toy_command", required=True)
     p = toy.add_parser("sample", help="render toy images with captions")

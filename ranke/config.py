@@ -20,6 +20,8 @@ import yaml
 
 from ranke.models.gpt import GPT_PRESETS, GPTArgs
 from ranke.models.vq import VQ_PRESETS, VQArgs
+from ranke.eval.toy_features import ToyFeatureArgs
+from ranke.rewards.toy_clip import ToyCLIPArgs
 from ranke.runtime import UserError
 from ranke.toy.data import ToyConfig
 
@@ -62,6 +64,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise UserError(f"config key '{where}' must be true or false, got {value!r}")
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string; users write learning rates that way
+            return float(value)
+        except ValueError:
+            pass
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if annotation is str and isinstance(value, str):
@@ -249,6 +256,132 @@ class SFTConfig:
 
 
 @dataclass
+class PosttrainConfig:
+    """`ranke posttrain`: GRPO policy stage and RankE decoder stage (METHOD.md section 3).
+
+    Defaults are the released LlamaGen values where they transfer to the toy world; the toy
+    preset (configs/toy.yaml) changes the learning rates and sizes for a 2-core CPU.
+    """
+
+    mode: str = "both"  # policy (frozen-decoder GRPO baseline) | decoder | both (RankE)
+    steps: int = 200
+    prompts_per_step: int = 8
+    group_size: int = 8
+    policy: str | None = None  # starting policy asset; None: the committed toy SFT policy
+    tokenizer: str | None = None  # starting tokenizer asset; None: the committed toy tokenizer
+    prompts: str | None = None  # toy-grammar prompt file (txt/jsonl/csv); None: the toy training stream
+    micro_batch_size: int = 0  # rollouts per forward/backward in the policy stage; 0: all at once
+    deterministic: bool = False  # deterministic kernels (exact resume on CPU)
+    rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})  # name -> weight
+    clip_path: str | None = None  # local CLIP directory for the `clip` reward
+    hpsv2_path: str | None = None  # local HPSv2 checkpoint for the `hpsv2` reward
+    # policy stage (GRPO)
+    policy_lr: float = 1e-5
+    policy_weight_decay: float = 0.01
+    grpo_epochs: int = 1
+    clip_eps: float = 0.2
+    kl_coef: float = 0.05
+    kl_kind: str = "squared"  # squared (released) | k3
+    reference: str = "frozen"  # frozen copy of the start | ema (the EMA policy, the fallback)
+    policy_ema_decay: float = 0.999
+    policy_ema_every: int = 10
+    grad_clip: float = 1.0
+    # decoder stage (RankE)
+    decoder_lr: float = 5e-5
+    disc_lr: float = 2e-5
+    decoder_weight_decay: float = 0.01
+    rank_top_k: int = 1
+    tau_start: float = 4.0
+    tau_end: float = 1.0
+    tau_anneal_ratio: float = 0.15
+    uniform_weights: bool = False  # the paper's ablation: plain GAN instead of rank-weighted
+    disc_start: int = 100
+    disc_channels: int = 64
+    disc_layers: int = 3
+    recon_weight: float = 1.0
+    recon_kind: str = "l1"
+    perceptual: str = "pyramid"  # lpips (needs local VGG/LPIPS files) | pyramid (toy)
+    perceptual_weight: float = 1.0
+    vgg_path: str | None = None
+    lpips_lin_path: str | None = None
+    rank_gan_weight: float = 1.0
+    disc_weight: float = 0.5
+    consistency_weight: float = 10.0
+    consistency_schedule: str = "none"  # none | linear | cosine
+    consistency_start_step: int = 0
+    consistency_end_step: int = 0
+    consistency_start_weight: float = 10.0
+    reward_backprop_weight: float = 0.01
+    soft_token_weight: float = 0.0  # off in the released runs
+    soft_token_top_k: int = 20
+    decoder_ema_decay: float = 0.99
+    decoder_ema_every: int = 1
+    # bookkeeping
+    log_every: int = 1
+    grid_every: int = 50
+    grid_prompts: int = 16
+    save_every: int = 50
+    keep_checkpoints: int = 0  # keep only the newest N checkpoints; 0: keep all
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_samples: int = 500  # held-out prompts per evaluation; 0: no evaluation
+    eval_seed: int = 0  # sampling seed of every evaluation, the same across runs and training seeds
+
+
+@dataclass
+class ToyCLIPConfig:
+    """Training of one toy CLIP. `seed_offset` is added to the run seed, so that the reward and
+    the evaluation CLIP of one run start from different seeds."""
+
+    model: ToyCLIPArgs = field(default_factory=ToyCLIPArgs)
+    seed_offset: int = 0
+    steps: int = 1000
+    batch_size: int = 128
+    hard_negatives: int = 2  # extra perturbed captions per pair on the text side
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    eval_prompts: int = 1000  # distinct held-out captions, scored in groups of eval_group
+    eval_group: int = 100
+    log_every: int = 10
+
+
+@dataclass
+class ToyFeatureConfig:
+    """Training of the toy feature network (the Frechet distance "Inception")."""
+
+    model: ToyFeatureArgs = field(default_factory=ToyFeatureArgs)
+    seed_offset: int = 2
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    color_weight: float = 10.0  # the colour targets are in [0, 1]: their MSE is small
+    eval_scenes: int = 1000
+    fd_images: int = 1000  # per side; the two sides are disjoint halves of the reference set
+    log_every: int = 10
+
+
+@dataclass
+class RewardTrainConfig:
+    """`ranke train-reward`: the toy world's judges, each trained from its own seed offset.
+
+    reward_clip is the training reward; eval_clip (another seed and width) reports "clip_score",
+    so that a policy hacking the reward model's quirks shows as a gap between the two; features
+    is the Frechet distance network. `models` picks which of the three to train.
+    """
+
+    models: list[str] = field(default_factory=lambda: ["reward_clip", "eval_clip", "features"])
+    reward_clip: ToyCLIPConfig = field(default_factory=lambda: ToyCLIPConfig(model=ToyCLIPArgs(width=32)))
+    eval_clip: ToyCLIPConfig = field(default_factory=lambda: ToyCLIPConfig(model=ToyCLIPArgs(width=24), seed_offset=1))
+    features: ToyFeatureConfig = field(default_factory=ToyFeatureConfig)
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; presets under configs/ fill it, `key=value` overrides change it."""
 
@@ -261,6 +394,8 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
+    reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
 
 
 def resolve_config_path(name_or_path: str) -> Path:

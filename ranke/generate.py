@@ -9,12 +9,17 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image
 
-from ranke.backbone import Backbone, load_toy_backbone
+from ranke import config as config_lib
+from ranke.backbone import Backbone, build_text_encoder, check_compatible, load_tokenizer, load_toy_backbone
 from ranke.config import RunConfig
+from ranke.models.gpt import Transformer
+from ranke.models.vq import VQModel
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.tools import CAPTIONS_FILE
+from ranke.train import state as state_lib
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -47,21 +52,77 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_backbone(ckpt: str | None, device: torch.device) -> tuple[Backbone, RunConfig]:
-    """The backbone of a run directory, checkpoint directory or policy asset file (None: committed toy assets)."""
-    if ckpt is None:
+POLICY_CHOICES = ("online", "ema")
+DECODER_CHOICES = ("online", "ema", "base")
+# checkpoint file stem of each choice; the base decoder is the tokenizer asset the run started from
+POLICY_STEMS = {"online": "policy", "ema": "policy_ema"}
+DECODER_STEMS = {"online": "vq", "ema": "vq_ema", "base": None}
+
+
+def _checkpoint_backbone(directory: Path, device: torch.device, policy: str, decoder: str) -> tuple[Backbone, RunConfig]:
+    """The backbone of one post-training checkpoint directory (ranke.train.state layout).
+
+    Its config.yaml gives the model args (`gpt`, `vq`, `text`) and the base tokenizer asset
+    (`posttrain.tokenizer`, None: the committed one).
+    """
+    tensors, _, config_text = state_lib.load_checkpoint(directory)
+    cfg = config_lib.build(RunConfig, yaml.safe_load(config_text) or {})
+    wanted = [POLICY_STEMS[policy]] + ([DECODER_STEMS[decoder]] if DECODER_STEMS[decoder] else [])
+    missing = [stem for stem in wanted if stem not in tensors]
+    if missing:
+        raise UserError(
+            f"checkpoint '{directory}' has no {', '.join(missing)} weights (it has: {', '.join(tensors)}); "
+            f"choose another --policy/--decoder"
+        )
+    policy_model = Transformer(cfg.gpt)
+    policy_model.load_state_dict(tensors[POLICY_STEMS[policy]])
+    if decoder == "base":
+        tokenizer = load_tokenizer(cfg.posttrain.tokenizer, device)
+    else:
+        tokenizer = VQModel(cfg.vq)
+        tokenizer.load_state_dict(tensors[DECODER_STEMS[decoder]])
+    check_compatible(cfg.gpt, tokenizer.args, cfg.text, cfg.toy.image_size)
+    backbone = Backbone(build_text_encoder(cfg.text, device), policy_model.to(device).eval(), tokenizer.to(device).eval())
+    return backbone, cfg
+
+
+def load_backbone(
+    ckpt: str | None, device: torch.device, policy: str = "online", decoder: str = "online"
+) -> tuple[Backbone, RunConfig]:
+    """The backbone to sample from, and its config.
+
+    `ckpt`: None (the committed toy policy and tokenizer), a policy asset file, an SFT run
+    directory (`toy_policy.safetensors` and the tokenizer its config names), a post-training
+    checkpoint directory (`checkpoints/step_NNNNNN`), or a post-training run directory (its
+    latest checkpoint). `policy` (online | ema) and `decoder` (online | ema | base) pick the
+    weights of a post-training checkpoint; the other sources hold one policy and one
+    tokenizer, which count as "online" and as "base" alike.
+    """
+    if policy not in POLICY_CHOICES or decoder not in DECODER_CHOICES:
+        raise UserError(f"--policy must be one of {POLICY_CHOICES} and --decoder one of {DECODER_CHOICES}")
+    path = None if ckpt is None else Path(ckpt)
+    if path is not None and path.is_dir():
+        checkpoint = path if (path / state_lib.MANIFEST).is_file() else state_lib.latest_checkpoint(path)
+        if checkpoint is not None and (checkpoint / f"{DECODER_STEMS['online']}.safetensors").is_file():
+            return _checkpoint_backbone(checkpoint, device, policy, decoder)
+    if policy != "online" or decoder == "ema":
+        raise UserError(
+            f"'{ckpt or 'the committed toy assets'}' holds one policy and one tokenizer, no EMA copies; "
+            f"--policy ema / --decoder ema need a post-training checkpoint"
+        )
+    if path is None:
         return load_toy_backbone(device=device)
-    path = Path(ckpt)
     if path.is_file():
         return load_toy_backbone(policy_path=path, device=device)
     if (path / "toy_policy.safetensors").is_file():
         tokenizer = None
         if (path / "config.yaml").is_file():
-            from ranke import config as config_lib
-
             tokenizer = config_lib.load(RunConfig, str(path / "config.yaml")).sft.tokenizer
         return load_toy_backbone(policy_path=path / "toy_policy.safetensors", tokenizer_path=tokenizer, device=device)
-    raise UserError(f"'{ckpt}' is neither a policy file nor a run directory with toy_policy.safetensors")
+    raise UserError(
+        f"'{ckpt}' is not a policy file, an SFT run directory (toy_policy.safetensors) or a post-training "
+        f"run or checkpoint directory (checkpoints/step_*/ with vq.safetensors)"
+    )
 
 
 def sample_prompts_to_dir(
@@ -73,12 +134,14 @@ def sample_prompts_to_dir(
     n_per_prompt: int = 1,
     batch_size: int = 64,
     device: str = "auto",
+    policy: str = "online",
+    decoder: str = "online",
 ) -> dict:
     """Sample `n_per_prompt` images per prompt; images are written as they come (NNNNN.png)."""
     if n_per_prompt < 1 or batch_size < 1:
         raise UserError("--n-per-prompt and --batch-size must be positive")
     prompts = [p for p in read_prompts(prompts_file) for _ in range(n_per_prompt)]
-    backbone, cfg = load_backbone(ckpt, select_device(device))
+    backbone, cfg = load_backbone(ckpt, select_device(device), policy, decoder)
     sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,4 +156,11 @@ def sample_prompts_to_dir(
                 captions.write(json.dumps({"file": name, "caption": prompt}) + "\n")
                 index += 1
             bar.update(len(batch))
-    return {"n": len(prompts), "out": str(out), "cfg_scale": sampling.cfg_scale, "seed": seed}
+    return {
+        "n": len(prompts),
+        "out": str(out),
+        "cfg_scale": sampling.cfg_scale,
+        "seed": seed,
+        "policy": policy,
+        "decoder": decoder,
+    }

@@ -76,3 +76,53 @@ def test_unknown_config_key_is_one_line_and_exit_2(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train-tokenizer", "--out", str(tmp_path / "r"), "stpes=3")
     assert code == 2
     assert err.strip() == "ranke: error: unknown config key 'stpes' (did you mean 'steps'?)"
+
+
+def test_fid_of_toy_folders(tmp_path, capsys):
+    """Real vs real (another rendering of the same prompts) is far below real vs blurred copies."""
+    from PIL import Image, ImageFilter
+
+    real_a, real_b, blurred = tmp_path / "a", tmp_path / "b", tmp_path / "blurred"
+    run_cli(capsys, "toy", "sample", "--n", "60", "--out", str(real_a), "--split", "heldout", "--seed", "1")
+    run_cli(capsys, "toy", "sample", "--n", "60", "--out", str(real_b), "--split", "heldout", "--seed", "2")
+    blurred.mkdir()
+    for path in sorted(real_b.glob("*.png")):
+        Image.open(path).filter(ImageFilter.GaussianBlur(2)).save(blurred / path.name)
+    code, out, _ = run_cli(capsys, "fid", str(real_a), str(real_b))
+    real = json.loads(out)
+    assert code == 0 and real["n_a"] == 60 and real["n_b"] == 60 and real["features"] == "toy"
+    code, out, _ = run_cli(capsys, "fid", str(real_a), str(blurred), "--batch-size", "7")
+    assert code == 0 and json.loads(out)["fd"] > 3 * real["fd"]
+    code, out, _ = run_cli(capsys, "fid", str(real_a), str(real_a))
+    assert abs(json.loads(out)["fd"]) < 1e-6 * real["fd"]
+
+
+def test_fid_inception_without_weights_is_one_line(tmp_path, capsys, monkeypatch):
+    from ranke.eval import inception
+
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    code, _, err = run_cli(capsys, "fid", str(tmp_path), str(tmp_path), "--features", "inception",
+                           "--inception-weights", str(tmp_path / "none.pt"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "Inception weights not found" in err or "clean-fid, which is not installed" in err
+
+
+def test_eval_writes_metrics_table_and_grid(tmp_path, capsys):
+    out_dir = tmp_path / "eval"
+    code, out, _ = run_cli(capsys, "eval", "--out", str(out_dir), "--n", "6", "--batch-size", "4", "--cfg", "2.0")
+    assert code == 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics == json.loads(out)
+    for key in ("reward", "clip_score", "fd", "verifier_accuracy", "token_kl", "token_entropy"):
+        assert isinstance(metrics[key], float)
+    assert metrics["n"] == 6 and metrics["cfg_scale"] == 2.0 and metrics["decoder"] == "online"
+    table = (out_dir / "metrics.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| committed toy assets (policy online, decoder online, cfg 2) | 6 |")
+    assert (out_dir / "samples.png").is_file()
+
+
+def test_ema_of_committed_assets_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", "--out", str(tmp_path), "--n", "4", "--policy", "ema")
+    assert code == 2 and "no EMA copies" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "train-reward", "--out", str(tmp_path / "r"), "reward.models=[clip]")
+    assert code == 2 and "reward.models must list some of reward_clip, eval_clip, features" in err

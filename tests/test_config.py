@@ -57,3 +57,10 @@ def test_saved_config_loads_back_identically(tmp_path):
 def test_override_of_a_section_absent_from_the_yaml():
     cfg = config_lib.load(RunConfig, "toy", ["gpt.vocab_size=64", "gpt.dim=48"])
     assert (cfg.gpt.vocab_size, cfg.gpt.dim) == (64, 48)
+
+
+def test_exponent_without_dot_is_a_float():
+    cfg = config_lib.load(RunConfig, None, ["posttrain.policy_lr=1e-4"])
+    assert cfg.posttrain.policy_lr == 1e-4
+    with pytest.raises(UserError, match="must be float"):
+        config_lib.load(RunConfig, None, ["posttrain.policy_lr=fast"])

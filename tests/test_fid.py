@@ -1,6 +1,11 @@
-"""Frechet distance: agreement with an independent implementation, hand-computed cases, image folders."""
+"""Frechet distance: agreement with clean-fid and an independent formula, hand-computed cases, image
+folders, and the Inception extractor against clean-fid's own feature pipeline."""
 
 from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,10 +49,37 @@ def test_matches_independent_eigenvalue_formula():
     assert frechet_distance_from_features(f1, f2) == pytest.approx(expected, rel=1e-6)
 
 
+def _clean_fid_frechet_distance():
+    """clean-fid's own `frechet_distance`.
+
+    `cleanfid.fid` imports torchvision at module level (for extractors we do not use), and no
+    torchvision on the package registry loads beside the CPU-only torch. Then the function is
+    compiled from the installed cleanfid/fid.py itself, unchanged, in a namespace holding the two
+    module-level names it uses (`np`, `linalg`): the code under comparison is clean-fid's.
+    """
+    try:
+        from cleanfid.fid import frechet_distance
+
+        return frechet_distance
+    except ModuleNotFoundError as err:
+        if err.name != "torchvision":
+            raise
+    from scipy import linalg
+
+    source = Path(importlib.util.find_spec("cleanfid").origin).with_name("fid.py").read_text()
+    tree = ast.parse(source)
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "frechet_distance")
+    namespace = {"np": np, "linalg": linalg}
+    exec(compile(ast.Module(body=[function], type_ignores=[]), "cleanfid/fid.py", "exec"), namespace)
+    return namespace["frechet_distance"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # clean-fid passes sqrtm's deprecated `disp`
 def test_matches_clean_fid():
-    cleanfid = pytest.importorskip("cleanfid.fid", reason="clean-fid (needs torchvision) is not importable")
+    pytest.importorskip("cleanfid", reason="clean-fid is not installed (pip install --no-deps clean-fid requests)")
+    clean_fid_distance = _clean_fid_frechet_distance()
     stats1, stats2 = feature_statistics(_features(0)), feature_statistics(_features(1))
-    expected = cleanfid.frechet_distance(stats1[0], stats1[1], stats2[0], stats2[1])
+    expected = clean_fid_distance(stats1[0], stats1[1], stats2[0], stats2[1])
     assert frechet_distance(*stats1, *stats2) == pytest.approx(expected, rel=1e-6)
 
 
@@ -122,3 +154,91 @@ def test_extract_features_batches_channels_first():
 
     features = extract_features(channel_means, images, batch_size=2)
     np.testing.assert_allclose(features, images.astype(np.float64).mean(axis=(1, 2)))
+
+
+class _InceptionStandIn(torch.nn.Module):
+    """A small TorchScript network with the interface of clean-fid's inception-2015-12-05.pt:
+    `layers` maps standardised [B, 3, 299, 299] pixels to [B, 2048, 1, 1] features."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 2048), torch.nn.Unflatten(1, (2048, 1, 1))
+        )
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x)
+
+
+@pytest.fixture
+def inception_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(_InceptionStandIn()).save(str(path))
+    return path
+
+
+def test_inception_extractor_matches_clean_fid_pipeline(inception_file):
+    """Our extractor == clean-fid's "clean" path: its resizer per image, then its InceptionV3W
+    wrapper (which standardises [0, 255] pixels itself) on the same TorchScript file."""
+    pytest.importorskip("cleanfid", reason="clean-fid is not installed (pip install --no-deps clean-fid requests)")
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+
+    from ranke.eval.inception import InceptionExtractor
+
+    images = np.random.default_rng(5).integers(0, 256, size=(3, 40, 56, 3), dtype=np.uint8)
+    resize = build_resizer("clean")
+    resized = torch.from_numpy(np.stack([resize(image) for image in images])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = InceptionV3W(str(inception_file.parent), download=False)(resized).double().numpy()
+    features = InceptionExtractor(inception_file)(torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert features.shape == (3, 2048) and features.dtype == np.float64
+    np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_clean_resize_is_per_channel_float_bicubic():
+    pytest.importorskip("cleanfid", reason="clean-fid is not installed (pip install --no-deps clean-fid requests)")
+    from ranke.eval.inception import clean_resizer
+
+    image = np.random.default_rng(6).integers(0, 256, size=(17, 23, 3), dtype=np.uint8)
+    resized = clean_resizer()(image)
+    assert resized.shape == (299, 299, 3) and resized.dtype == np.float32
+    green = Image.fromarray(image[:, :, 1].astype(np.float32), mode="F").resize((299, 299), Image.BICUBIC)
+    np.testing.assert_array_equal(resized[:, :, 1], np.clip(np.asarray(green), 0, 255))
+    assert not np.array_equal(resized, np.round(resized))  # no quantisation back to uint8
+
+
+def test_float_images_are_scored_as_their_8_bit_version(inception_file):
+    pytest.importorskip("cleanfid", reason="clean-fid is not installed (pip install --no-deps clean-fid requests)")
+    from ranke.eval.inception import InceptionExtractor
+
+    extractor = InceptionExtractor(inception_file)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    as_png = (pixels * 255).round().to(torch.uint8)
+    np.testing.assert_array_equal(extractor(pixels), extractor(as_png))
+
+
+def test_inception_weights_come_from_argument_env_or_clean_fid_cache(inception_file, tmp_path, monkeypatch):
+    from ranke.eval import inception
+
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    assert inception.resolve_inception_weights(inception_file) == inception_file
+    with pytest.raises(UserError, match="missing.pt.*--inception-weights.*nothing is downloaded"):
+        inception.resolve_inception_weights(tmp_path / "missing.pt")
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(inception_file))
+    assert inception.resolve_inception_weights() == inception_file
+    monkeypatch.delenv(inception.WEIGHTS_ENV)
+    monkeypatch.setattr(inception, "clean_fid_cache_path", lambda: tmp_path / "cache" / inception.WEIGHTS_NAME)
+    with pytest.raises(UserError, match="clean-fid's cache"):
+        inception.resolve_inception_weights()
+
+
+def test_inception_rejects_a_file_that_is_not_torchscript(tmp_path):
+    pytest.importorskip("cleanfid", reason="clean-fid is not installed (pip install --no-deps clean-fid requests)")
+    from ranke.eval.inception import InceptionExtractor
+
+    path = tmp_path / "weights.pt"
+    path.write_text("not a network")
+    with pytest.raises(UserError, match="not a TorchScript Inception network"):
+        InceptionExtractor(path)

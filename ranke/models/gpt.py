@@ -52,6 +52,9 @@ class GPTArgs:
     class_dropout_prob: float = 0.1  # caption dropout (for CFG), supervised training only
     vocab_size: int = 16384  # VQ codebook size
     block_size: int = 256  # number of image tokens, a square grid
+    # LlamaGen zeroes queries and keys of text positions (official checkpoints need it); False leaves
+    # them unrotated instead, so image tokens can attend to caption positions by content.
+    zero_text_rotary: bool = True
 
     def __post_init__(self):
         if self.dim % self.n_head:
@@ -121,7 +124,8 @@ def rotary_table(args: GPTArgs) -> torch.Tensor:
 
     Image token t = row * grid + col rotates its first head_dim/4 pairs by row * f_i and the
     other head_dim/4 pairs by col * f_i, f_i = rope_base ** (-2i / (head_dim / 2)). Text positions
-    hold 0 (LlamaGen's cos = sin = 0), i.e. their queries and keys are zeroed.
+    hold 0 (LlamaGen's cos = sin = 0), i.e. their queries and keys are zeroed, or 1 (no rotation)
+    when `zero_text_rotary` is off.
     """
     half = args.head_dim // 2
     freqs = 1.0 / (args.rope_base ** (torch.arange(0, half, 2, dtype=torch.float64, device="cpu") / half))
@@ -129,7 +133,8 @@ def rotary_table(args: GPTArgs) -> torch.Tensor:
     grid = args.grid_size
     angles = torch.cat([axis[:, None, :].expand(grid, grid, -1), axis[None, :, :].expand(grid, grid, -1)], dim=-1)
     image = torch.polar(torch.ones_like(angles), angles).flatten(0, 1)  # [grid*grid, half]
-    text = torch.zeros(args.cls_token_num, half, dtype=torch.complex128, device="cpu")
+    text_rotation = 0.0 if args.zero_text_rotary else 1.0
+    text = torch.full((args.cls_token_num, half), text_rotation, dtype=torch.complex128, device="cpu")
     return torch.cat([text, image])
 
 

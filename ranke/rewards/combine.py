@@ -168,6 +168,15 @@ class CombinedReward:
             nonfinite[reward.name] = bad
         return RewardOutput(total=torch.stack(terms).sum(0), components=raw_scores, nonfinite=nonfinite)
 
+    def differentiable_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
+        """Weighted sum of the RAW scores of the differentiable components, with their graph
+        (the decoder stage's R in L_reward), or None when no component is differentiable.
+
+        Raw rather than normalised: the running statistics are a property of the rollout
+        batches, and the loss weight lambda_d is stated for the reward model's own scale."""
+        terms = [weight * reward(images, prompts) for reward, weight in self.components if reward.differentiable]
+        return torch.stack(terms).sum(0) if terms else None
+
     def state_dict(self) -> dict[str, dict[str, float]]:
         return {name: stats.state_dict() for name, stats in self.stats.items()}
 

@@ -1,6 +1,11 @@
 """Recipes: train the toy world's two toy CLIPs (reward and evaluation) and its feature network.
 
-    ranke train-reward --config configs/toy.yaml --out RUN
+    ranke train-reward --config configs/toy.yaml --out RUN [key=value ...]
+
+`train_reward` trains the models named by `reward.models` (RunConfig's `reward` section), each in
+its own sub-directory `RUN/<name>/` (metrics.jsonl, eval.json), and moves each asset to
+`RUN/<asset file name>` (`toy_clip_reward.safetensors`, `toy_clip_eval.safetensors`,
+`toy_features.safetensors`, the names of the committed files), with `RUN/summary.json`.
 
 Toy CLIP (`train_toy_clip`): each step draws a fresh batch of (image, caption) pairs from the
 seeded toy training stream, adds `hard_negatives` perturbed captions per pair to the text side
@@ -19,76 +24,29 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ranke.assets import save_asset
+from ranke.assets import ASSET_FILES, save_asset
+from ranke.config import ToyCLIPConfig, ToyFeatureConfig
 from ranke.eval import toy_features as features_lib
 from ranke.eval.fid import extract_features, frechet_distance_from_features
-from ranke.eval.toy_features import ToyFeatureArgs, ToyFeatureExtractor, ToyFeatureNet, scene_targets
+from ranke.eval.toy_features import ToyFeatureExtractor, ToyFeatureNet, scene_targets
 from ranke.rewards import toy_clip as clip_lib
 from ranke.rewards.base import normalize_pixels
-from ranke.rewards.toy_clip import HARD_NEGATIVE_KINDS, ToyCLIP, ToyCLIPArgs, ToyCLIPReward, perturb_spec
-from ranke.runtime import progress, seed_everything, select_device
+from ranke.rewards.toy_clip import HARD_NEGATIVE_KINDS, ToyCLIP, ToyCLIPReward, perturb_spec
+from ranke.runtime import UserError, progress, seed_everything, select_device
 from ranke.toy.captions import NUM_PHRASINGS, CaptionSpec, describe, parse_caption
 from ranke.toy.data import ToyConfig, heldout_prompts, heldout_scenes, reference_images, render_caption, train_batch
 from ranke.toy.render import render_scenes
-from ranke.train.logging import MetricsWriter
+from ranke.train.logging import MetricsWriter, start_run
 from ranke.train.schedule import warmup_cosine
 
 CLIP_ASSET = "toy_clip.safetensors"
 FEATURES_ASSET = "toy_features.safetensors"
-
-
-@dataclass
-class ToyCLIPConfig:
-    """Training of one toy CLIP. `seed_offset` is added to the run seed, so that the reward and
-    the evaluation CLIP of one run start from different seeds."""
-
-    model: ToyCLIPArgs = field(default_factory=ToyCLIPArgs)
-    seed_offset: int = 0
-    steps: int = 1000
-    batch_size: int = 128
-    hard_negatives: int = 2  # extra perturbed captions per pair on the text side
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 50
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    eval_prompts: int = 1000  # distinct held-out captions, scored in groups of eval_group
-    eval_group: int = 100
-    log_every: int = 10
-
-
-@dataclass
-class ToyFeatureConfig:
-    """Training of the toy feature network (the Frechet distance "Inception")."""
-
-    model: ToyFeatureArgs = field(default_factory=ToyFeatureArgs)
-    seed_offset: int = 2
-    steps: int = 1200
-    batch_size: int = 64
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    color_weight: float = 10.0  # the colour targets are in [0, 1]: their MSE is small
-    eval_scenes: int = 1000
-    fd_images: int = 1000  # per side; the two sides are disjoint halves of the reference set
-    log_every: int = 10
-
-
-# The toy world's two CLIPs: the training reward, and the one that reports "clip_score" (another
-# seed and width, so that a policy hacking the reward model's quirks shows as a gap between them).
-TOY_CLIP_PRESETS = {
-    "reward": ToyCLIPConfig(model=ToyCLIPArgs(width=32), seed_offset=0),
-    "eval": ToyCLIPConfig(model=ToyCLIPArgs(width=24), seed_offset=1),
-}
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -425,3 +383,29 @@ def train_toy_features(
         f"{train_seconds / 60:.1f} min -> {path}"
     )
     return result
+
+
+# --- the recipe: all three judges --------------------------------------------------------------
+
+TRAINERS = {"reward_clip": train_toy_clip, "eval_clip": train_toy_clip, "features": train_toy_features}
+
+
+def train_reward(config_path: str, out_dir: str, overrides: list[str]) -> dict:
+    """`ranke train-reward`: train the models of `reward.models`; returns the summary it writes.
+
+    The summary maps each model name to its held-out figures (retrieval and pair accuracy of a
+    toy CLIP; attribute accuracies and Frechet distance sanity numbers of the feature network),
+    its training time and its asset path.
+    """
+    cfg, run, _ = start_run(config_path, out_dir, overrides, section="reward")
+    unknown = [name for name in cfg.reward.models if name not in TRAINERS]
+    if unknown or not cfg.reward.models:
+        raise UserError(f"reward.models must list some of {', '.join(TRAINERS)}; got {cfg.reward.models}")
+    summary = {}
+    for name in cfg.reward.models:
+        result = TRAINERS[name](getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device)
+        asset = run / ASSET_FILES[name]
+        Path(result["asset"]).replace(asset)
+        summary[name] = {**result, "asset": str(asset)}
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

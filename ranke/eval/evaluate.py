@@ -1,0 +1,197 @@
+"""`ranke eval`: the toy world's evaluation protocol, the stand-in for the paper's MS-COCO 30K one.
+
+The first `n` held-out prompts are sampled once each (seeded, the config's sampling settings),
+decoded, rounded to 8-bit pixels (as they would be saved) and scored:
+
+* reward: the training reward model (toy CLIP "reward", 100 x cosine), mean over the images;
+* clip_score: the evaluation-only toy CLIP (other seed and width), mean; the paper's CLIP score;
+* fd: Frechet distance in the toy feature network's space between the generated images and the
+  real images of the same prompts, i.e. the renders of the held-out scenes the captions were
+  written for (COCO's protocol: generated images vs the val images of the captions);
+* verifier_accuracy: the toy verifier's whole-prompt accuracy (GenEval's overall score), with
+  verifier_object_accuracy and verifier_by_num_objects;
+* token_kl: KL(policy || real) in nats between the codebook histogram of the sampled tokens and
+  that of the ground-truth tokens Q(E(x)) of those same real images, both with add-one smoothing
+  over the K codes (`ranke.eval.shift`); token_kl_per_position is the mean of per-position KLs;
+* token_entropy: entropy in bits of the sampled tokens' histogram (token_entropy_real: of the
+  ground-truth tokens).
+
+`Evaluator` does the fixed work once (loads the three judges, renders the real images, computes
+their features and codes) and is then called on any backbone, policy and decoder, e.g. from a
+training loop with EMA copies. The ground-truth codes come from the base tokenizer's encoder,
+which post-training never changes (RankE trains only the decoder side, `VQModel.freeze_token_space`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ranke.assets import asset_path
+from ranke.backbone import Backbone, load_tokenizer
+from ranke.config import RunConfig, SamplingConfig
+from ranke.eval.fid import frechet_distance_from_features
+from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits, token_kl
+from ranke.eval.toy_features import load_toy_features
+from ranke.generate import load_backbone
+from ranke.models.gpt import Transformer
+from ranke.models.vq import VQModel, to_model_range
+from ranke.rewards.toy_clip import load_toy_clip
+from ranke.runtime import UserError, progress, select_device
+from ranke.toy.captions import parse_caption
+from ranke.toy.data import heldout_prompts, heldout_scenes
+from ranke.toy.render import render_scenes
+from ranke.toy.verifier import score_image, summarize
+from ranke.train.logging import save_image_grid
+
+# The metrics of the one-row markdown table, in order, with their number formats.
+TABLE_COLUMNS = {
+    "n": "{:d}",
+    "reward": "{:.2f}",
+    "clip_score": "{:.2f}",
+    "fd": "{:.2f}",
+    "verifier_accuracy": "{:.3f}",
+    "token_kl": "{:.4f}",
+    "token_entropy": "{:.2f}",
+}
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] rounded to the 256 levels of an 8-bit PNG (still float in [0, 1])."""
+    return (images.clamp(0.0, 1.0) * 255.0).round() / 255.0
+
+
+class Evaluator:
+    """Scores a backbone on the first `n` held-out prompts; build once, call many times.
+
+    `tokenizer` encodes the real images into ground-truth codes (default: the base tokenizer
+    `cfg.posttrain.tokenizer`, None meaning the committed toy tokenizer). `sampling` defaults to
+    `cfg.sampling`. Every call samples with the same seed, so two calls differ only by the models.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        device: torch.device | str,
+        n: int = 1000,
+        seed: int = 0,
+        batch_size: int = 64,
+        sampling: SamplingConfig | None = None,
+        tokenizer: VQModel | None = None,
+    ):
+        prompts = heldout_prompts(cfg.toy)
+        if not 2 <= n <= len(prompts):
+            raise UserError(f"--n must be between 2 and the {len(prompts)} held-out prompts (toy.heldout_size), got {n}")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {batch_size}")
+        self.device = torch.device(device)
+        self.n, self.seed, self.batch_size = n, seed, batch_size
+        self.sampling = sampling or cfg.sampling
+        self.prompts = prompts[:n]
+        self.specs = [parse_caption(prompt) for prompt in self.prompts]
+        self.reward = load_toy_clip(asset_path("reward_clip"), self.device, name="reward")
+        self.clip = load_toy_clip(asset_path("eval_clip"), self.device, name="clip_score")
+        self.features = load_toy_features(asset_path("features"), self.device)
+        tokenizer = tokenizer or load_tokenizer(cfg.posttrain.tokenizer, self.device)
+        self.codebook_size = tokenizer.args.codebook_size
+
+        real = torch.from_numpy(render_scenes(heldout_scenes(cfg.toy)[:n], cfg.toy.image_size, cfg.toy.supersample))
+        real = real.permute(0, 3, 1, 2)
+        feature_chunks, code_chunks = [], []
+        with torch.no_grad():
+            for chunk in progress(real.split(batch_size), desc="eval: real images"):
+                feature_chunks.append(self.features(chunk))
+                pixels = to_model_range(chunk.float().div(255.0).to(self.device))
+                code_chunks.append(tokenizer.encode_codes(pixels).flatten(1).cpu())
+        self.real_features = np.concatenate(feature_chunks)
+        self.real_codes = torch.cat(code_chunks)
+        self.real_histogram = code_histogram(self.real_codes, self.codebook_size)
+        self.preview = torch.empty(0)  # the first images of the last call, for sample grids
+
+    @torch.no_grad()
+    def __call__(
+        self, backbone: Backbone, policy: Transformer | None = None, decoder: VQModel | None = None, preview: int = 64
+    ) -> dict:
+        """Metrics of `backbone` with `policy` / `decoder` in place of its own (None: its own).
+
+        Keeps the first `preview` images in `self.preview`."""
+        start = time.perf_counter()
+        generator = torch.Generator(backbone.device).manual_seed(self.seed)
+        rewards, clip_scores, features, codes, verdicts, kept = [], [], [], [], [], []
+        bar = progress(total=self.n, desc="eval: sampling")
+        for begin in range(0, self.n, self.batch_size):
+            prompts = self.prompts[begin : begin + self.batch_size]
+            text_emb, text_mask = backbone.encode_prompts(prompts)
+            tokens = backbone.sample(text_emb, text_mask, self.sampling, generator, policy=policy).tokens
+            images = quantize(backbone.decode(tokens, decoder).float())
+            rewards.append(self.reward(images, prompts).cpu())
+            clip_scores.append(self.clip(images, prompts).cpu())
+            features.append(self.features(images))
+            codes.append(tokens.cpu())
+            pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+            verdicts += [score_image(image, spec) for image, spec in zip(pixels, self.specs[begin:])]
+            kept.append(images[: max(0, preview - begin)].cpu())
+            bar.update(len(prompts))
+        bar.close()
+        self.preview = torch.cat(kept)
+
+        codes = torch.cat(codes)
+        histogram = code_histogram(codes, self.codebook_size)
+        verifier = summarize(verdicts)
+        return {
+            "n": self.n,
+            "reward": torch.cat(rewards).mean().item(),
+            "clip_score": torch.cat(clip_scores).mean().item(),
+            "fd": frechet_distance_from_features(np.concatenate(features), self.real_features),
+            "verifier_accuracy": verifier["accuracy"],
+            "verifier_object_accuracy": verifier["object_accuracy"],
+            "verifier_by_num_objects": verifier["by_num_objects"],
+            "token_kl": token_kl(histogram, self.real_histogram),
+            "token_kl_per_position": per_position_kl(codes, self.real_codes, self.codebook_size),
+            "token_entropy": token_entropy_bits(histogram),
+            "token_entropy_real": token_entropy_bits(self.real_histogram),
+            "cfg_scale": self.sampling.cfg_scale,
+            "seed": self.seed,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+
+
+def metrics_table(metrics: dict, label: str) -> str:
+    """A one-row markdown table of the headline metrics, headed by `label` (the model evaluated)."""
+    header = "| model | " + " | ".join(TABLE_COLUMNS) + " |"
+    rule = "|---" * (len(TABLE_COLUMNS) + 1) + "|"
+    row = f"| {label} | " + " | ".join(fmt.format(metrics[key]) for key, fmt in TABLE_COLUMNS.items()) + " |"
+    return "\n".join([header, rule, row]) + "\n"
+
+
+def evaluate_to_dir(
+    ckpt: str | None,
+    out_dir: str | Path,
+    n: int = 1000,
+    seed: int = 0,
+    policy: str = "online",
+    decoder: str = "online",
+    cfg_scale: float | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> dict:
+    """`ranke eval`: evaluate a backbone (`ranke.generate.load_backbone` sources) and write
+    `out_dir/metrics.json`, `metrics.md` (one-row table) and `samples.png` (the first 64 images)."""
+    backbone, cfg = load_backbone(ckpt, select_device(device), policy, decoder)
+    sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
+    # Every decoder choice shares the base tokenizer's encoder and codebook (the frozen token space).
+    evaluator = Evaluator(cfg, backbone.device, n, seed, batch_size, sampling, tokenizer=backbone.tokenizer)
+    metrics = evaluator(backbone)
+    metrics.update(ckpt=ckpt or "committed toy assets", policy=policy, decoder=decoder)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    label = f"{metrics['ckpt']} (policy {policy}, decoder {decoder}, cfg {sampling.cfg_scale:g})"
+    (out / "metrics.md").write_text(metrics_table(metrics, label))
+    save_image_grid(evaluator.preview, out / "samples.png", nrow=8)
+    return metrics

@@ -1,0 +1,522 @@
+"""Recipe: post-training with GRPO (policy stage) and RankE's decoder stage (METHOD.md section 3).
+
+    ranke posttrain --config configs/toy.yaml --out runs/rank_e [mode=policy|decoder|both] [key=value ...]
+
+One step, for B prompts with their real images:
+
+1. rollout (no grad): G token sequences per prompt from the online policy with CFG; their
+   log-probs under the online policy (`old`) and the reference policy (`ref`); decoded by the
+   EMA decoder; scored by the combined reward;
+2. policy stage (modes `policy`, `both`): GRPO on group-relative advantages for `grpo_epochs`
+   passes; the EMA policy follows every `policy_ema_every` policy steps;
+3. decoder stage (modes `decoder`, `both`): rank-select the top-K rollouts per prompt, one
+   discriminator step (real images vs reconstructions of their codes), then one decoder step on
+   L_recon + L_rankgan + L_consist + L_reward (+ L_soft); only the decoder and `post_quant_conv`
+   train, so the token space never moves; the EMA decoder follows every `decoder_ema_every` steps.
+
+Written on accelerate (single process by default). Every step appends to `metrics.jsonl` and
+TensorBoard; checkpoints are atomic (`ranke.train.state`) and `--resume` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ranke import config as config_lib
+from ranke.algo.decoder import (
+    consistency_weight,
+    cosine_tau,
+    decoder_consistency_loss,
+    optional_reward_backprop_loss,
+    rank_gan_loss,
+    rank_weights,
+    reconstruction_anchor_loss,
+    select_top_k,
+    soft_codes,
+    soft_token_consistency_loss,
+)
+from ranke.algo.grpo import group_advantages, grpo_policy_loss
+from ranke.algo.vqgan import (
+    adaptive_generator_weight,
+    adopt_weight,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    reconstruction_loss,
+)
+from ranke.backbone import Backbone, build_text_encoder, check_compatible, load_policy, load_tokenizer
+from ranke.config import PosttrainConfig, RunConfig
+from ranke.generate import read_prompts
+from ranke.models.discriminator import PatchDiscriminator
+from ranke.models.perceptual import build_perceptual
+from ranke.models.vq import to_model_range, to_unit_range
+from ranke.rewards.build import build_reward
+from ranke.runtime import UserError, progress, set_deterministic
+from ranke.sampling import token_logprobs
+from ranke.toy.data import heldout_prompts, render_caption, train_batch
+from ranke.train import state as state_lib
+from ranke.train.logging import MetricsWriter, save_image_grid, start_run
+
+MODES = ("policy", "decoder", "both")
+REFERENCES = ("frozen", "ema")
+
+
+def check_posttrain_config(pcfg: PosttrainConfig) -> None:
+    """One clear line for settings the loop cannot run with."""
+    if pcfg.mode not in MODES:
+        raise UserError(f"unknown mode '{pcfg.mode}' (one of: {', '.join(MODES)})")
+    if pcfg.group_size < 2:
+        raise UserError(f"group_size={pcfg.group_size}: GRPO and rank selection need at least 2 rollouts per prompt")
+    if pcfg.prompts_per_step < 1 or pcfg.steps < 1:
+        raise UserError("prompts_per_step and steps must be >= 1")
+    if not 1 <= pcfg.rank_top_k <= pcfg.group_size:
+        raise UserError(f"rank_top_k={pcfg.rank_top_k} must be between 1 and group_size={pcfg.group_size}")
+    if pcfg.reference not in REFERENCES:
+        raise UserError(f"unknown reference '{pcfg.reference}' (one of: {', '.join(REFERENCES)})")
+    if pcfg.micro_batch_size < 0 or pcfg.grpo_epochs < 1:
+        raise UserError("micro_batch_size must be >= 0 and grpo_epochs >= 1")
+
+
+class PromptSource:
+    """B (prompt, real image) pairs per step: the seeded toy training stream, or prompts drawn
+    from a toy-grammar prompt file with a freshly rendered real image for each."""
+
+    def __init__(self, cfg: RunConfig, rng: np.random.Generator):
+        self.cfg, self.rng = cfg, rng
+        self.prompts = read_prompts(cfg.posttrain.prompts) if cfg.posttrain.prompts else None
+        if self.prompts:
+            for prompt in self.prompts:
+                try:
+                    render_caption(prompt, np.random.default_rng(0), cfg.toy)
+                except ValueError as err:
+                    raise UserError(f"prompt file '{cfg.posttrain.prompts}': {err}") from None
+
+    def next_batch(self, batch_size: int) -> tuple[list[str], torch.Tensor]:
+        """(prompts, real images float [B, 3, H, W] in [0, 1])."""
+        if self.prompts is None:
+            images, captions, _ = train_batch(self.rng, batch_size, self.cfg.toy)
+            return captions, images
+        picked = [self.prompts[i] for i in self.rng.integers(len(self.prompts), size=batch_size)]
+        pixels = np.stack([render_caption(prompt, self.rng, self.cfg.toy) for prompt in picked])
+        return picked, torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+
+
+@dataclass
+class Rollout:
+    """G rollouts for each of B prompts, groups contiguous (prompt-major)."""
+
+    prompts: list[str]  # B*G
+    text_emb: torch.Tensor  # [B*G, T, C]
+    text_mask: torch.Tensor  # [B*G, T]
+    tokens: torch.Tensor  # [B*G, N]
+    logp_old: torch.Tensor  # [B*G, N]
+    logp_ref: torch.Tensor  # [B*G, N]
+    images: torch.Tensor  # [B*G, 3, H, W] in [0, 1], decoded by the EMA decoder
+    reward: torch.Tensor  # [B*G] combined, normalised reward
+    components: dict[str, torch.Tensor]  # raw score of each reward [B*G]
+
+
+def rank_weight_entropy(weights: torch.Tensor) -> float:
+    """Mean entropy (nats) of each prompt's rank weights normalised to a distribution; log k when uniform."""
+    distribution = weights / weights.sum(dim=-1, keepdim=True)
+    return max(0.0, float(-(distribution * distribution.clamp_min(1e-12).log()).sum(dim=-1).mean()))
+
+
+@torch.no_grad()
+def collect_rollout(backbone, policy, reference, vq_ema, reward, prompts, pcfg, sampling, generator, timings) -> Rollout:
+    """METHOD.md "Rollout": sample, record old/ref log-probs, decode with the EMA decoder, reward."""
+    group_prompts = [prompt for prompt in prompts for _ in range(pcfg.group_size)]
+    t = time.perf_counter()
+    text_emb, text_mask = backbone.encode_prompts(group_prompts)
+    sample = backbone.sample(text_emb, text_mask, sampling, generator, policy=policy, return_logprobs=True)
+    timings["rollout"] = time.perf_counter() - t
+    t = time.perf_counter()
+    logp_ref = backbone.token_logprobs(reference, text_emb, text_mask, sample.tokens)
+    timings["logprobs"] = time.perf_counter() - t
+    t = time.perf_counter()
+    images = backbone.decode(sample.tokens, decoder=vq_ema)
+    timings["decode"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scored = reward(images, group_prompts)
+    timings["reward"] = time.perf_counter() - t
+    return Rollout(
+        group_prompts, text_emb, text_mask, sample.tokens, sample.logprobs, logp_ref, images, scored.total, scored.components
+    )
+
+
+def policy_stage(policy, optimizer, accelerator, rollout: Rollout, advantages: torch.Tensor, pcfg: PosttrainConfig) -> dict:
+    """METHOD.md "Policy stage": `grpo_epochs` passes of clipped GRPO with the KL anchor, each
+    one optimizer step over all rollouts (micro-batched forward/backward)."""
+    count = rollout.tokens.shape[0]
+    micro = pcfg.micro_batch_size or count
+    totals: dict[str, float] = {}
+    for _ in range(pcfg.grpo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, count, micro):
+            part = slice(start, start + micro)
+            share = (min(start + micro, count) - start) / count
+            logp_new, entropy = token_logprobs(
+                policy, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part], return_entropy=True
+            )
+            loss, stats = grpo_policy_loss(
+                logp_new,
+                rollout.logp_old[part],
+                rollout.logp_ref[part],
+                advantages[part],
+                clip_eps=pcfg.clip_eps,
+                beta=pcfg.kl_coef,
+                kl_kind=pcfg.kl_kind,
+            )
+            accelerator.backward(loss * share)
+            stats = {**stats, "loss": loss.detach(), "entropy": entropy.detach().mean()}
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0.0) + float(value) * share / pcfg.grpo_epochs
+        totals["grad_norm"] = float(accelerator.clip_grad_norm_(policy.parameters(), pcfg.grad_clip))
+        optimizer.step()
+    return {f"policy/{name}": value for name, value in totals.items()}
+
+
+def decoder_stage(models, optimizers, rollout: Rollout, real_images: torch.Tensor, step: int, pcfg, reward, accelerator) -> dict:
+    """METHOD.md "Decoder stage": rank selection, one discriminator step, one decoder step."""
+    vq, vq_ema, disc, perceptual = models.vq, models.vq_ema.module, models.disc, models.perceptual
+    batch = real_images.shape[0]
+
+    grouped = rollout.reward.view(batch, pcfg.group_size)
+    top = select_top_k(grouped, pcfg.rank_top_k)  # [B, k]
+    tau = cosine_tau(step, pcfg.steps, pcfg.tau_start, pcfg.tau_end, pcfg.tau_anneal_ratio)
+    weights_grid = rank_weights(grouped.gather(1, top), tau, uniform=pcfg.uniform_weights)
+    selected = (top + torch.arange(batch, device=top.device)[:, None] * pcfg.group_size).flatten()
+    weights = weights_grid.flatten()
+    tokens = rollout.tokens[selected]
+    prompts = [rollout.prompts[i] for i in selected.tolist()]
+
+    real = to_model_range(real_images)
+    with torch.no_grad():
+        real_codes = vq.encode_codes(real)
+    disc_factor = adopt_weight(step, pcfg.disc_start)
+    zero = torch.zeros((), device=real.device)
+
+    disc_loss, logits_real, logits_fake = zero, zero, zero
+    if disc_factor > 0:
+        disc.requires_grad_(True)
+        with torch.no_grad():
+            fake = vq.decode_codes(real_codes)
+        logits_real, logits_fake = disc(real), disc(fake)
+        disc_loss = hinge_discriminator_loss(logits_real, logits_fake)
+        optimizers.disc.zero_grad(set_to_none=True)
+        accelerator.backward(disc_loss)
+        optimizers.disc.step()
+    disc.requires_grad_(False)
+
+    recon = vq.decode_codes(real_codes)
+    pixel = reconstruction_loss(real, recon, kind=pcfg.recon_kind)
+    perceptual_recon = perceptual(real, recon).mean()
+    generator, generator_weight, rank_gan = zero, zero, zero
+    decoded = vq.decode_codes(tokens)
+    if disc_factor > 0:
+        generator = hinge_generator_loss(disc(recon))
+        generator_weight = adaptive_generator_weight(
+            pixel + pcfg.perceptual_weight * perceptual_recon, generator, vq.last_layer
+        )
+        rank_gan = rank_gan_loss(disc(decoded), weights)
+    recon_anchor = reconstruction_anchor_loss(
+        pixel, perceptual_recon, generator, generator_weight, pcfg.perceptual_weight, pcfg.disc_weight, disc_factor
+    )
+    with torch.no_grad():
+        decoded_ema = vq_ema.decode_codes(tokens)
+    consistency = decoder_consistency_loss(perceptual, decoded, decoded_ema)
+    lambda_c = consistency_weight(
+        step,
+        pcfg.consistency_schedule,
+        pcfg.consistency_start_step,
+        pcfg.consistency_end_step,
+        pcfg.consistency_start_weight,
+        pcfg.consistency_weight,
+    )
+    reward_values = reward.differentiable_score(to_unit_range(decoded), prompts)
+    reward_term = (
+        zero if reward_values is None else optional_reward_backprop_loss(reward_values, weights.to(reward_values.device))
+    )
+    soft = zero
+    if pcfg.soft_token_weight > 0:
+        soft = soft_token_consistency_loss(soft_decode(models.policy, vq, rollout, selected, pcfg.soft_token_top_k), decoded)
+
+    loss = (
+        pcfg.recon_weight * recon_anchor
+        + pcfg.rank_gan_weight * pcfg.disc_weight * disc_factor * rank_gan
+        + lambda_c * consistency
+        + pcfg.reward_backprop_weight * reward_term
+        + pcfg.soft_token_weight * soft
+    )
+    optimizers.decoder.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(vq.decoder_parameters(), pcfg.grad_clip)
+    optimizers.decoder.step()
+    logged = {
+        "decoder/loss": loss,
+        "decoder/recon_anchor": recon_anchor,
+        "decoder/pixel": pixel,
+        "decoder/perceptual": perceptual_recon,
+        "decoder/generator": generator,
+        "decoder/generator_weight": generator_weight,
+        "decoder/rank_gan": rank_gan,
+        "decoder/consistency": consistency,
+        "decoder/consistency_weight": lambda_c,
+        "decoder/reward_backprop": reward_term,
+        "decoder/soft_token": soft,
+        "decoder/grad_norm": grad_norm,
+        "decoder/tau": tau,
+        "decoder/weights_entropy": rank_weight_entropy(weights_grid),
+        "decoder/weights_max": weights.max(),
+        "disc/loss": disc_loss,
+        "disc/logits_real": logits_real.mean(),
+        "disc/logits_fake": logits_fake.mean(),
+    }
+    return {name: float(value.detach()) if torch.is_tensor(value) else value for name, value in logged.items()}
+
+
+@torch.no_grad()
+def soft_decode(policy, vq, rollout: Rollout, selected: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Decode of the soft codes of the selected rollouts (METHOD.md L_soft), with the gradient
+    reaching only the decoder: the policy's teacher-forced conditional logits at the rollout's
+    tokens (the logits the rollout drew from, before guidance) are taken without gradient."""
+    logits = policy(rollout.text_emb[selected], rollout.tokens[selected], rollout.text_mask[selected])
+    top_logits, top_indices = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)
+    codes = soft_codes(top_logits, top_indices, vq.quantize.codebook())  # [b, N, d]
+    side = int(round(math.sqrt(codes.shape[1])))
+    with torch.enable_grad():
+        return vq.decode(codes.transpose(1, 2).reshape(codes.shape[0], codes.shape[2], side, side))
+
+
+@dataclass
+class Models:
+    policy: torch.nn.Module
+    policy_ema: state_lib.EMA
+    reference: torch.nn.Module
+    vq: torch.nn.Module
+    vq_ema: state_lib.EMA
+    disc: torch.nn.Module | None
+    perceptual: torch.nn.Module | None
+
+
+@dataclass
+class Optimizers:
+    policy: torch.optim.Optimizer | None
+    decoder: torch.optim.Optimizer | None
+    disc: torch.optim.Optimizer | None
+
+    def present(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers this mode uses, by name."""
+        named = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {name: optimizer for name, optimizer in named.items() if optimizer is not None}
+
+
+def build_models(cfg: RunConfig, device: torch.device) -> tuple[Models, Backbone, RunConfig]:
+    """The starting policy and tokenizer, their EMA copies, the reference and the decoder-stage
+    networks; returns the config updated with the models' own arguments."""
+    pcfg = cfg.posttrain
+    policy, text_cfg = load_policy(pcfg.policy, device)
+    vq = load_tokenizer(pcfg.tokenizer, device)
+    check_compatible(policy.args, vq.args, text_cfg, cfg.toy.image_size)
+    cfg = dataclasses.replace(cfg, gpt=policy.args, vq=vq.args, text=text_cfg)
+    policy = policy.float().requires_grad_(pcfg.mode != "decoder")
+    vq = vq.float().requires_grad_(False)
+    if pcfg.mode != "policy":
+        for parameter in vq.decoder_parameters():
+            parameter.requires_grad_(True)
+    policy_ema = state_lib.EMA(policy, pcfg.policy_ema_decay)
+    reference = copy.deepcopy(policy).requires_grad_(False) if pcfg.reference == "frozen" else policy_ema.module
+    disc = perceptual = None
+    if pcfg.mode != "policy":
+        disc = PatchDiscriminator(base_channels=pcfg.disc_channels, n_layers=pcfg.disc_layers).to(device)
+        perceptual = build_perceptual(pcfg.perceptual, pcfg.vgg_path, pcfg.lpips_lin_path).to(device)
+    models = Models(policy, policy_ema, reference, vq, state_lib.EMA(vq, pcfg.decoder_ema_decay), disc, perceptual)
+    backbone = Backbone(build_text_encoder(text_cfg, device), policy, vq)
+    return models, backbone, cfg
+
+
+def build_optimizers(models: Models, pcfg: PosttrainConfig) -> Optimizers:
+    policy_opt = decoder_opt = disc_opt = None
+    if pcfg.mode != "decoder":
+        policy_opt = torch.optim.AdamW(
+            models.policy.parameters(), lr=pcfg.policy_lr, weight_decay=pcfg.policy_weight_decay
+        )
+    if pcfg.mode != "policy":
+        decoder_opt = torch.optim.AdamW(
+            models.vq.decoder_parameters(), lr=pcfg.decoder_lr, weight_decay=pcfg.decoder_weight_decay
+        )
+        disc_opt = torch.optim.AdamW(models.disc.parameters(), lr=pcfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    return Optimizers(policy_opt, decoder_opt, disc_opt)
+
+
+def checkpoint_tensors(models: Models) -> dict[str, dict[str, torch.Tensor]]:
+    tensors = {
+        "policy": models.policy.state_dict(),
+        "policy_ema": models.policy_ema.state_dict(),
+        "vq": models.vq.state_dict(),
+        "vq_ema": models.vq_ema.state_dict(),
+    }
+    if models.disc is not None:
+        tensors["discriminator"] = models.disc.state_dict()
+    return tensors
+
+
+def restore(models: Models, optimizers: Optimizers, tensors: dict, trainer_state: dict, reward, generators) -> int:
+    """Load a checkpoint written by this recipe; returns the step to continue from."""
+    models.policy.load_state_dict(tensors["policy"])
+    models.policy_ema.module.load_state_dict(tensors["policy_ema"])
+    models.vq.load_state_dict(tensors["vq"])
+    models.vq_ema.module.load_state_dict(tensors["vq_ema"])
+    if models.disc is not None:
+        if "discriminator" not in tensors:
+            raise UserError("the checkpoint has no discriminator: it was written by a mode=policy run")
+        models.disc.load_state_dict(tensors["discriminator"])
+    for name, optimizer in optimizers.present().items():
+        optimizer.load_state_dict(trainer_state["optimizers"][name])
+    reward.load_state_dict(trainer_state["reward_stats"])
+    state_lib.restore_rng_state(trainer_state["rng"], generators)
+    return trainer_state["step"]
+
+
+@torch.no_grad()
+def sample_grid(backbone: Backbone, models: Models, prompts: list[str], sampling, seed: int) -> torch.Tensor:
+    """The fixed preview: the online policy's samples for `prompts` (fixed seed), decoded by the
+    EMA decoder (first rows) and, when the decoder trains, by the online decoder (last rows)."""
+    generator = torch.Generator(backbone.device).manual_seed(seed)
+    text_emb, text_mask = backbone.encode_prompts(prompts)
+    tokens = backbone.sample(text_emb, text_mask, sampling, generator, policy=models.policy).tokens
+    decoders = [models.vq_ema.module] + ([models.vq] if models.disc is not None else [])
+    return torch.cat([backbone.decode(tokens, decoder=decoder) for decoder in decoders]).cpu()
+
+
+def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
+    from accelerate import Accelerator
+
+    cfg, run, device = start_run(config_path, out_dir, overrides, section="posttrain")
+    pcfg = cfg.posttrain
+    check_posttrain_config(pcfg)
+    if pcfg.deterministic:
+        set_deterministic(True)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    device = accelerator.device
+
+    models, backbone, cfg = build_models(cfg, device)
+    config_lib.save(cfg, run / "config.yaml")
+    optimizers = build_optimizers(models, pcfg)
+    reward = build_reward(pcfg.rewards, device, pcfg.clip_path, pcfg.hpsv2_path)
+    data_rng = np.random.default_rng(cfg.seed)
+    rollout_generator = torch.Generator(device).manual_seed(cfg.seed)
+    generators = {"data": data_rng, "rollout": rollout_generator}
+    prompt_source = PromptSource(cfg, data_rng)
+    grid_prompts = heldout_prompts(cfg.toy)[: pcfg.grid_prompts]
+    evaluator = None
+    if pcfg.eval_samples and accelerator.is_main_process:
+        from ranke.eval.evaluate import Evaluator
+
+        evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=models.vq_ema.module)
+
+    start_step = 0
+    latest = state_lib.latest_checkpoint(run) if resume else None
+    if resume and latest is None:
+        print(f"posttrain: no checkpoint in {run}, starting from step 0")
+    if latest is not None:
+        tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
+        start_step = restore(models, optimizers, tensors, trainer_state, reward, generators)
+
+    metrics = MetricsWriter(run / "metrics.jsonl")
+    tensorboard = _tensorboard_writer(run) if accelerator.is_main_process else None
+    bar = progress(range(start_step, pcfg.steps), total=pcfg.steps, initial=start_step, desc=f"posttrain[{pcfg.mode}]")
+    for step in bar:
+        timings: dict[str, float] = {}
+        step_start = time.perf_counter()
+        prompts, real_images = prompt_source.next_batch(pcfg.prompts_per_step)
+        rollout = collect_rollout(
+            backbone, models.policy, models.reference, models.vq_ema.module, reward, prompts, pcfg, cfg.sampling,
+            rollout_generator, timings,
+        )
+        advantages = group_advantages(rollout.reward, pcfg.group_size)
+        record: dict[str, float] = {"step": step + 1, "reward": float(rollout.reward.mean())}
+        for name, values in rollout.components.items():
+            record[f"reward/{name}_mean"] = float(values.float().nanmean())
+            record[f"reward/{name}_std"] = float(values.float().std())
+        grouped = rollout.reward.view(-1, pcfg.group_size)
+        record["reward/zero_std_groups"] = float((grouped.std(dim=1) < 1e-4).float().mean())
+
+        if pcfg.mode != "decoder":
+            t = time.perf_counter()
+            record.update(policy_stage(models.policy, optimizers.policy, accelerator, rollout, advantages, pcfg))
+            if (step + 1) % pcfg.policy_ema_every == 0:
+                models.policy_ema.update(models.policy)
+            record["lr/policy"] = optimizers.policy.param_groups[0]["lr"]
+            timings["update"] = time.perf_counter() - t
+        if pcfg.mode != "policy":
+            t = time.perf_counter()
+            record.update(
+                decoder_stage(models, optimizers, rollout, real_images.to(device), step, pcfg, reward, accelerator)
+            )
+            if (step + 1) % pcfg.decoder_ema_every == 0:
+                models.vq_ema.update(models.vq)
+            record["lr/decoder"] = optimizers.decoder.param_groups[0]["lr"]
+            timings["decoder"] = time.perf_counter() - t
+        timings["step"] = time.perf_counter() - step_start
+        record.update({f"time/{name}": round(seconds, 4) for name, seconds in timings.items()})
+
+        if accelerator.is_main_process:
+            if (step + 1) % pcfg.log_every == 0 or step + 1 == pcfg.steps:
+                metrics.write(record)
+                for name, value in record.items():
+                    if name != "step":
+                        tensorboard.add_scalar(name, value, step + 1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
+            if (step + 1) % pcfg.grid_every == 0 or step + 1 == pcfg.steps:
+                grid = sample_grid(backbone, models, grid_prompts, cfg.sampling, cfg.seed)
+                save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=pcfg.grid_prompts)
+            if evaluator is not None and (
+                (pcfg.eval_every and (step + 1) % pcfg.eval_every == 0) or step + 1 == pcfg.steps
+            ):
+                evaluate_step(evaluator, backbone, models, step + 1, run / "eval.jsonl")
+            if (step + 1) % pcfg.save_every == 0 or step + 1 == pcfg.steps:
+                state_lib.save_checkpoint(
+                    run,
+                    step + 1,
+                    checkpoint_tensors(models),
+                    {
+                        "step": step + 1,
+                        "optimizers": {name: opt.state_dict() for name, opt in optimizers.present().items()},
+                        "reward_stats": reward.state_dict(),
+                        "rng": state_lib.rng_state(generators),
+                    },
+                    (run / "config.yaml").read_text(),
+                    keep_last=pcfg.keep_checkpoints or None,
+                )
+    if tensorboard is not None:
+        tensorboard.close()
+    final = state_lib.latest_checkpoint(run)
+    print(f"posttrain: {pcfg.steps} steps (mode={pcfg.mode}) -> {final}")
+    return {"checkpoint": str(final), "steps": pcfg.steps}
+
+
+def evaluate_step(evaluator, backbone: Backbone, models: Models, step: int, path: Path) -> None:
+    """Held-out metrics of the online policy with the EMA decoder and, when the decoder trains,
+    the online decoder (`mode=policy` leaves both equal to the base decoder), appended to `path`;
+    the first 32 evaluation images go to `eval_samples_<step>_<decoder>.png` next to it."""
+    decoders = {"ema": models.vq_ema.module, **({"online": models.vq} if models.disc is not None else {})}
+    writer = MetricsWriter(path)
+    for name, decoder in decoders.items():
+        result = evaluator(backbone, policy=models.policy, decoder=decoder, preview=32)
+        label = name if models.disc is not None else "base"
+        writer.write({"step": step, "policy": "online", "decoder": label, **result})
+        save_image_grid(evaluator.preview, path.parent / f"eval_samples_{step:06d}_{label}.png", nrow=8)
+
+
+def _tensorboard_writer(run: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run / "tensorboard"))

@@ -1,0 +1,131 @@
+"""`ranke.eval.evaluate`: the Evaluator's metrics against the judges applied by hand, its
+reproducibility, and policy / decoder overrides."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ranke.assets import asset_path
+from ranke.backbone import load_toy_backbone
+from ranke.config import RunConfig
+from ranke.eval.evaluate import Evaluator, metrics_table, quantize
+from ranke.eval.fid import frechet_distance_from_features
+from ranke.eval.shift import code_histogram, token_entropy_bits, token_kl
+from ranke.eval.toy_features import load_toy_features
+from ranke.models.vq import to_model_range
+from ranke.rewards.toy_clip import load_toy_clip
+from ranke.runtime import UserError
+from ranke.toy.captions import CaptionSpec, parse_caption
+from ranke.toy.data import heldout_scenes
+from ranke.toy.render import render_scenes
+from ranke.toy.verifier import score_image, summarize
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def backbone_and_evaluator(one_thread):
+    backbone, cfg = load_toy_backbone()
+    return backbone, Evaluator(cfg, "cpu", n=N, seed=4, batch_size=5)
+
+
+@pytest.fixture(scope="module")
+def metrics(backbone_and_evaluator):
+    backbone, evaluator = backbone_and_evaluator
+    return evaluator(backbone, preview=N), evaluator.preview.clone()
+
+
+def test_quantize_rounds_to_8_bit_levels():
+    values = torch.tensor([-0.5, 0.0, 0.2, 0.61, 1.0, 1.2])
+    expected = torch.tensor([0.0, 0.0, 51.0, 156.0, 255.0, 255.0]) / 255.0  # 0.61 * 255 = 155.55 -> 156
+    assert torch.equal(quantize(values), expected)
+
+
+def test_metrics_are_the_judges_applied_to_the_samples(backbone_and_evaluator, metrics):
+    _, evaluator = backbone_and_evaluator
+    result, images = metrics
+    prompts = evaluator.prompts
+    assert result["n"] == N and len(images) == N
+    assert torch.equal(images, quantize(images))  # scored as 8-bit images
+    reward = load_toy_clip(asset_path("reward_clip"))(images, prompts).mean().item()
+    clip_score = load_toy_clip(asset_path("eval_clip"))(images, prompts).mean().item()
+    assert result["reward"] == pytest.approx(reward, rel=1e-5)
+    assert result["clip_score"] == pytest.approx(clip_score, rel=1e-5)
+    assert result["reward"] != pytest.approx(result["clip_score"], rel=1e-3)  # two different judges
+    features = load_toy_features(asset_path("features"))(images)
+    assert result["fd"] == pytest.approx(frechet_distance_from_features(features, evaluator.real_features), rel=1e-6)
+    verdicts = summarize([score_image(image.permute(1, 2, 0).numpy(), prompt) for image, prompt in zip(images, prompts)])
+    assert result["verifier_accuracy"] == verdicts["accuracy"]
+    assert result["verifier_by_num_objects"] == verdicts["by_num_objects"]
+    assert result["token_entropy_real"] == pytest.approx(token_entropy_bits(evaluator.real_histogram))
+
+
+def test_real_side_is_the_heldout_scenes_of_the_prompts(backbone_and_evaluator):
+    """FD and token KL compare against the renders of the scenes the prompts were written for."""
+    backbone, evaluator = backbone_and_evaluator
+    cfg = RunConfig()
+    scenes = heldout_scenes(cfg.toy)[:N]
+    assert [CaptionSpec.from_scene(s).canonical() for s in scenes] == [parse_caption(p).canonical() for p in evaluator.prompts]
+    real = torch.from_numpy(render_scenes(scenes, cfg.toy.image_size, cfg.toy.supersample)).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(evaluator.real_features, load_toy_features(asset_path("features"))(real), rtol=1e-6)
+    with torch.no_grad():
+        codes = backbone.tokenizer.encode_codes(to_model_range(real.float() / 255.0)).flatten(1)
+    assert torch.equal(evaluator.real_codes, codes)
+    assert evaluator.real_histogram.sum() == N * codes.shape[1]
+
+
+def test_token_kl_of_the_policy_tokens(backbone_and_evaluator, metrics):
+    backbone, evaluator = backbone_and_evaluator
+    result, _ = metrics
+    generator = torch.Generator().manual_seed(4)
+    codes = []
+    for begin in range(0, N, 5):
+        emb, mask = backbone.encode_prompts(evaluator.prompts[begin : begin + 5])
+        codes.append(backbone.sample(emb, mask, evaluator.sampling, generator).tokens)
+    histogram = code_histogram(torch.cat(codes), evaluator.codebook_size)
+    assert result["token_kl"] == pytest.approx(token_kl(histogram, evaluator.real_histogram))
+    assert result["token_entropy"] == pytest.approx(token_entropy_bits(histogram))
+    assert result["token_kl"] > 0
+
+
+def test_calls_are_reproducible_and_overrides_act(backbone_and_evaluator, metrics):
+    backbone, evaluator = backbone_and_evaluator
+    result, _ = metrics
+    same = evaluator(backbone, policy=backbone.policy, decoder=backbone.tokenizer)
+    assert {k: v for k, v in same.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+
+    other_decoder = copy.deepcopy(backbone.tokenizer)
+    with torch.no_grad():
+        other_decoder.decoder.conv_out.bias.add_(0.3)  # brighter images, same tokens
+    changed = evaluator(backbone, decoder=other_decoder)
+    for key in ("token_kl", "token_entropy", "token_kl_per_position"):
+        assert changed[key] == result[key]
+    assert changed["fd"] != pytest.approx(result["fd"], rel=1e-3)
+
+    other_policy = copy.deepcopy(backbone.policy)
+    with torch.no_grad():
+        other_policy.output.weight.mul_(0.0)  # uniform next-token distribution
+    uniform = evaluator(backbone, policy=other_policy)
+    assert uniform["token_entropy"] > result["token_entropy"]
+    assert backbone.policy.output.weight.abs().sum() > 0  # the backbone's own policy is untouched
+
+
+def test_bad_sizes_are_user_errors():
+    _, cfg = load_toy_backbone()
+    with pytest.raises(UserError, match="--n must be between 2 and the 2000"):
+        Evaluator(cfg, "cpu", n=5000)
+    with pytest.raises(UserError, match="--batch-size"):
+        Evaluator(cfg, "cpu", n=4, batch_size=0)
+
+
+def test_metrics_table_is_one_row():
+    metrics = {"n": 1000, "reward": 55.13, "clip_score": 54.471, "fd": 71.489, "verifier_accuracy": 0.043,
+               "token_kl": 0.03747, "token_entropy": 9.704}
+    lines = metrics_table(metrics, "sft").splitlines()
+    assert lines[0] == "| model | n | reward | clip_score | fd | verifier_accuracy | token_kl | token_entropy |"
+    assert lines[1] == "|---|---|---|---|---|---|---|---|"
+    assert lines[2] == "| sft | 1000 | 55.13 | 54.47 | 71.49 | 0.043 | 0.0375 | 9.70 |"
