@@ -48,7 +48,7 @@ def main() -> None:
     splits = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("policy", "both"):
-            overrides = [f"mode={mode}", f"steps={args.steps}", "disc_start=0", "grid_every=100000",
+            overrides = [f"mode={mode}", f"steps={args.steps}", "disc_start=0", "grid_every=100000", "eval_samples=0",
                          "save_every=100000", *args.overrides]  # fmt: skip
             train_posttrain("toy", str(Path(tmp) / mode), overrides)
             splits[mode] = median_split(Path(tmp) / mode / "metrics.jsonl", args.warmup)

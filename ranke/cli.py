@@ -37,6 +37,12 @@ def cmd_posttrain(args) -> None:
     train_posttrain(args.config, args.out, args.overrides, resume=args.resume)
 
 
+def cmd_build_toy_assets(args) -> None:
+    from ranke.train.build_assets import build_toy_assets
+
+    build_toy_assets(args.out, args.config, args.overrides, install=args.install)
+
+
 def cmd_demo(args) -> None:
     from ranke.demo import run_demo
 
@@ -145,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("posttrain", help="post-train policy and decoder: mode=policy (GRPO), decoder or both (RankE)")
     _add_recipe_args(p)
     p.set_defaults(func=cmd_posttrain)
+
+    p = sub.add_parser("build-toy-assets", help="rebuild every committed toy asset from seeds (tokenizer, SFT, judges)")
+    p.add_argument("--out", default="runs/assets", help="output directory (default: runs/assets)")
+    p.add_argument("--install", action="store_true", help="copy the results into the package's assets")
+    p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. sft.steps=2000")
+    p.set_defaults(func=cmd_build_toy_assets)
 
     p = sub.add_parser("demo", help="GRPO vs RankE in the toy world, with a report (report.md / report.html)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

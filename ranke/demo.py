@@ -10,7 +10,6 @@ ablations (uniform GAN weights, no EMA-consistency anchor, decoder stage only).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -36,25 +35,25 @@ from ranke.eval.report import (  # noqa: E402
     write_report,
 )
 from ranke.runtime import UserError, select_device  # noqa: E402
-from ranke.train.logging import image_grid, save_image_grid  # noqa: E402
+from ranke.train.logging import save_image_grid  # noqa: E402
 from ranke.train.posttrain import train_posttrain  # noqa: E402
 
 
 @dataclass(frozen=True)
 class DemoPreset:
-    steps: int
-    prompts_per_step: int
-    group_size: int
-    eval_samples: int
-    eval_every: int
+    """What a demo size changes on top of the config's `posttrain` section (configs/toy.yaml)."""
+
+    overrides: tuple[str, ...]
     seeds: tuple[int, ...]
     ablations: bool
 
 
 PRESETS = {
-    "quick": DemoPreset(steps=8, prompts_per_step=4, group_size=4, eval_samples=64, eval_every=4, seeds=(0,), ablations=False),
-    "default": DemoPreset(steps=120, prompts_per_step=8, group_size=8, eval_samples=300, eval_every=30, seeds=(0,), ablations=False),
-    "full": DemoPreset(steps=120, prompts_per_step=8, group_size=8, eval_samples=300, eval_every=30, seeds=(0, 1, 2), ablations=True),
+    "quick": DemoPreset(
+        ("steps=8", "prompts_per_step=4", "group_size=4", "eval_samples=64", "eval_every=4", "disc_start=2"), (0,), False
+    ),
+    "default": DemoPreset((), (0,), False),
+    "full": DemoPreset((), (0, 1, 2), True),
 }
 
 # name, posttrain overrides, decoder of its table row, extra decoder rows, what it is
@@ -76,40 +75,34 @@ def run_demo(out_dir: str, preset_name: str = "default", config: str = "toy", ov
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cfg = config_lib.load(RunConfig, config, list(overrides), section="posttrain")
+    settings = [*preset.overrides, *overrides]
+    cfg = config_lib.load(RunConfig, config, settings, section="posttrain")
+    pcfg = cfg.posttrain
+    if pcfg.eval_samples < 2:
+        raise UserError("the demo evaluates its runs: set eval_samples >= 2")
     device = select_device(cfg.device)
 
-    print(f"demo[{preset_name}]: evaluating the SFT starting point on {preset.eval_samples} held-out prompts")
-    backbone, _ = load_toy_backbone(cfg.posttrain.policy, cfg.posttrain.tokenizer, device)
-    evaluator = Evaluator(cfg, device, n=preset.eval_samples, seed=cfg.posttrain.eval_seed)
+    print(f"demo[{preset_name}]: evaluating the SFT starting point on {pcfg.eval_samples} held-out prompts")
+    backbone, _ = load_toy_backbone(pcfg.policy, pcfg.tokenizer, device)
+    evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed)
     sft = evaluator(backbone, preview=32)
     (out / "sft_metrics.json").write_text(json.dumps(sft, indent=2))
     save_image_grid(evaluator.preview, out / "sft_samples.png", nrow=8)
 
-    common = [
-        f"steps={preset.steps}",
-        f"prompts_per_step={preset.prompts_per_step}",
-        f"group_size={preset.group_size}",
-        f"eval_samples={preset.eval_samples}",
-        f"eval_every={preset.eval_every}",
-        f"save_every={preset.steps}",
-        f"grid_every={preset.steps}",
-        *overrides,
-    ]
     methods, commands = [], []
     for name, method_overrides, decoder, extra, note in METHODS + (ABLATIONS if preset.ablations else ()):
         runs = []
         for seed in preset.seeds:
             run = out / "runs" / f"{_slug(name)}_seed{seed}"
-            settings = [*common, *method_overrides, f"seed={seed}"]
-            commands.append(f"ranke posttrain --config {config} --out {run} " + " ".join(settings))
-            print(f"demo[{preset_name}]: {name}, seed {seed} ({preset.steps} steps)")
-            train_posttrain(config, str(run), settings)
+            run_settings = [*settings, *method_overrides, f"seed={seed}"]
+            commands.append(f"ranke posttrain --config {config} --out {run} " + " ".join(run_settings))
+            print(f"demo[{preset_name}]: {name}, seed {seed} ({pcfg.steps} steps)")
+            train_posttrain(config, str(run), run_settings, resume=True)  # a rerun reuses finished runs
             runs.append(run)
         methods.append(Method(name, decoder, runs, note, extra))
 
     minutes = (time.perf_counter() - started) / 60
-    report_paths = build_report(out, sft, methods, preset_name, preset, commands, minutes)
+    report_paths = build_report(out, sft, methods, preset_name, pcfg, preset.seeds, commands, minutes)
     print(f"demo[{preset_name}]: {minutes:.1f} min -> {report_paths[0]} and {report_paths[1]}")
     return {"report": str(report_paths[0]), "html": str(report_paths[1]), "minutes": round(minutes, 2)}
 
@@ -154,17 +147,17 @@ def describe(sft: dict, methods: list[Method]) -> str:
     return "\n".join(lines)
 
 
-def build_report(out: Path, sft: dict, methods: list[Method], preset_name, preset, commands, minutes) -> tuple[Path, Path]:
+def build_report(out: Path, sft: dict, methods: list[Method], preset_name, pcfg, seeds, commands, minutes) -> tuple[Path, Path]:
     plot_curves(sft, methods, out / "curves.png")
     plot_pareto(sft, methods, out / "pareto.png")
     sample_panel(out, methods)
     method_lines = "\n".join(f"* {m.name}: {m.note}." for m in methods)
     intro = (
         f"The toy world's version of the paper's experiment (preset `{preset_name}`, {minutes:.1f} min). "
-        f"From the committed toy SFT policy and tokenizer, each method post-trains for {preset.steps} steps of "
-        f"{preset.prompts_per_step} prompts x {preset.group_size} rollouts against the toy CLIP reward, with "
-        f"seeds {', '.join(map(str, preset.seeds))}. Every evaluation samples the same {preset.eval_samples} "
-        f"held-out prompts with the same sampling seed."
+        f"From the committed toy SFT policy and tokenizer, each method post-trains for {pcfg.steps} steps of "
+        f"{pcfg.prompts_per_step} prompts x {pcfg.group_size} rollouts against the toy CLIP reward, with "
+        f"seeds {', '.join(map(str, seeds))}. Every evaluation samples the same {pcfg.eval_samples} "
+        f"held-out prompts with the same sampling seed ({pcfg.eval_seed})."
     )
     sections = [
         ("Methods", method_lines),

@@ -68,6 +68,9 @@ def test_rotary_table_by_hand():
         angles = torch.tensor([row * f for f in freqs] + [col * f for f in freqs], dtype=torch.float64)
         assert torch.allclose(table[3 + token].real, angles.cos())
         assert torch.allclose(table[3 + token].imag, angles.sin())
+    unrotated = rotary_table(replace(args, zero_text_rotary=False))
+    assert torch.equal(unrotated[:3], torch.ones(3, 4, dtype=torch.complex128))  # text: cos = 1, sin = 0
+    assert torch.equal(unrotated[3:], table[3:])
 
 
 def test_apply_rotary_rotates_pairs_and_zeroes_text():
@@ -94,6 +97,21 @@ def test_text_attention_is_uniform_like_llamagen():
     assert not torch.allclose(model(text, tokens)[:, 1:], logits[:, 1:])  # image positions do rotate
     shuffled = text[:, torch.randperm(args.cls_token_num, generator=torch.Generator().manual_seed(3))]
     assert torch.allclose(model(shuffled, tokens)[:, 1:], model(text, tokens)[:, 1:], atol=1e-12)
+
+
+def test_unrotated_text_is_attended_by_content():
+    """Without the zero rotation, text keys are real keys: what the last text position (which
+    predicts image token 0) sees depends on the query/key projections. Text keys carry no
+    position, so a 1-layer model still reads the caption as a set from image positions."""
+    args = replace(TINY, n_layer=1, zero_text_rotary=False)
+    model, text = tiny_model(args), text_batch(args, 2)
+    tokens = torch.randint(0, args.vocab_size, (2, args.block_size), generator=torch.Generator().manual_seed(0))
+    logits = model(text, tokens)
+    shuffled = text[:, torch.randperm(args.cls_token_num, generator=torch.Generator().manual_seed(3))]
+    assert torch.allclose(model(shuffled, tokens)[:, 1:], logits[:, 1:], atol=1e-12)
+    with torch.no_grad():
+        model.layers[0].attention.wqkv.weight[: 2 * args.dim] *= 5.0  # query and key rows
+    assert not torch.allclose(model(text, tokens)[:, 0], logits[:, 0])
 
 
 def test_token_layout_without_layers_by_hand():

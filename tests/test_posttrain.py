@@ -117,6 +117,14 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
         straight = (tmp_path / "straight" / "checkpoints" / "step_000006" / f"{stem}.safetensors").read_bytes()
         resumed = (killed / "checkpoints" / "step_000006" / f"{stem}.safetensors").read_bytes()
         assert straight == resumed, f"{stem} differs after resume"
+    untimed = lambda rows: [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]  # noqa: E731
+    assert untimed(records(killed)) == untimed(records(tmp_path / "straight"))
+
+
+def test_existing_run_needs_resume(both_run, capsys):
+    with pytest.raises(SystemExit):
+        main(["posttrain", "--out", str(both_run), *TINY, "steps=3"])
+    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

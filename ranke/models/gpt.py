@@ -8,6 +8,8 @@ Positions: 2D rotary embeddings over the image grid. Text positions get LlamaGen
 its table holds cos = sin = 0 there, so queries and keys of text positions are multiplied by ZERO
 (not left unrotated). Every query therefore gives all visible text keys the same score 0: attention
 to the caption is a uniform average of its values. Official checkpoints were trained this way.
+The toy preset turns this off (`zero_text_rotary=False`): text positions are left unrotated, so
+image tokens attend to caption positions by content, which the small toy policy learns much faster.
 
 Text padding: captions are left-padded (valid tokens at the end, zeros before them) and an optional
 `text_mask` [B, cls_token_num] (True = valid) hides padded text positions as keys; each position
@@ -97,9 +99,11 @@ GPT_PRESETS: dict[str, GPTArgs] = {
     # 64x64 toy images through a 8x downsampling VQ: 8x8 tokens; 4 text positions of the toy text
     # encoder (ranke.toy.text). Sized so SFT fits ~30 min on 2 CPU cores. The toy data stream is
     # unbounded, so only caption dropout (needed for CFG) is kept; vocab_size is the toy codebook size.
+    # Unrotated text positions: with LlamaGen's zero rotation the caption-conditional part of the
+    # SFT loss on object tokens grew 3x more slowly (600-step runs, docs/benchmarks.md).
     "toy": GPTArgs(
         n_layer=4, n_head=6, dim=192, cls_token_num=4, caption_dim=64, vocab_size=1024, block_size=64,
-        token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+        token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, zero_text_rotary=False,
     ),
 }
 

@@ -1,10 +1,9 @@
 """The toy world's frozen text encoder: a caption's meaning as fixed one-hot blocks.
 
 It stands in for T5 in the toy world: a frozen encoder that already understands the language.
-LlamaGen's policy gives text positions a zero rotary factor, so the attention from image tokens
-to the caption is a plain average over the caption's positions; an encoder whose positions
-carry word identities would leave the policy to untangle a bag of averaged words. Here each
-text position owns a disjoint block of dimensions, so the average keeps everything readable:
+Each text position owns a disjoint block of dimensions, so any mix of positions keeps everything
+readable: a plain average (LlamaGen's zero rotary factor on text positions, `gpt.zero_text_rotary`)
+as well as the content-based attention of the toy policy, which leaves text positions unrotated:
 
     position 0        number of objects (3 one-hot) + relation (4 one-hot, or "none")
     position 1 + i    object i: colour (6) + shape (4) + size (2) one-hots

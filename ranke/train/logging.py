@@ -37,6 +37,13 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def drop_after(self, step: int) -> None:
+        """Remove records of steps after `step`: on resume they are redone from the checkpoint."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
 
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
     """[N,3,H,W] floats in [0,1] -> uint8 HxWx3 grid with `nrow` images per row."""

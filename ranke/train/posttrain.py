@@ -423,14 +423,16 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=models.vq_ema.module)
 
     start_step = 0
-    latest = state_lib.latest_checkpoint(run) if resume else None
-    if resume and latest is None:
-        print(f"posttrain: no checkpoint in {run}, starting from step 0")
+    latest = state_lib.latest_checkpoint(run)
+    if latest is not None and not resume:
+        raise UserError(f"{run} already holds checkpoints; pass --resume to continue it, or choose a new --out")
     if latest is not None:
         tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
         start_step = restore(models, optimizers, tensors, trainer_state, reward, generators)
 
-    metrics = MetricsWriter(run / "metrics.jsonl")
+    metrics, evaluations = MetricsWriter(run / "metrics.jsonl"), MetricsWriter(run / "eval.jsonl")
+    for writer in (metrics, evaluations):
+        writer.drop_after(start_step)
     tensorboard = _tensorboard_writer(run) if accelerator.is_main_process else None
     bar = progress(range(start_step, pcfg.steps), total=pcfg.steps, initial=start_step, desc=f"posttrain[{pcfg.mode}]")
     for step in bar:
@@ -481,7 +483,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
             if evaluator is not None and (
                 (pcfg.eval_every and (step + 1) % pcfg.eval_every == 0) or step + 1 == pcfg.steps
             ):
-                evaluate_step(evaluator, backbone, models, step + 1, run / "eval.jsonl")
+                evaluate_step(evaluator, backbone, models, step + 1, evaluations)
             if (step + 1) % pcfg.save_every == 0 or step + 1 == pcfg.steps:
                 state_lib.save_checkpoint(
                     run,
@@ -503,17 +505,16 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     return {"checkpoint": str(final), "steps": pcfg.steps}
 
 
-def evaluate_step(evaluator, backbone: Backbone, models: Models, step: int, path: Path) -> None:
+def evaluate_step(evaluator, backbone: Backbone, models: Models, step: int, writer: MetricsWriter) -> None:
     """Held-out metrics of the online policy with the EMA decoder and, when the decoder trains,
-    the online decoder (`mode=policy` leaves both equal to the base decoder), appended to `path`;
-    the first 32 evaluation images go to `eval_samples_<step>_<decoder>.png` next to it."""
+    the online decoder (`mode=policy` leaves both equal to the base decoder), one record each;
+    the first 32 evaluation images go to `eval_samples_<step>_<decoder>.png` in the run."""
     decoders = {"ema": models.vq_ema.module, **({"online": models.vq} if models.disc is not None else {})}
-    writer = MetricsWriter(path)
     for name, decoder in decoders.items():
         result = evaluator(backbone, policy=models.policy, decoder=decoder, preview=32)
         label = name if models.disc is not None else "base"
         writer.write({"step": step, "policy": "online", "decoder": label, **result})
-        save_image_grid(evaluator.preview, path.parent / f"eval_samples_{step:06d}_{label}.png", nrow=8)
+        save_image_grid(evaluator.preview, writer.path.parent / f"eval_samples_{step:06d}_{label}.png", nrow=8)
 
 
 def _tensorboard_writer(run: Path):
