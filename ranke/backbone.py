@@ -76,6 +76,11 @@ class Backbone:
     def device(self) -> torch.device:
         return self.policy.tok_embeddings.weight.device
 
+    @property
+    def image_size(self) -> int:
+        """Side of the generated images in pixels (token grid side x the tokenizer's downsampling)."""
+        return self.policy.args.grid_size * self.tokenizer.args.downsample_factor
+
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         emb, mask = self.text_encoder.encode(list(prompts))
         return emb.to(self.device), mask.to(self.device)
@@ -102,7 +107,12 @@ class Backbone:
         )
 
     def token_logprobs(self, policy: Transformer, text_emb, text_mask, tokens, return_entropy: bool = False):
+        """Teacher-forced log pi(z_t | z_<t, y) [B, N] of `tokens` (and entropies), differentiable."""
         return token_logprobs(policy, text_emb, text_mask, tokens, return_entropy=return_entropy)
+
+    def token_logits(self, policy: Transformer, text_emb, text_mask, tokens) -> torch.Tensor:
+        """Teacher-forced conditional logits [B, N, V] at every image position of `tokens`."""
+        return policy(text_emb, tokens, text_mask)
 
     @torch.no_grad()
     def generate_images(self, prompts: list[str], sampling: SamplingConfig, generator: torch.Generator, batch_size: int):

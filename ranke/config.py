@@ -270,6 +270,7 @@ class PosttrainConfig:
     policy: str | None = None  # starting policy asset; None: the committed toy SFT policy
     tokenizer: str | None = None  # starting tokenizer asset; None: the committed toy tokenizer
     prompts: str | None = None  # toy-grammar prompt file (txt/jsonl/csv); None: the toy training stream
+    data: str | None = None  # image-caption data (folder + captions.jsonl/csv, or .tar shards; see docs/data.md)
     micro_batch_size: int = 0  # rollouts per forward/backward in the policy stage; 0: all at once
     deterministic: bool = False  # deterministic kernels (exact resume on CPU)
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})  # name -> weight

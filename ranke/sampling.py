@@ -49,7 +49,29 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _check_settings(temperature: float, top_k: int, top_p: float) -> None:
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` [B, V] by inverse-CDF sampling with `uniforms` [B] in [0, 1).
+
+    The token is the first whose cumulative probability exceeds u * total, so zero-probability
+    (filtered) tokens are never drawn. Drawing from explicit uniforms, one per row, is what
+    makes a row's token independent of the batch it sits in: a data-parallel rank that takes
+    rows [a, b) of the global batch's uniforms draws exactly what one process would.
+    """
+    cumulative = probs.float().cumsum(dim=-1)
+    targets = uniforms.to(cumulative.dtype)[:, None] * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, generator: torch.Generator, row_offset: int = 0, total_rows: int | None = None
+) -> torch.Tensor:
+    """Draw one token per row of (guided, tempered, filtered) `logits` [B, V]: `total_rows` uniforms
+    from `generator` (default B), rows [row_offset, row_offset + B) of them used (`draw_tokens`)."""
+    uniforms = torch.rand(logits.shape[0] if total_rows is None else total_rows, generator=generator, device=generator.device)
+    return draw_tokens(logits.softmax(dim=-1), uniforms[row_offset : row_offset + logits.shape[0]])
+
+
+def check_sampling_settings(temperature: float, top_k: int, top_p: float) -> None:
     if not temperature > 0:
         raise UserError(f"sampling temperature must be > 0, got {temperature}")
     if top_k < 0:
@@ -78,22 +100,31 @@ def generate(
     generator: torch.Generator,
     return_logprobs: bool = False,
     use_kv_cache: bool = True,
+    row_offset: int = 0,
+    total_rows: int | None = None,
 ) -> SampleOutput:
     """Sample `block_size` image tokens per caption (text_emb [B, T, C], left-padded, text_mask [B, T]).
 
     Each step: guided logits l_u + s * (l_c - l_u) (the unconditional rows use the model's
     uncond_embedding with the same text mask; no unconditional rows when cfg_scale == 1),
-    divided by temperature, top-k then top-p filtered, and one draw of torch.multinomial with
-    `generator` (on the model's device). The generator alone decides the draws, so a given seed gives the same tokens with
-    and without the KV cache. `use_kv_cache=False` recomputes the full sequence at every step
-    (slow; the reference the cache is tested against).
+    divided by temperature, top-k then top-p filtered, and drawn by `draw_tokens` with one uniform
+    per row from `generator` (on the model's device). The generator alone decides the draws, so a
+    given seed gives the same tokens with and without the KV cache. `use_kv_cache=False`
+    recomputes the full sequence at every step (slow; the reference the cache is tested against).
+
+    Data parallelism: each step draws `total_rows` uniforms (default: this batch) and this batch
+    uses those of rows [row_offset, row_offset + B), so ranks holding consecutive slices of a
+    global batch, each with the same generator state, sample what one process would.
 
     `logprobs` (when return_logprobs) are log pi_theta(z_t | z_<t, y) of the sampled tokens under
     the CONDITIONAL policy at temperature 1 without filtering or guidance: the quantity GRPO's
     old/ref log-probs stand for, equal to `token_logprobs(model, text_emb, text_mask, tokens)`.
     """
-    _check_settings(temperature, top_k, top_p)
+    check_sampling_settings(temperature, top_k, top_p)
     batch, num_tokens = text_emb.shape[0], model.args.block_size
+    total_rows = batch if total_rows is None else total_rows
+    if not 0 <= row_offset <= total_rows - batch:
+        raise ValueError(f"rows [{row_offset}, {row_offset + batch}) are not inside the {total_rows} global rows")
     use_cfg = cfg_scale != 1.0
     with torch.inference_mode():
         rows_text, rows_mask = text_emb, text_mask
@@ -114,7 +145,7 @@ def generate(
             cond = logits[:batch]
             step_logits = guided_logits(cond, logits[batch:], cfg_scale) if use_cfg else cond
             step_logits = filter_logits(step_logits / temperature, top_k, top_p)
-            next_token = torch.multinomial(step_logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+            next_token = sample_next_tokens(step_logits, generator, row_offset, total_rows)
             tokens[:, t] = next_token
             if logprobs is not None:
                 logprobs[:, t] = cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ranke.assets import asset_path
 from ranke.cli import main
 from ranke.train.posttrain import train_posttrain
+from ranke.train.state import latest_checkpoint, load_checkpoint
 
 TINY = ["prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0", "deterministic=true", "seed=3"]
 
@@ -162,3 +163,12 @@ def test_prompt_file_drives_the_rollouts(tmp_path):
     prompts.write_text("a large red circle\na small blue square\n")
     run(tmp_path / "run", f"prompts={prompts}", "mode=policy", "steps=1", "grid_every=100")
     assert records(tmp_path / "run")[0]["step"] == 1
+
+
+def test_image_caption_folder_drives_the_rollouts_and_is_checkpointed(tmp_path):
+    from ranke.toy.tools import write_samples
+
+    write_samples(6, tmp_path / "data", split="train", seed=5)
+    run(tmp_path / "run", f"data={tmp_path / 'data'}", "mode=both", "steps=2", "disc_start=0", "grid_every=100")
+    _, trainer_state, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert trainer_state["data"]["epoch"] == 1 and trainer_state["data"]["position"] == 4  # 2 steps x 2 prompts

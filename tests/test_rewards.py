@@ -157,6 +157,16 @@ def test_combined_passes_gradients_of_differentiable_components():
     torch.testing.assert_close(images.grad, torch.full_like(images, 3.0 / (3 * 4 * 4)))
 
 
+def test_differentiable_score_is_the_weighted_raw_sum_of_differentiable_components():
+    images = _images().requires_grad_(True)
+    combined = CombinedReward([(BrightnessReward(), 3.0), (ListReward("const", [[5.0, 5.0, 5.0]]), 1.0)])
+    score = combined.differentiable_score(images, ["p"] * 3)  # raw: the running statistics play no part
+    torch.testing.assert_close(score, 3.0 * images.mean(dim=(1, 2, 3)))
+    score.sum().backward()
+    torch.testing.assert_close(images.grad, torch.full_like(images, 3.0 / (3 * 4 * 4)))
+    assert CombinedReward([(ListReward("const", []), 1.0)]).differentiable_score(images, ["p"] * 3) is None
+
+
 def test_combined_rejects_duplicate_names_and_mismatched_state():
     with pytest.raises(ValueError, match="unique"):
         CombinedReward([(BrightnessReward(), 1.0), (BrightnessReward(), 1.0)])

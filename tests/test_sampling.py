@@ -8,7 +8,7 @@ import torch
 
 from ranke.models.gpt import GPTArgs, Transformer
 from ranke.runtime import UserError
-from ranke.sampling import filter_logits, generate, guided_logits, token_logprobs
+from ranke.sampling import draw_tokens, filter_logits, generate, guided_logits, token_logprobs
 
 ARGS = GPTArgs(dim=32, n_layer=2, n_head=4, cls_token_num=6, caption_dim=12, vocab_size=48, block_size=16)
 
@@ -148,3 +148,24 @@ def test_token_logprobs_never_apply_dropout():
 def test_bad_settings_are_user_errors(bad):
     with pytest.raises(UserError):
         sample(random_model(), *captions(), **bad)
+
+
+def test_draw_tokens_inverse_cdf_by_hand_and_never_a_filtered_token():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75]] * 4)
+    uniforms = torch.tensor([0.0, 0.2499, 0.25, 0.9999])
+    assert draw_tokens(probs, uniforms).tolist() == [1, 1, 3, 3]
+    many = draw_tokens(probs[:1].expand(20000, 4), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    assert set(many.tolist()) == {1, 3} and abs((many == 3).float().mean().item() - 0.75) < 0.01
+
+
+def test_a_slice_of_the_global_batch_samples_what_the_whole_batch_does():
+    """Data-parallel ranks holding rows [0, 2) and [2, 3) draw the tokens of one 3-row call."""
+    model = random_model()
+    text, mask = captions()
+    whole = sample(model, text, mask, cfg_scale=3.0, top_k=10)
+    first = sample(model, text[:2], mask[:2], cfg_scale=3.0, top_k=10, total_rows=3)
+    last = sample(model, text[2:], mask[2:], cfg_scale=3.0, top_k=10, row_offset=2, total_rows=3)
+    assert torch.equal(torch.cat([first.tokens, last.tokens]), whole.tokens)
+    torch.testing.assert_close(torch.cat([first.logprobs, last.logprobs]), whole.logprobs)
+    with pytest.raises(ValueError, match="not inside"):
+        sample(model, text, mask, row_offset=1, total_rows=3)

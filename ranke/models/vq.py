@@ -388,6 +388,10 @@ class VQModel(nn.Module):
             codes = codes.reshape(codes.shape[0], side, side)
         return self.quantize.entries(codes)
 
+    def codebook_vectors(self) -> torch.Tensor:
+        """The code vectors used for decoding, [codebook_size, embed_dim]."""
+        return self.quantize.codebook()
+
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B,h,w] (or [B,h*w]) -> images [B,3,H,W] in [-1, 1] (unclamped)."""
         return self.decode(self.codebook_entries(codes))

@@ -59,7 +59,6 @@ from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import to_model_range, to_unit_range
 from ranke.rewards.build import build_reward
 from ranke.runtime import UserError, progress, set_deterministic
-from ranke.sampling import token_logprobs
 from ranke.toy.data import heldout_prompts, render_caption, train_batch
 from ranke.train import state as state_lib
 from ranke.train.logging import MetricsWriter, save_image_grid, start_run
@@ -84,9 +83,10 @@ def check_posttrain_config(pcfg: PosttrainConfig) -> None:
         raise UserError("micro_batch_size must be >= 0 and grpo_epochs >= 1")
 
 
-class PromptSource:
+class ToyPromptSource:
     """B (prompt, real image) pairs per step: the seeded toy training stream, or prompts drawn
-    from a toy-grammar prompt file with a freshly rendered real image for each."""
+    from a toy-grammar prompt file with a freshly rendered real image for each. Its only state
+    is the loop's generator."""
 
     def __init__(self, cfg: RunConfig, rng: np.random.Generator):
         self.cfg, self.rng = cfg, rng
@@ -106,6 +106,24 @@ class PromptSource:
         picked = [self.prompts[i] for i in self.rng.integers(len(self.prompts), size=batch_size)]
         pixels = np.stack([render_caption(prompt, self.rng, self.cfg.toy) for prompt in picked])
         return picked, torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_prompt_source(cfg: RunConfig, image_size: int, rng: np.random.Generator):
+    """`posttrain.data` (image-caption folder or tar shards, `ranke.data`), else the toy world."""
+    pcfg = cfg.posttrain
+    if pcfg.data and pcfg.prompts:
+        raise UserError("set either posttrain.data (image-caption data) or posttrain.prompts (toy prompts), not both")
+    if pcfg.data:
+        from ranke.data import ImageCaptionSource
+
+        return ImageCaptionSource(pcfg.data, image_size, rng)
+    return ToyPromptSource(cfg, rng)
 
 
 @dataclass
@@ -151,7 +169,9 @@ def collect_rollout(backbone, policy, reference, vq_ema, reward, prompts, pcfg, 
     )
 
 
-def policy_stage(policy, optimizer, accelerator, rollout: Rollout, advantages: torch.Tensor, pcfg: PosttrainConfig) -> dict:
+def policy_stage(
+    backbone, policy, optimizer, accelerator, rollout: Rollout, advantages: torch.Tensor, pcfg: PosttrainConfig
+) -> dict:
     """METHOD.md "Policy stage": `grpo_epochs` passes of clipped GRPO with the KL anchor, each
     one optimizer step over all rollouts (micro-batched forward/backward)."""
     count = rollout.tokens.shape[0]
@@ -162,7 +182,7 @@ def policy_stage(policy, optimizer, accelerator, rollout: Rollout, advantages: t
         for start in range(0, count, micro):
             part = slice(start, start + micro)
             share = (min(start + micro, count) - start) / count
-            logp_new, entropy = token_logprobs(
+            logp_new, entropy = backbone.token_logprobs(
                 policy, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part], return_entropy=True
             )
             loss, stats = grpo_policy_loss(
@@ -183,7 +203,9 @@ def policy_stage(policy, optimizer, accelerator, rollout: Rollout, advantages: t
     return {f"policy/{name}": value for name, value in totals.items()}
 
 
-def decoder_stage(models, optimizers, rollout: Rollout, real_images: torch.Tensor, step: int, pcfg, reward, accelerator) -> dict:
+def decoder_stage(
+    backbone, models, optimizers, rollout: Rollout, real_images: torch.Tensor, step: int, pcfg, reward, accelerator
+) -> dict:
     """METHOD.md "Decoder stage": rank selection, one discriminator step, one decoder step."""
     vq, vq_ema, disc, perceptual = models.vq, models.vq_ema.module, models.disc, models.perceptual
     batch = real_images.shape[0]
@@ -246,7 +268,8 @@ def decoder_stage(models, optimizers, rollout: Rollout, real_images: torch.Tenso
     )
     soft = zero
     if pcfg.soft_token_weight > 0:
-        soft = soft_token_consistency_loss(soft_decode(models.policy, vq, rollout, selected, pcfg.soft_token_top_k), decoded)
+        soft_decoded = soft_decode(backbone, models.policy, vq, rollout, selected, pcfg.soft_token_top_k)
+        soft = soft_token_consistency_loss(soft_decoded, decoded)
 
     loss = (
         pcfg.recon_weight * recon_anchor
@@ -283,13 +306,13 @@ def decoder_stage(models, optimizers, rollout: Rollout, real_images: torch.Tenso
 
 
 @torch.no_grad()
-def soft_decode(policy, vq, rollout: Rollout, selected: torch.Tensor, top_k: int) -> torch.Tensor:
+def soft_decode(backbone, policy, vq, rollout: Rollout, selected: torch.Tensor, top_k: int) -> torch.Tensor:
     """Decode of the soft codes of the selected rollouts (METHOD.md L_soft), with the gradient
     reaching only the decoder: the policy's teacher-forced conditional logits at the rollout's
     tokens (the logits the rollout drew from, before guidance) are taken without gradient."""
-    logits = policy(rollout.text_emb[selected], rollout.tokens[selected], rollout.text_mask[selected])
+    logits = backbone.token_logits(policy, rollout.text_emb[selected], rollout.text_mask[selected], rollout.tokens[selected])
     top_logits, top_indices = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)
-    codes = soft_codes(top_logits, top_indices, vq.quantize.codebook())  # [b, N, d]
+    codes = soft_codes(top_logits, top_indices, vq.codebook_vectors())  # [b, N, d]
     side = int(round(math.sqrt(codes.shape[1])))
     with torch.enable_grad():
         return vq.decode(codes.transpose(1, 2).reshape(codes.shape[0], codes.shape[2], side, side))
@@ -368,7 +391,9 @@ def checkpoint_tensors(models: Models) -> dict[str, dict[str, torch.Tensor]]:
     return tensors
 
 
-def restore(models: Models, optimizers: Optimizers, tensors: dict, trainer_state: dict, reward, generators) -> int:
+def restore(
+    models: Models, optimizers: Optimizers, tensors: dict, trainer_state: dict, reward, generators, prompt_source
+) -> int:
     """Load a checkpoint written by this recipe; returns the step to continue from."""
     models.policy.load_state_dict(tensors["policy"])
     models.policy_ema.module.load_state_dict(tensors["policy_ema"])
@@ -382,6 +407,7 @@ def restore(models: Models, optimizers: Optimizers, tensors: dict, trainer_state
         optimizer.load_state_dict(trainer_state["optimizers"][name])
     reward.load_state_dict(trainer_state["reward_stats"])
     state_lib.restore_rng_state(trainer_state["rng"], generators)
+    prompt_source.load_state_dict(trainer_state["data"])
     return trainer_state["step"]
 
 
@@ -414,7 +440,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     data_rng = np.random.default_rng(cfg.seed)
     rollout_generator = torch.Generator(device).manual_seed(cfg.seed)
     generators = {"data": data_rng, "rollout": rollout_generator}
-    prompt_source = PromptSource(cfg, data_rng)
+    prompt_source = build_prompt_source(cfg, backbone.image_size, data_rng)
     grid_prompts = heldout_prompts(cfg.toy)[: pcfg.grid_prompts]
     evaluator = None
     if pcfg.eval_samples and accelerator.is_main_process:
@@ -428,7 +454,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         raise UserError(f"{run} already holds checkpoints; pass --resume to continue it, or choose a new --out")
     if latest is not None:
         tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
-        start_step = restore(models, optimizers, tensors, trainer_state, reward, generators)
+        start_step = restore(models, optimizers, tensors, trainer_state, reward, generators, prompt_source)
 
     metrics, evaluations = MetricsWriter(run / "metrics.jsonl"), MetricsWriter(run / "eval.jsonl")
     for writer in (metrics, evaluations):
@@ -453,7 +479,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
 
         if pcfg.mode != "decoder":
             t = time.perf_counter()
-            record.update(policy_stage(models.policy, optimizers.policy, accelerator, rollout, advantages, pcfg))
+            record.update(policy_stage(backbone, models.policy, optimizers.policy, accelerator, rollout, advantages, pcfg))
             if (step + 1) % pcfg.policy_ema_every == 0:
                 models.policy_ema.update(models.policy)
             record["lr/policy"] = optimizers.policy.param_groups[0]["lr"]
@@ -461,7 +487,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         if pcfg.mode != "policy":
             t = time.perf_counter()
             record.update(
-                decoder_stage(models, optimizers, rollout, real_images.to(device), step, pcfg, reward, accelerator)
+                decoder_stage(backbone, models, optimizers, rollout, real_images.to(device), step, pcfg, reward, accelerator)
             )
             if (step + 1) % pcfg.decoder_ema_every == 0:
                 models.vq_ema.update(models.vq)
@@ -494,6 +520,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
                         "optimizers": {name: opt.state_dict() for name, opt in optimizers.present().items()},
                         "reward_stats": reward.state_dict(),
                         "rng": state_lib.rng_state(generators),
+                        "data": prompt_source.state_dict(),
                     },
                     (run / "config.yaml").read_text(),
                     keep_last=pcfg.keep_checkpoints or None,

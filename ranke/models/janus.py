@@ -1,0 +1,329 @@
+"""Janus-Pro behind RankE's backbone interface, on transformers' native Janus classes.
+
+A Janus-Pro checkpoint (`JanusForConditionalGeneration`) holds a SigLIP understanding tower, a
+Llama language model, a VQ tokenizer (`JanusVQVAE`, LlamaGen VQ-16 layout) and the image
+generation parts: `generation_embeddings` + `generation_aligner` (an image token -> an LM input
+vector) and `generation_head` (an LM hidden state -> image-token logits). Text-to-image generation
+uses only the language model, the generation parts and the VQ decoder:
+
+    prompt -> chat template + image-start token -> LM -> generation_head -> image token z_1
+    z_1 -> generation_embeddings -> generation_aligner -> LM (KV cache) -> ... -> z_N
+    z -> VQ codebook (unit-norm codes) -> post_quant_conv -> decoder -> image in [-1, 1]
+
+with N = (image_size / 16)^2 (576 tokens of 384 px for Janus-Pro 1B/7B). This module keeps those
+parts and drops the understanding tower and the text LM head:
+
+* `JanusPrompts` formats and tokenizes prompts (the backbone's `text_encoder`);
+* `JanusPolicy` holds what the policy stage trains (language model, generation embeddings,
+  aligner, head); its `forward(input_ids, tokens, attention_mask)` gives teacher-forced
+  image-token logits, so `ranke.sampling.token_logprobs` scores it like the toy policy;
+* `JanusDecoder` wraps the VQ model with the `VQModel` interface the decoder stage uses;
+* `JanusBackbone` is `ranke.backbone.Backbone` with Janus' own sampler.
+
+Unconditional CFG rows are built as transformers' Janus `generate` builds them: every prompt
+token except BOS and the image-start token is replaced by the pad token, with the same attention
+mask. Positions follow the attention mask, so left-padded prompts get the positions they would
+have unpadded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import DynamicCache, JanusForConditionalGeneration, JanusProcessor, JanusVQVAE
+
+from ranke.backbone import Backbone
+from ranke.config import SamplingConfig
+from ranke.runtime import UserError
+from ranke.sampling import SampleOutput, check_sampling_settings, filter_logits, guided_logits, sample_next_tokens
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] counting only attended tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+class JanusPrompts:
+    """Prompts -> chat-formatted token ids ending with the image-start token, left padded.
+
+    Each prompt becomes the user turn of a one-turn conversation rendered by the processor's chat
+    template with the assistant prefix (`add_generation_prompt`); the processor in image mode
+    appends the image-start token. This is Janus-Pro's text-to-image prompt format.
+    """
+
+    def __init__(self, processor: JanusProcessor):
+        tokenizer = processor.tokenizer
+        self.processor = processor
+        self.bos_id = tokenizer.bos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.image_start_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
+        if None in (self.bos_id, self.pad_id, self.image_start_id):
+            raise UserError("the Janus tokenizer must define a BOS token, a pad token and the image-start token")
+
+    def format(self, prompt: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids [B, T] int64, attention_mask [B, T] int64), left padded."""
+        batch = self.processor(
+            text=[self.format(prompt) for prompt in prompts], generation_mode="image", padding=True, return_tensors="pt"
+        )
+        return batch["input_ids"], batch["attention_mask"]
+
+    def unconditional(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The CFG rows: every token but BOS and the image-start token replaced by the pad token."""
+        keep = (input_ids == self.bos_id) | (input_ids == self.image_start_id)
+        return input_ids.masked_fill(~keep, self.pad_id)
+
+
+class JanusPolicy(nn.Module):
+    """The trainable image-generation path of Janus: language model + generation embeddings,
+    aligner and head. The modules are those of the loaded model, not copies."""
+
+    def __init__(self, model: JanusForConditionalGeneration):
+        super().__init__()
+        janus = model.model
+        self.language_model = janus.language_model
+        self.generation_embeddings = janus.generation_embeddings
+        self.generation_aligner = janus.generation_aligner
+        self.generation_head = janus.generation_head
+        self.num_image_tokens = janus.vqmodel.config.num_patches**2
+
+    def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(input_ids)
+
+    def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, n] -> LM input vectors [B, n, D]."""
+        return self.generation_aligner(self.generation_embeddings(tokens))
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM hidden states [..., D] -> image-token logits [..., V] in float32 (log-prob precision)."""
+        return self.generation_head(hidden).float()
+
+    def hidden_states(self, embeds, attention_mask, position_ids, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Last-layer LM hidden states [B, T, D] of `embeds` (appended to `cache` when given)."""
+        output = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        return output.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, N, V] of image tokens [B, N] after the prompts [B, T], one forward.
+
+        Position t's logits come from the hidden state of the input before z_t: the last prompt
+        token (the image-start token) for z_1, the embedded z_{t-1} after that.
+        """
+        embeds = torch.cat([self.embed_prompt(input_ids), self.embed_image_tokens(tokens[:, :-1])], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(tokens.shape[0], tokens.shape[1] - 1)], dim=1)
+        hidden = self.hidden_states(embeds, mask, positions_from_mask(mask))
+        return self.image_logits(hidden[:, input_ids.shape[1] - 1 :])
+
+
+@torch.no_grad()
+def generate_janus(
+    policy: JanusPolicy,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    uncond_input_ids: torch.Tensor,
+    *,
+    cfg_scale: float,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator,
+    return_logprobs: bool = False,
+) -> SampleOutput:
+    """Sample `policy.num_image_tokens` image tokens per prompt, the contract of `ranke.sampling.generate`.
+
+    Conditional and unconditional rows run as one batch through a KV cache; each step draws from
+    l_u + s * (l_c - l_u) (no unconditional rows when cfg_scale == 1) divided by temperature,
+    top-k then top-p filtered, with `generator`. Recorded `logprobs` are those of the conditional
+    policy at temperature 1 without guidance or filtering, as `JanusPolicy.forward` recomputes them.
+    """
+    check_sampling_settings(temperature, top_k, top_p)
+    batch, num_tokens = input_ids.shape[0], policy.num_image_tokens
+    use_cfg = cfg_scale != 1.0
+    rows = torch.cat([input_ids, uncond_input_ids]) if use_cfg else input_ids
+    mask = torch.cat([attention_mask, attention_mask]) if use_cfg else attention_mask
+    positions = positions_from_mask(mask)
+    cache = DynamicCache(config=policy.language_model.config)
+    hidden = policy.hidden_states(policy.embed_prompt(rows), mask, positions, cache)[:, -1]
+    tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=input_ids.device)
+    logprobs = torch.empty(batch, num_tokens, device=input_ids.device) if return_logprobs else None
+    for t in range(num_tokens):
+        logits = policy.image_logits(hidden)
+        cond = logits[:batch]
+        step_logits = guided_logits(cond, logits[batch:], cfg_scale) if use_cfg else cond
+        step_logits = filter_logits(step_logits / temperature, top_k, top_p)
+        next_token = sample_next_tokens(step_logits, generator)
+        tokens[:, t] = next_token
+        if logprobs is not None:
+            logprobs[:, t] = cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]
+        if t + 1 < num_tokens:
+            row_tokens = torch.cat([next_token, next_token]) if use_cfg else next_token
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            step_embeds = policy.embed_image_tokens(row_tokens[:, None])
+            hidden = policy.hidden_states(step_embeds, mask, positions[:, -1:] + t + 1, cache)[:, -1]
+    return SampleOutput(tokens, logprobs)
+
+
+@dataclass
+class JanusDecoderArgs:
+    """Sizes of a Janus VQ model (`codebook_size` is what evaluation reads, like `VQArgs`)."""
+
+    codebook_size: int
+    codebook_embed_dim: int
+    grid_size: int  # tokens per image side: 24 for Janus-Pro
+    image_size: int  # pixels per side: 384 for Janus-Pro
+
+
+class JanusDecoder(nn.Module):
+    """transformers' `JanusVQVAE` with the `ranke.models.vq.VQModel` interface, images in [-1, 1].
+
+    Codes are unit vectors, as in Janus' VQ-16: `JanusVQVAE.decode` normalises codebook entries,
+    and `encode_codes` looks up the nearest code by cosine similarity of the unit-normalised
+    encoder output, as the released Janus tokenizer quantizes (transformers' `encode` searches
+    the raw codebook instead). The decoder and `post_quant_conv` are made trainable (transformers
+    only puts the VQ model in eval mode; it has no dropout, so the mode does not matter); the
+    encoder, `quant_conv` and codebook are frozen so the token space never moves.
+    """
+
+    def __init__(self, vq: JanusVQVAE):
+        super().__init__()
+        self.vq = vq
+        config = vq.config
+        upsampling = 2 ** (len(config.channel_multiplier) - 1)
+        self.args = JanusDecoderArgs(
+            config.num_embeddings, config.embed_dim, config.num_patches, config.num_patches * upsampling
+        )
+        self.freeze_token_space()
+        for parameter in self.decoder_parameters():
+            parameter.requires_grad_(True)
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """The unit-norm code vectors used for decoding, [codebook_size, embed_dim]."""
+        return F.normalize(self.vq.quantize.embedding.weight, dim=-1)
+
+    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> codes [B, h, w] (int64)."""
+        z = F.normalize(self.vq.quant_conv(self.vq.encoder(x)), dim=1)
+        return torch.einsum("bdhw,kd->bhwk", z, self.codebook_vectors()).argmax(dim=-1)
+
+    def codebook_entries(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w], or token sequences [B, h*w], -> code vectors [B, d, h, w]."""
+        side = self.args.grid_size
+        if codes.shape[1:].numel() != side * side:
+            raise ValueError(f"expected {side}x{side} = {side * side} codes per image, got shape {list(codes.shape)}")
+        return self.codebook_vectors()[codes.reshape(-1, side, side)].permute(0, 3, 1, 2)
+
+    def decode(self, code_vectors: torch.Tensor) -> torch.Tensor:
+        """Code vectors [B, d, h, w] (hard or soft mixtures of codes) -> images [B, 3, H, W]."""
+        return self.vq.decoder(self.vq.post_quant_conv(code_vectors))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] or [B, h*w] -> images [B, 3, H, W] in [-1, 1] (unclamped)."""
+        return self.decode(self.codebook_entries(codes))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the decoder's output conv (for the adaptive GAN weight)."""
+        return self.vq.decoder.conv_out.weight
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of `post_quant_conv` and the decoder: all that RankE's decoder stage trains."""
+        return [*self.vq.post_quant_conv.parameters(), *self.vq.decoder.parameters()]
+
+    def freeze_token_space(self) -> None:
+        """Stop gradients into the encoder, `quant_conv` and codebook, so codes keep their meaning."""
+        for module in (self.vq.encoder, self.vq.quant_conv, self.vq.quantize):
+            module.requires_grad_(False)
+
+
+@dataclass
+class JanusBackbone(Backbone):
+    """`Backbone` over Janus-Pro: prompt encoding, teacher-forced scoring, decoding and batch
+    generation are the base class's, on `JanusPrompts`, `JanusPolicy` and `JanusDecoder`;
+    sampling is Janus' own (CFG rows from the prompt ids, KV cache of the language model)."""
+
+    text_encoder: JanusPrompts
+    policy: JanusPolicy
+    tokenizer: JanusDecoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.generation_head.vision_head.weight.device
+
+    def sample(
+        self,
+        text_emb: torch.Tensor,
+        text_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        generator: torch.Generator,
+        policy: JanusPolicy | None = None,
+        return_logprobs: bool = False,
+    ) -> SampleOutput:
+        """Image tokens for prompt ids `text_emb` [B, T] with mask `text_mask` (from `encode_prompts`)."""
+        return generate_janus(
+            policy or self.policy,
+            text_emb,
+            text_mask,
+            self.text_encoder.unconditional(text_emb),
+            cfg_scale=sampling.cfg_scale,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            generator=generator,
+            return_logprobs=return_logprobs,
+        )
+
+
+def _check_janus_directory(path: Path) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"no Janus model at '{path}' (no config.json): pass a local directory written by save_pretrained "
+            "or downloaded from the hub (e.g. deepseek-community/Janus-Pro-1B)"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != "janus":
+        raise UserError(
+            f"'{path}' holds a '{model_type}' model, not a transformers Janus model (model_type 'janus'): "
+            "use the transformers-format Janus-Pro checkpoint (e.g. deepseek-community/Janus-Pro-1B)"
+        )
+    if not (path / "tokenizer_config.json").is_file():
+        raise UserError(f"'{path}' has no tokenizer: save the JanusProcessor next to the model (save_pretrained)")
+
+
+def load_janus_backbone(
+    model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> JanusBackbone:
+    """A `JanusBackbone` from a local transformers Janus directory (model + processor), in eval mode.
+
+    Only the language model, the generation embeddings/aligner/head and the VQ model are kept
+    and moved to `device`; the understanding tower and the text LM head are dropped.
+    """
+    path = Path(model_path)
+    _check_janus_directory(path)
+    processor = JanusProcessor.from_pretrained(path)
+    if not processor.chat_template:
+        raise UserError(f"the Janus processor in '{path}' has no chat template (chat_template.jinja/.json)")
+    model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    image_tokens = model.config.vision_config.num_image_tokens
+    if image_tokens != model.config.vq_config.num_patches**2:
+        raise UserError(
+            f"'{path}': vision_config.num_image_tokens={image_tokens} does not match the VQ grid "
+            f"{model.config.vq_config.num_patches}x{model.config.vq_config.num_patches}"
+        )
+    policy = JanusPolicy(model).to(device).eval()
+    decoder = JanusDecoder(model.model.vqmodel).to(device).eval()
+    return JanusBackbone(JanusPrompts(processor), policy, decoder)
