@@ -93,6 +93,8 @@ class Backbone:
         generator: torch.Generator,
         policy: Transformer | None = None,
         return_logprobs: bool = False,
+        row_offset: int = 0,
+        total_rows: int | None = None,
     ) -> SampleOutput:
         return generate(
             policy or self.policy,
@@ -104,6 +106,8 @@ class Backbone:
             top_p=sampling.top_p,
             generator=generator,
             return_logprobs=return_logprobs,
+            row_offset=row_offset,
+            total_rows=total_rows,
         )
 
     def token_logprobs(self, policy: Transformer, text_emb, text_mask, tokens, return_entropy: bool = False):

@@ -273,6 +273,7 @@ class PosttrainConfig:
     data: str | None = None  # image-caption data (folder + captions.jsonl/csv, or .tar shards; see docs/data.md)
     micro_batch_size: int = 0  # rollouts per forward/backward in the policy stage; 0: all at once
     deterministic: bool = False  # deterministic kernels (exact resume on CPU)
+    check_replicas_every: int = 0  # with several processes: every N steps, fail if their weights differ
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})  # name -> weight
     clip_path: str | None = None  # local CLIP directory for the `clip` reward
     hpsv2_path: str | None = None  # local HPSv2 checkpoint for the `hpsv2` reward

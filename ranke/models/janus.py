@@ -142,12 +142,15 @@ def generate_janus(
     top_p: float = 1.0,
     generator: torch.Generator,
     return_logprobs: bool = False,
+    row_offset: int = 0,
+    total_rows: int | None = None,
 ) -> SampleOutput:
     """Sample `policy.num_image_tokens` image tokens per prompt, the contract of `ranke.sampling.generate`.
 
     Conditional and unconditional rows run as one batch through a KV cache; each step draws from
     l_u + s * (l_c - l_u) (no unconditional rows when cfg_scale == 1) divided by temperature,
-    top-k then top-p filtered, with `generator`. Recorded `logprobs` are those of the conditional
+    top-k then top-p filtered, drawn with `generator` (rows [row_offset, row_offset + B) of
+    `total_rows` uniforms per step, as `ranke.sampling.generate`). Recorded `logprobs` are those of the conditional
     policy at temperature 1 without guidance or filtering, as `JanusPolicy.forward` recomputes them.
     """
     check_sampling_settings(temperature, top_k, top_p)
@@ -165,7 +168,7 @@ def generate_janus(
         cond = logits[:batch]
         step_logits = guided_logits(cond, logits[batch:], cfg_scale) if use_cfg else cond
         step_logits = filter_logits(step_logits / temperature, top_k, top_p)
-        next_token = sample_next_tokens(step_logits, generator)
+        next_token = sample_next_tokens(step_logits, generator, row_offset, total_rows)
         tokens[:, t] = next_token
         if logprobs is not None:
             logprobs[:, t] = cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]
@@ -271,6 +274,8 @@ class JanusBackbone(Backbone):
         generator: torch.Generator,
         policy: JanusPolicy | None = None,
         return_logprobs: bool = False,
+        row_offset: int = 0,
+        total_rows: int | None = None,
     ) -> SampleOutput:
         """Image tokens for prompt ids `text_emb` [B, T] with mask `text_mask` (from `encode_prompts`)."""
         return generate_janus(
@@ -284,6 +289,8 @@ class JanusBackbone(Backbone):
             top_p=sampling.top_p,
             generator=generator,
             return_logprobs=return_logprobs,
+            row_offset=row_offset,
+            total_rows=total_rows,
         )
 
 

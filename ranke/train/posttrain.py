@@ -126,6 +126,57 @@ def build_prompt_source(cfg: RunConfig, image_size: int, rng: np.random.Generato
     return ToyPromptSource(cfg, rng)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's prompts of a step: [start, end) of `total` (data parallelism over prompts,
+    so every GRPO group and every rank selection stays inside one process)."""
+
+    start: int
+    end: int
+    total: int
+
+    @staticmethod
+    def of(accelerator, prompts_per_step: int) -> Shard:
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if prompts_per_step % world:
+            raise UserError(f"prompts_per_step={prompts_per_step} must be a multiple of the {world} processes")
+        share = prompts_per_step // world
+        return Shard(rank * share, (rank + 1) * share, prompts_per_step)
+
+
+def average_gradients(parameters, accelerator) -> None:
+    """Average gradients over processes (one all-reduce). The decoder stage runs the decoder and
+    discriminator through methods other than `forward`, where a DistributedDataParallel wrapper
+    would not see the computation, so their gradients are synchronised explicitly."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(averaged.view_as(grad))
+
+
+def mean_over_processes(record: dict, accelerator) -> dict:
+    """Every numeric metric averaged over processes (the step number is the same everywhere)."""
+    if accelerator.num_processes == 1:
+        return record
+    names = [name for name in record if name != "step"]
+    values = torch.tensor([float(record[name]) for name in names], dtype=torch.float64, device=accelerator.device)
+    averaged = accelerator.reduce(values, reduction="mean").tolist()
+    return {"step": record["step"], **dict(zip(names, averaged))}
+
+
+def check_replicas(models: Models, accelerator, step: int) -> None:
+    """Fail loudly when the processes' copies of the policy or decoder have drifted apart."""
+    sums = torch.stack(
+        [torch.stack([p.detach().double().sum() for p in module.parameters()]).sum() for module in (models.policy, models.vq)]
+    ).to(accelerator.device)
+    gathered = accelerator.gather(sums[None]).view(-1, 2)
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(f"step {step}: processes hold different weights (parameter sums {gathered.tolist()})")
+
+
 @dataclass
 class Rollout:
     """G rollouts for each of B prompts, groups contiguous (prompt-major)."""
@@ -148,12 +199,20 @@ def rank_weight_entropy(weights: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def collect_rollout(backbone, policy, reference, vq_ema, reward, prompts, pcfg, sampling, generator, timings) -> Rollout:
-    """METHOD.md "Rollout": sample, record old/ref log-probs, decode with the EMA decoder, reward."""
+def collect_rollout(
+    backbone, policy, reference, vq_ema, reward, prompts, pcfg, sampling, generator, timings, shard: Shard
+) -> Rollout:
+    """METHOD.md "Rollout": sample, record old/ref log-probs, decode with the EMA decoder, reward.
+
+    `prompts` are this process's share of the step's prompts; its rows of the global batch's
+    random draws are used, so the tokens do not depend on the number of processes."""
     group_prompts = [prompt for prompt in prompts for _ in range(pcfg.group_size)]
     t = time.perf_counter()
     text_emb, text_mask = backbone.encode_prompts(group_prompts)
-    sample = backbone.sample(text_emb, text_mask, sampling, generator, policy=policy, return_logprobs=True)
+    sample = backbone.sample(
+        text_emb, text_mask, sampling, generator, policy=policy, return_logprobs=True,
+        row_offset=shard.start * pcfg.group_size, total_rows=shard.total * pcfg.group_size,
+    )  # fmt: skip
     timings["rollout"] = time.perf_counter() - t
     t = time.perf_counter()
     logp_ref = backbone.token_logprobs(reference, text_emb, text_mask, sample.tokens)
@@ -234,6 +293,7 @@ def decoder_stage(
         disc_loss = hinge_discriminator_loss(logits_real, logits_fake)
         optimizers.disc.zero_grad(set_to_none=True)
         accelerator.backward(disc_loss)
+        average_gradients(disc.parameters(), accelerator)
         optimizers.disc.step()
     disc.requires_grad_(False)
 
@@ -280,6 +340,7 @@ def decoder_stage(
     )
     optimizers.decoder.zero_grad(set_to_none=True)
     accelerator.backward(loss)
+    average_gradients(vq.decoder_parameters(), accelerator)
     grad_norm = accelerator.clip_grad_norm_(vq.decoder_parameters(), pcfg.grad_clip)
     optimizers.decoder.step()
     logged = {
@@ -423,6 +484,8 @@ def sample_grid(backbone: Backbone, models: Models, prompts: list[str], sampling
 
 
 def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
+    """Run (or with `resume`, continue) a post-training run in `out_dir`; one process or several
+    under `accelerate launch` / `torchrun` (data parallel over the step's prompts)."""
     from accelerate import Accelerator
 
     cfg, run, device = start_run(config_path, out_dir, overrides, section="posttrain")
@@ -432,18 +495,25 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         set_deterministic(True)
     accelerator = Accelerator(cpu=device.type == "cpu")
     device = accelerator.device
+    shard = Shard.of(accelerator, pcfg.prompts_per_step)
+    main_process = accelerator.is_main_process
 
     models, backbone, cfg = build_models(cfg, device)
-    config_lib.save(cfg, run / "config.yaml")
+    if main_process:
+        config_lib.save(cfg, run / "config.yaml")
     optimizers = build_optimizers(models, pcfg)
+    # the policy stage's forward passes go through DDP (gradients averaged over processes)
+    policy_for_loss = accelerator.prepare(models.policy) if pcfg.mode != "decoder" else models.policy
     reward = build_reward(pcfg.rewards, device, pcfg.clip_path, pcfg.hpsv2_path)
+    if accelerator.num_processes > 1:
+        reward.reduce_sum = lambda sums: accelerator.reduce(sums, reduction="sum")
     data_rng = np.random.default_rng(cfg.seed)
     rollout_generator = torch.Generator(device).manual_seed(cfg.seed)
     generators = {"data": data_rng, "rollout": rollout_generator}
     prompt_source = build_prompt_source(cfg, backbone.image_size, data_rng)
     grid_prompts = heldout_prompts(cfg.toy)[: pcfg.grid_prompts]
     evaluator = None
-    if pcfg.eval_samples and accelerator.is_main_process:
+    if pcfg.eval_samples and main_process:
         from ranke.eval.evaluate import Evaluator
 
         evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=models.vq_ema.module)
@@ -457,17 +527,21 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         start_step = restore(models, optimizers, tensors, trainer_state, reward, generators, prompt_source)
 
     metrics, evaluations = MetricsWriter(run / "metrics.jsonl"), MetricsWriter(run / "eval.jsonl")
-    for writer in (metrics, evaluations):
-        writer.drop_after(start_step)
-    tensorboard = _tensorboard_writer(run) if accelerator.is_main_process else None
-    bar = progress(range(start_step, pcfg.steps), total=pcfg.steps, initial=start_step, desc=f"posttrain[{pcfg.mode}]")
+    if main_process:
+        for writer in (metrics, evaluations):
+            writer.drop_after(start_step)
+    tensorboard = _tensorboard_writer(run) if main_process else None
+    steps = range(start_step, pcfg.steps)
+    bar = progress(steps, total=pcfg.steps, initial=start_step, desc=f"posttrain[{pcfg.mode}]") if main_process else steps
     for step in bar:
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
+        # every process draws the step's whole batch from the shared stream and keeps its share
         prompts, real_images = prompt_source.next_batch(pcfg.prompts_per_step)
+        prompts, real_images = prompts[shard.start : shard.end], real_images[shard.start : shard.end]
         rollout = collect_rollout(
             backbone, models.policy, models.reference, models.vq_ema.module, reward, prompts, pcfg, cfg.sampling,
-            rollout_generator, timings,
+            rollout_generator, timings, shard,
         )
         advantages = group_advantages(rollout.reward, pcfg.group_size)
         record: dict[str, float] = {"step": step + 1, "reward": float(rollout.reward.mean())}
@@ -479,7 +553,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
 
         if pcfg.mode != "decoder":
             t = time.perf_counter()
-            record.update(policy_stage(backbone, models.policy, optimizers.policy, accelerator, rollout, advantages, pcfg))
+            record.update(policy_stage(backbone, policy_for_loss, optimizers.policy, accelerator, rollout, advantages, pcfg))
             if (step + 1) % pcfg.policy_ema_every == 0:
                 models.policy_ema.update(models.policy)
             record["lr/policy"] = optimizers.policy.param_groups[0]["lr"]
@@ -495,8 +569,11 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
             timings["decoder"] = time.perf_counter() - t
         timings["step"] = time.perf_counter() - step_start
         record.update({f"time/{name}": round(seconds, 4) for name, seconds in timings.items()})
+        record = mean_over_processes(record, accelerator)
+        if pcfg.check_replicas_every and (step + 1) % pcfg.check_replicas_every == 0:
+            check_replicas(models, accelerator, step + 1)
 
-        if accelerator.is_main_process:
+        if main_process:
             if (step + 1) % pcfg.log_every == 0 or step + 1 == pcfg.steps:
                 metrics.write(record)
                 for name, value in record.items():
@@ -525,10 +602,12 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
                     (run / "config.yaml").read_text(),
                     keep_last=pcfg.keep_checkpoints or None,
                 )
+        accelerator.wait_for_everyone()
     if tensorboard is not None:
         tensorboard.close()
     final = state_lib.latest_checkpoint(run)
-    print(f"posttrain: {pcfg.steps} steps (mode={pcfg.mode}) -> {final}")
+    if main_process:
+        print(f"posttrain: {pcfg.steps} steps (mode={pcfg.mode}) -> {final}")
     return {"checkpoint": str(final), "steps": pcfg.steps}
 
 
