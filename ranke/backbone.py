@@ -15,13 +15,17 @@ from pathlib import Path
 import torch
 
 from ranke.assets import asset_path, load_asset
-from ranke.config import RunConfig, SamplingConfig, TextConfig
+from ranke.config import BackboneConfig, RunConfig, SamplingConfig, TextConfig
 from ranke.models.gpt import GPTArgs, Transformer
 from ranke.models.text import T5TextEncoder
 from ranke.models.vq import VQArgs, VQModel, to_unit_range
 from ranke.runtime import UserError
 from ranke.sampling import SampleOutput, generate, token_logprobs
 from ranke.toy.text import ToyTextEncoder
+
+
+# Buffers some LlamaGen checkpoints carry that are not weights (KV caches set up for sampling).
+GPT_IGNORED_KEYS = ("*.kv_cache.k_cache", "*.kv_cache.v_cache", "freqs_cis", "causal_mask")
 
 
 def build_text_encoder(cfg: TextConfig, device: torch.device | str = "cpu"):
@@ -142,3 +146,55 @@ def load_toy_backbone(
     cfg = dataclasses.replace(RunConfig(), text=text_cfg, gpt=policy.args, vq=tokenizer.args)
     check_compatible(policy.args, tokenizer.args, text_cfg, cfg.toy.image_size)
     return Backbone(build_text_encoder(text_cfg, device), policy, tokenizer), cfg
+
+
+def load_llamagen_backbone(cfg: BackboneConfig, device: torch.device | str = "cpu") -> tuple[Backbone, TextConfig]:
+    """LlamaGen from its official files: GPT (`gpt_ckpt`), VQ (`vq_ckpt`), flan-t5 (`t5_path`).
+
+    Weights load strictly with weights_only unpickling (KV-cache buffers some files carry are
+    ignored); the policy's token grid follows `image_size` (the GPT weights do not depend on it).
+    """
+    from ranke.models.gpt import GPT_PRESETS
+    from ranke.models.load import load_into, read_state_dict
+    from ranke.models.vq import VQ_PRESETS
+
+    for key in ("gpt_ckpt", "vq_ckpt", "t5_path"):
+        if not getattr(cfg, key):
+            raise UserError(f"backbone.kind=llamagen needs backbone.{key} (a local file or directory)")
+    if cfg.gpt_preset not in GPT_PRESETS or cfg.vq_preset not in VQ_PRESETS:
+        raise UserError(
+            f"unknown preset gpt '{cfg.gpt_preset}' / vq '{cfg.vq_preset}' "
+            f"(GPT: {', '.join(GPT_PRESETS)}; VQ: {', '.join(VQ_PRESETS)})"
+        )
+    vq_args = VQ_PRESETS[cfg.vq_preset]
+    grid = cfg.image_size // vq_args.downsample_factor
+    if grid * vq_args.downsample_factor != cfg.image_size:
+        raise UserError(f"image_size={cfg.image_size} is not a multiple of the tokenizer's {vq_args.downsample_factor}")
+    gpt_args = dataclasses.replace(GPT_PRESETS[cfg.gpt_preset], block_size=grid * grid)
+    text_cfg = TextConfig(kind="t5", path=cfg.t5_path, max_tokens=gpt_args.cls_token_num, dim=gpt_args.caption_dim)
+
+    policy = Transformer(gpt_args)
+    load_into(policy, read_state_dict(cfg.gpt_ckpt, cfg.trust_checkpoint), ignore=GPT_IGNORED_KEYS)
+    tokenizer = VQModel(vq_args)
+    load_into(tokenizer, read_state_dict(cfg.vq_ckpt, cfg.trust_checkpoint))
+    text_encoder = build_text_encoder(text_cfg, device)
+    check_compatible(gpt_args, vq_args, text_cfg, cfg.image_size)
+    return Backbone(text_encoder, policy.to(device).eval(), tokenizer.to(device).eval()), text_cfg
+
+
+def load_configured_backbone(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[Backbone, RunConfig]:
+    """The backbone named by `cfg.backbone`, and the config updated with its models' arguments."""
+    kind = cfg.backbone.kind
+    if kind == "toy":
+        backbone, assets_cfg = load_toy_backbone(cfg.posttrain.policy, cfg.posttrain.tokenizer, device)
+        return backbone, dataclasses.replace(cfg, gpt=assets_cfg.gpt, vq=assets_cfg.vq, text=assets_cfg.text)
+    if kind == "llamagen":
+        backbone, text_cfg = load_llamagen_backbone(cfg.backbone, device)
+        return backbone, dataclasses.replace(cfg, gpt=backbone.policy.args, vq=backbone.tokenizer.args, text=text_cfg)
+    if kind == "janus":
+        from ranke.models.janus import load_janus_backbone
+
+        if not cfg.backbone.model_path:
+            raise UserError("backbone.kind=janus needs backbone.model_path (a local Janus-Pro directory)")
+        return load_janus_backbone(cfg.backbone.model_path, device), cfg
+    raise UserError(f"unknown backbone.kind '{kind}' (toy, llamagen or janus)")

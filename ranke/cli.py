@@ -34,7 +34,7 @@ def cmd_sft(args) -> None:
 def cmd_posttrain(args) -> None:
     from ranke.train.posttrain import train_posttrain
 
-    train_posttrain(args.config, args.out, args.overrides, resume=args.resume)
+    train_posttrain(args.config, args.out, [*args.overrides, *_backbone_overrides(args)], resume=args.resume)
 
 
 def cmd_build_toy_assets(args) -> None:
@@ -50,11 +50,8 @@ def cmd_demo(args) -> None:
     run_demo(args.out, preset, args.config, args.overrides)
 
 
-# Buffers some LlamaGen checkpoints carry that are not weights (KV caches set up for sampling).
-GPT_IGNORED_KEYS = ("*.kv_cache.k_cache", "*.kv_cache.v_cache", "freqs_cis", "causal_mask")
-
-
 def cmd_check_checkpoint(args) -> None:
+    from ranke.backbone import GPT_IGNORED_KEYS
     from ranke.models.gpt import GPT_PRESETS, Transformer
     from ranke.models.load import check_checkpoint_report
     from ranke.models.vq import VQ_PRESETS, VQModel
@@ -85,7 +82,11 @@ def cmd_toy_verify(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from ranke import config as config_lib
+    from ranke.config import RunConfig
     from ranke.generate import sample_prompts_to_dir
+
+    backbone = config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone
 
     summary = sample_prompts_to_dir(
         ckpt=args.ckpt,
@@ -97,6 +98,7 @@ def cmd_sample(args) -> None:
         batch_size=args.batch_size,
         policy=args.policy,
         decoder=args.decoder,
+        backbone=backbone,
     )
     print(json.dumps(summary))
 
@@ -125,6 +127,33 @@ def cmd_eval(args) -> None:
     print(json.dumps(metrics))
 
 
+BACKBONE_FLAGS = {  # flag -> backbone config key
+    "backbone": "kind",
+    "gpt_ckpt": "gpt_ckpt",
+    "vq_ckpt": "vq_ckpt",
+    "t5_path": "t5_path",
+    "gpt_preset": "gpt_preset",
+    "image_size": "image_size",
+    "model_path": "model_path",
+}
+
+
+def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("real backbones (the same as the config keys backbone.*)")
+    group.add_argument("--backbone", choices=["toy", "llamagen", "janus"], default=None)
+    group.add_argument("--gpt-ckpt", help="LlamaGen GPT checkpoint, e.g. t2i_XL_stage1_256.pt")
+    group.add_argument("--vq-ckpt", help="LlamaGen VQ checkpoint, e.g. vq_ds16_t2i.pt")
+    group.add_argument("--t5-path", help="local flan-t5-xl directory")
+    group.add_argument("--gpt-preset", help="GPT-B, GPT-L, GPT-XL or GPT-XXL (default GPT-XL)")
+    group.add_argument("--image-size", type=int, help="256 or 512 (default 256)")
+    group.add_argument("--model-path", help="local Janus-Pro directory (transformers save_pretrained layout)")
+
+
+def _backbone_overrides(args) -> list[str]:
+    """The backbone flags given on the command line as `backbone.*=value` config overrides."""
+    return [f"backbone.{key}={getattr(args, flag)}" for flag, key in BACKBONE_FLAGS.items() if getattr(args, flag)]
+
+
 def _add_model_choice_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=None, help="policy file, SFT run, post-training run or checkpoint dir "
                         "(default: committed toy assets)")
@@ -150,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("posttrain", help="post-train policy and decoder: mode=policy (GRPO), decoder or both (RankE)")
     _add_recipe_args(p)
+    _add_backbone_args(p)
     p.set_defaults(func=cmd_posttrain)
 
     p = sub.add_parser("build-toy-assets", help="rebuild every committed toy asset from seeds (tokenizer, SFT, judges)")
@@ -183,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
+    _add_backbone_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train-reward", help="train the toy reward CLIP, evaluation CLIP and FD feature network")

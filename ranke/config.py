@@ -195,6 +195,27 @@ class TextConfig:
 
 
 @dataclass
+class BackboneConfig:
+    """The model that post-training, sampling and evaluation run on.
+
+    toy: the committed toy assets (or `posttrain.policy` / `posttrain.tokenizer` asset files);
+    llamagen: official LlamaGen files (`gpt_ckpt`, `vq_ckpt`) with a local flan-t5-xl directory
+    (`t5_path`), the GPT preset and the image size (256 -> 16x16 tokens, 512 -> 32x32);
+    janus: a local transformers Janus-Pro directory (`model_path`).
+    """
+
+    kind: str = "toy"
+    gpt_ckpt: str | None = None
+    vq_ckpt: str | None = None
+    t5_path: str | None = None
+    gpt_preset: str = "GPT-XL"
+    vq_preset: str = "VQ-16"
+    image_size: int = 256
+    model_path: str | None = None
+    trust_checkpoint: bool = False  # allow unpickling arbitrary objects in .pt files (trusted files only)
+
+
+@dataclass
 class SamplingConfig:
     """Defaults for `ranke sample` / evaluation rollouts."""
 
@@ -392,6 +413,7 @@ class RunConfig:
     toy: ToyConfig = field(default_factory=ToyConfig)
     vq: VQArgs = field(default_factory=lambda: VQ_PRESETS["toy"])
     gpt: GPTArgs = field(default_factory=lambda: GPT_PRESETS["toy"])
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     text: TextConfig = field(default_factory=TextConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)

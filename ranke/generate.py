@@ -13,10 +13,8 @@ import yaml
 from PIL import Image
 
 from ranke import config as config_lib
-from ranke.backbone import Backbone, build_text_encoder, check_compatible, load_tokenizer, load_toy_backbone
-from ranke.config import RunConfig
-from ranke.models.gpt import Transformer
-from ranke.models.vq import VQModel
+from ranke.backbone import Backbone, load_configured_backbone, load_toy_backbone
+from ranke.config import BackboneConfig, RunConfig
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.tools import CAPTIONS_FILE
 from ranke.train import state as state_lib
@@ -62,8 +60,9 @@ DECODER_STEMS = {"online": "vq", "ema": "vq_ema", "base": None}
 def _checkpoint_backbone(directory: Path, device: torch.device, policy: str, decoder: str) -> tuple[Backbone, RunConfig]:
     """The backbone of one post-training checkpoint directory (ranke.train.state layout).
 
-    Its config.yaml gives the model args (`gpt`, `vq`, `text`) and the base tokenizer asset
-    (`posttrain.tokenizer`, None: the committed one).
+    Its config.yaml names the starting models (`backbone`, and for the toy world the
+    `posttrain.policy` / `posttrain.tokenizer` assets): they are built, and the chosen policy and
+    decoder weights of the checkpoint replace theirs (`base` keeps the starting decoder).
     """
     tensors, _, config_text = state_lib.load_checkpoint(directory)
     cfg = config_lib.build(RunConfig, yaml.safe_load(config_text) or {})
@@ -74,22 +73,23 @@ def _checkpoint_backbone(directory: Path, device: torch.device, policy: str, dec
             f"checkpoint '{directory}' has no {', '.join(missing)} weights (it has: {', '.join(tensors)}); "
             f"choose another --policy/--decoder"
         )
-    policy_model = Transformer(cfg.gpt)
-    policy_model.load_state_dict(tensors[POLICY_STEMS[policy]])
-    if decoder == "base":
-        tokenizer = load_tokenizer(cfg.posttrain.tokenizer, device)
-    else:
-        tokenizer = VQModel(cfg.vq)
-        tokenizer.load_state_dict(tensors[DECODER_STEMS[decoder]])
-    check_compatible(cfg.gpt, tokenizer.args, cfg.text, cfg.toy.image_size)
-    backbone = Backbone(build_text_encoder(cfg.text, device), policy_model.to(device).eval(), tokenizer.to(device).eval())
+    backbone, cfg = load_configured_backbone(cfg, device)
+    backbone.policy.load_state_dict(tensors[POLICY_STEMS[policy]])
+    if DECODER_STEMS[decoder]:
+        backbone.tokenizer.load_state_dict(tensors[DECODER_STEMS[decoder]])
     return backbone, cfg
 
 
 def load_backbone(
-    ckpt: str | None, device: torch.device, policy: str = "online", decoder: str = "online"
+    ckpt: str | None,
+    device: torch.device,
+    policy: str = "online",
+    decoder: str = "online",
+    backbone: BackboneConfig | None = None,
 ) -> tuple[Backbone, RunConfig]:
     """The backbone to sample from, and its config.
+
+    `backbone` (kind llamagen or janus, without `ckpt`): the real model from its own files.
 
     `ckpt`: None (the committed toy policy and tokenizer), a policy asset file, an SFT run
     directory (`toy_policy.safetensors` and the tokenizer its config names), a post-training
@@ -100,6 +100,10 @@ def load_backbone(
     """
     if policy not in POLICY_CHOICES or decoder not in DECODER_CHOICES:
         raise UserError(f"--policy must be one of {POLICY_CHOICES} and --decoder one of {DECODER_CHOICES}")
+    if backbone is not None and backbone.kind != "toy":
+        if ckpt is not None:
+            raise UserError("pass either --ckpt (a post-training run, which names its backbone) or --backbone, not both")
+        return load_configured_backbone(RunConfig(backbone=backbone), device)
     path = None if ckpt is None else Path(ckpt)
     if path is not None and path.is_dir():
         checkpoint = path if (path / state_lib.MANIFEST).is_file() else state_lib.latest_checkpoint(path)
@@ -136,19 +140,20 @@ def sample_prompts_to_dir(
     device: str = "auto",
     policy: str = "online",
     decoder: str = "online",
+    backbone: BackboneConfig | None = None,
 ) -> dict:
     """Sample `n_per_prompt` images per prompt; images are written as they come (NNNNN.png)."""
     if n_per_prompt < 1 or batch_size < 1:
         raise UserError("--n-per-prompt and --batch-size must be positive")
     prompts = [p for p in read_prompts(prompts_file) for _ in range(n_per_prompt)]
-    backbone, cfg = load_backbone(ckpt, select_device(device), policy, decoder)
+    model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)
     sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(backbone.device).manual_seed(seed)
+    generator = torch.Generator(model.device).manual_seed(seed)
     with open(out / CAPTIONS_FILE, "w") as captions, progress(total=len(prompts), desc="sampling") as bar:
         index = 0
-        for batch, images in backbone.generate_images(prompts, sampling, generator, batch_size):
+        for batch, images in model.generate_images(prompts, sampling, generator, batch_size):
             pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
             for prompt, image in zip(batch, pixels):
                 name = f"{index:05d}.png"

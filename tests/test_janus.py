@@ -242,3 +242,30 @@ def test_load_refuses_missing_or_non_janus_directories(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UserError, match="'llama' model, not a transformers Janus model"):
         load_janus_backbone(tmp_path)
+
+
+def test_cli_sample_and_one_ranke_step_on_janus(janus_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ranke.cli import main
+    from ranke.toy.tools import write_samples
+    from ranke.train.state import latest_checkpoint
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ngreen circle\n")
+    main(["sample", "--backbone", "janus", "--model-path", str(janus_dir), "--prompts", str(prompts),
+          "--out", str(tmp_path / "samples")])  # fmt: skip
+    assert '"n": 2' in capsys.readouterr().out
+
+    write_samples(4, tmp_path / "data", split="train", seed=1)
+    run = tmp_path / "run"
+    main(["posttrain", "--backbone", "janus", "--model-path", str(janus_dir), "--out", str(run),
+          f"data={tmp_path / 'data'}", "mode=both", "steps=1", "prompts_per_step=2", "group_size=2", "disc_start=0",
+          "eval_samples=0", "grid_prompts=2", "policy_lr=1e-3", "decoder_lr=1e-3"])  # fmt: skip
+    start = load_janus_backbone(janus_dir)
+    checkpoint = latest_checkpoint(run)
+    policy, decoder = load_file(checkpoint / "policy.safetensors"), load_file(checkpoint / "vq.safetensors")
+    changed = lambda tensors, module: [k for k, v in module.state_dict().items() if not torch.equal(v, tensors[k])]  # noqa: E731
+    assert any(k.startswith("language_model.") for k in changed(policy, start.policy))
+    moved = changed(decoder, start.tokenizer)
+    assert moved and all(not k.startswith(("vq.encoder.", "vq.quantize.", "vq.quant_conv.")) for k in moved), moved

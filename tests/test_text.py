@@ -18,13 +18,11 @@ def test_left_pad_by_hand():
 WORDS = ["a", "red", "blue", "circle", "square", "left", "of", ","]
 
 
-@pytest.fixture(scope="module")
-def tiny_t5(tmp_path_factory):
+def tiny_t5_directory(path, d_model: int = 16):
     """A random 1-layer T5 encoder and a word-level tokenizer saved like a Hub checkpoint, offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-    path = tmp_path_factory.mktemp("t5")
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -33,9 +31,14 @@ def tiny_t5(tmp_path_factory):
                                         unk_token="<unk>")
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
     T5EncoderModel(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    return tiny_t5_directory(tmp_path_factory.mktemp("t5"))
 
 
 def test_t5_encoder_left_pads_the_encoder_output(tiny_t5):

@@ -266,6 +266,10 @@ class JanusBackbone(Backbone):
     def device(self) -> torch.device:
         return self.policy.generation_head.vision_head.weight.device
 
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.args.image_size
+
     def sample(
         self,
         text_emb: torch.Tensor,

@@ -51,7 +51,7 @@ from ranke.algo.vqgan import (
     hinge_generator_loss,
     reconstruction_loss,
 )
-from ranke.backbone import Backbone, build_text_encoder, check_compatible, load_policy, load_tokenizer
+from ranke.backbone import Backbone, load_configured_backbone
 from ranke.config import PosttrainConfig, RunConfig
 from ranke.generate import read_prompts
 from ranke.models.discriminator import PatchDiscriminator
@@ -123,6 +123,8 @@ def build_prompt_source(cfg: RunConfig, image_size: int, rng: np.random.Generato
         from ranke.data import ImageCaptionSource
 
         return ImageCaptionSource(pcfg.data, image_size, rng)
+    if cfg.backbone.kind != "toy":
+        raise UserError(f"backbone.kind={cfg.backbone.kind} needs posttrain.data (image-caption folder or .tar shards)")
     return ToyPromptSource(cfg, rng)
 
 
@@ -403,15 +405,12 @@ class Optimizers:
 
 
 def build_models(cfg: RunConfig, device: torch.device) -> tuple[Models, Backbone, RunConfig]:
-    """The starting policy and tokenizer, their EMA copies, the reference and the decoder-stage
-    networks; returns the config updated with the models' own arguments."""
+    """The starting policy and tokenizer (`cfg.backbone`), their EMA copies, the reference and the
+    decoder-stage networks; returns the config updated with the models' own arguments."""
     pcfg = cfg.posttrain
-    policy, text_cfg = load_policy(pcfg.policy, device)
-    vq = load_tokenizer(pcfg.tokenizer, device)
-    check_compatible(policy.args, vq.args, text_cfg, cfg.toy.image_size)
-    cfg = dataclasses.replace(cfg, gpt=policy.args, vq=vq.args, text=text_cfg)
-    policy = policy.float().requires_grad_(pcfg.mode != "decoder")
-    vq = vq.float().requires_grad_(False)
+    backbone, cfg = load_configured_backbone(cfg, device)
+    policy = backbone.policy.float().requires_grad_(pcfg.mode != "decoder")
+    vq = backbone.tokenizer.float().requires_grad_(False)
     if pcfg.mode != "policy":
         for parameter in vq.decoder_parameters():
             parameter.requires_grad_(True)
@@ -422,7 +421,6 @@ def build_models(cfg: RunConfig, device: torch.device) -> tuple[Models, Backbone
         disc = PatchDiscriminator(base_channels=pcfg.disc_channels, n_layers=pcfg.disc_layers).to(device)
         perceptual = build_perceptual(pcfg.perceptual, pcfg.vgg_path, pcfg.lpips_lin_path).to(device)
     models = Models(policy, policy_ema, reference, vq, state_lib.EMA(vq, pcfg.decoder_ema_decay), disc, perceptual)
-    backbone = Backbone(build_text_encoder(text_cfg, device), policy, vq)
     return models, backbone, cfg
 
 
@@ -511,9 +509,10 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     rollout_generator = torch.Generator(device).manual_seed(cfg.seed)
     generators = {"data": data_rng, "rollout": rollout_generator}
     prompt_source = build_prompt_source(cfg, backbone.image_size, data_rng)
-    grid_prompts = heldout_prompts(cfg.toy)[: pcfg.grid_prompts]
-    evaluator = None
-    if pcfg.eval_samples and main_process:
+    toy_world = cfg.backbone.kind == "toy"
+    grid_prompts = heldout_prompts(cfg.toy)[: pcfg.grid_prompts] if toy_world else None
+    evaluator = None  # the toy judges; real backbones are evaluated with `ranke eval` on checkpoints
+    if pcfg.eval_samples and main_process and toy_world:
         from ranke.eval.evaluate import Evaluator
 
         evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=models.vq_ema.module)
@@ -581,8 +580,9 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
                         tensorboard.add_scalar(name, value, step + 1)
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
             if (step + 1) % pcfg.grid_every == 0 or step + 1 == pcfg.steps:
-                grid = sample_grid(backbone, models, grid_prompts, cfg.sampling, cfg.seed)
-                save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=pcfg.grid_prompts)
+                shown = grid_prompts or prompts[: pcfg.grid_prompts]  # real data: this step's first prompts
+                grid = sample_grid(backbone, models, shown, cfg.sampling, cfg.seed)
+                save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=len(shown))
             if evaluator is not None and (
                 (pcfg.eval_every and (step + 1) % pcfg.eval_every == 0) or step + 1 == pcfg.steps
             ):
