@@ -64,3 +64,22 @@ def test_exponent_without_dot_is_a_float():
     assert cfg.posttrain.policy_lr == 1e-4
     with pytest.raises(UserError, match="must be float"):
         config_lib.load(RunConfig, None, ["posttrain.policy_lr=fast"])
+
+
+@pytest.mark.parametrize(
+    "preset, backbone, cfg_scale, policy_lr, consistency, reward_weight, reward",
+    [
+        ("llamagen_xl_clip", "llamagen", 6.0, 1e-5, 10.0, 0.01, "clip"),
+        ("llamagen_xl_hpsv2", "llamagen", 6.0, 1e-5, 10.0, 0.1, "hpsv2"),
+        ("janus_pro_1b_clip", "janus", 5.0, 1e-4, 5.0, 0.05, "clip"),
+    ],
+)
+def test_paper_presets_hold_the_reference_values(preset, backbone, cfg_scale, policy_lr, consistency, reward_weight, reward):
+    """METHOD.md section 5: CFG, learning rates, loss weights and batch of each reference run."""
+    cfg = config_lib.load(RunConfig, preset)
+    post = cfg.posttrain
+    assert cfg.backbone.kind == backbone and cfg.sampling.cfg_scale == cfg_scale and cfg.sampling.top_k == 1000
+    assert (post.prompts_per_step, post.group_size, post.mode) == (32, 8, "both")
+    assert (post.policy_lr, post.decoder_lr, post.disc_lr) == (policy_lr, 5e-5, 2e-5)
+    assert (post.consistency_weight, post.reward_backprop_weight, post.kl_coef) == (consistency, reward_weight, 0.05)
+    assert list(post.rewards) == [reward] and post.perceptual == "lpips" and post.rank_top_k == 1
