@@ -119,11 +119,24 @@ def cmd_fid(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from ranke.eval.evaluate import evaluate_to_dir
+    if args.protocol == "coco30k":
+        from ranke import config as config_lib
+        from ranke.config import RunConfig
+        from ranke.eval.prompt_set import evaluate_prompt_set
 
-    metrics = evaluate_to_dir(
-        args.ckpt, args.out, args.n, args.seed, args.policy, args.decoder, args.cfg, args.batch_size
-    )
+        if not args.captions or not args.ref_dir:
+            raise UserError("--protocol coco30k needs --captions (COCO captions JSON or a prompt file) and --ref-dir")
+        metrics = evaluate_prompt_set(
+            args.captions, args.ref_dir, args.out, args.ckpt, args.n or 30000, 42 if args.seed is None else args.seed,
+            args.policy, args.decoder, config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone, args.cfg,
+            args.features, args.inception_weights, args.clip_path, args.batch_size,
+        )  # fmt: skip
+    else:
+        from ranke.eval.evaluate import evaluate_to_dir
+
+        metrics = evaluate_to_dir(
+            args.ckpt, args.out, args.n or 1000, args.seed or 0, args.policy, args.decoder, args.cfg, args.batch_size
+        )
     print(json.dumps(metrics))
 
 
@@ -234,10 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate on held-out toy prompts: metrics.json, metrics.md, samples.png")
     _add_model_choice_args(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=1000, help="number of held-out prompts (default: 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=None, help="number of prompts (default: toy 1000, coco30k 30000)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: toy 0, coco30k 42)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--protocol", choices=["toy", "coco30k"], default="toy",
+                   help="toy: held-out toy prompts and judges; coco30k: the paper's FID / CLIP-score protocol")
+    p.add_argument("--captions", help="coco30k: COCO captions JSON (one caption per image) or a prompt file")
+    p.add_argument("--ref-dir", help="coco30k: folder of reference images (e.g. COCO val2014)")
+    p.add_argument("--clip-path", help="coco30k: local CLIP ViT-B/32 directory for the CLIP score")
+    p.add_argument("--features", choices=["inception", "toy"], default="inception", help="coco30k: FID features")
+    p.add_argument("--inception-weights", help="coco30k: local clean-fid Inception file (inception-2015-12-05.pt)")
+    _add_backbone_args(p)
     p.set_defaults(func=cmd_eval)
 
     toy = sub.add_parser("toy", help="the embedded toy shapes world").add_subparsers(dest="toy_command", required=True)

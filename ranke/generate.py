@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -129,9 +130,26 @@ def load_backbone(
     )
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The sampling seed of one batch: batches draw independently, so a resumed or split run
+    samples each batch exactly as an uninterrupted single-process run does."""
+    return seed * 1_000_003 + batch_index
+
+
+def image_name(index: int) -> str:
+    return f"{index:05d}.png"
+
+
+def _save_png_atomically(pixels, path: Path) -> None:
+    """Write under a temporary name, then rename: a crash never leaves a truncated image behind."""
+    temporary = path.with_name(path.name + ".tmp")
+    Image.fromarray(pixels).save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
 def sample_prompts_to_dir(
     ckpt: str | None,
-    prompts_file: str,
+    prompts_file: str | None,
     out_dir: str,
     cfg_scale: float | None = None,
     seed: int = 0,
@@ -141,26 +159,53 @@ def sample_prompts_to_dir(
     policy: str = "online",
     decoder: str = "online",
     backbone: BackboneConfig | None = None,
+    prompts: list[str] | None = None,
 ) -> dict:
-    """Sample `n_per_prompt` images per prompt; images are written as they come (NNNNN.png)."""
+    """Sample `n_per_prompt` images per prompt into `out_dir` (NNNNN.png, then captions.jsonl).
+
+    Resumable and splittable: batch k draws from its own generator (`batch_seed`), batches whose
+    images all exist are skipped, and images are written atomically. Under `torchrun` /
+    `accelerate launch` each process samples a contiguous share of every batch with that batch's
+    random draws for its rows (`row_offset`), so the folder holds the same images, under the
+    same names, whatever the number of processes. `prompts` may replace `prompts_file`.
+    """
+    from accelerate import PartialState
+
     if n_per_prompt < 1 or batch_size < 1:
         raise UserError("--n-per-prompt and --batch-size must be positive")
-    prompts = [p for p in read_prompts(prompts_file) for _ in range(n_per_prompt)]
+    prompts = [p for p in (prompts if prompts is not None else read_prompts(prompts_file)) for _ in range(n_per_prompt)]
+    if not prompts:
+        raise UserError("no prompts to sample")
     model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)
+    state = PartialState(cpu=model.device.type == "cpu")
     sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(model.device).manual_seed(seed)
-    with open(out / CAPTIONS_FILE, "w") as captions, progress(total=len(prompts), desc="sampling") as bar:
-        index = 0
-        for batch, images in model.generate_images(prompts, sampling, generator, batch_size):
-            pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-            for prompt, image in zip(batch, pixels):
-                name = f"{index:05d}.png"
-                Image.fromarray(image).save(out / name)
-                captions.write(json.dumps({"file": name, "caption": prompt}) + "\n")
-                index += 1
-            bar.update(len(batch))
+    starts = range(0, len(prompts), batch_size)
+    todo = [s for s in starts if not all((out / image_name(i)).is_file() for i in range(s, min(s + batch_size, len(prompts))))]
+    bar = progress(total=len(prompts), initial=len(prompts) - sum(min(batch_size, len(prompts) - s) for s in todo),
+                   desc="sampling", disable_on_workers=not state.is_main_process)  # fmt: skip
+    with torch.no_grad():
+        for start in todo:
+            end = min(start + batch_size, len(prompts))
+            share = end - start
+            first = start + share * state.process_index // state.num_processes
+            last = start + share * (state.process_index + 1) // state.num_processes
+            if last > first:
+                generator = torch.Generator(model.device).manual_seed(batch_seed(seed, start // batch_size))
+                text_emb, text_mask = model.encode_prompts(prompts[first:last])
+                tokens = model.sample(
+                    text_emb, text_mask, sampling, generator, row_offset=first - start, total_rows=share
+                ).tokens
+                pixels = (model.decode(tokens).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+                for index, image in zip(range(first, last), pixels):
+                    _save_png_atomically(image, out / image_name(index))
+            bar.update(share)
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        lines = [json.dumps({"file": image_name(i), "caption": prompt}) for i, prompt in enumerate(prompts)]
+        (out / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
     return {
         "n": len(prompts),
         "out": str(out),
@@ -168,4 +213,5 @@ def sample_prompts_to_dir(
         "seed": seed,
         "policy": policy,
         "decoder": decoder,
+        "processes": state.num_processes,
     }

@@ -37,7 +37,8 @@ def set_deterministic(enabled: bool = True) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def progress(iterable=None, total: int | None = None, desc: str = "", **kwargs):
-    """A tqdm bar on stderr; silenced when RANKE_NO_PROGRESS=1 (CI logs, tests)."""
-    disable = os.environ.get("RANKE_NO_PROGRESS") == "1"
+def progress(iterable=None, total: int | None = None, desc: str = "", disable_on_workers: bool = False, **kwargs):
+    """A tqdm bar on stderr; silenced when RANKE_NO_PROGRESS=1 (CI logs, tests) and, with
+    `disable_on_workers=True`, on processes other than the main one."""
+    disable = os.environ.get("RANKE_NO_PROGRESS") == "1" or disable_on_workers
     return tqdm(iterable, total=total, desc=desc, disable=disable, file=sys.stderr, dynamic_ncols=True, **kwargs)

@@ -14,7 +14,7 @@ from PIL import Image
 from ranke import config as config_lib
 from ranke.assets import save_asset
 from ranke.config import RunConfig
-from ranke.generate import load_backbone, sample_prompts_to_dir
+from ranke.generate import batch_seed, load_backbone, sample_prompts_to_dir
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel
 from ranke.runtime import UserError
@@ -112,7 +112,7 @@ def test_sample_decodes_the_same_tokens_with_each_decoder(posttrain_run, tmp_pat
     backbone, cfg = load_backbone(str(run), CPU)
     base, _ = load_backbone(str(run), CPU, decoder="base")
     emb, mask = backbone.encode_prompts(captions)
-    tokens = backbone.sample(emb, mask, cfg.sampling, torch.Generator().manual_seed(3)).tokens
+    tokens = backbone.sample(emb, mask, cfg.sampling, torch.Generator().manual_seed(batch_seed(3, 0))).tokens
     for decoder, tokenizer in (("online", backbone.tokenizer), ("base", base.tokenizer)):
         out = tmp_path / decoder
         summary = sample_prompts_to_dir(str(run), str(prompts), str(out), seed=3, device="cpu", decoder=decoder)

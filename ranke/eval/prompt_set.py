@@ -1,0 +1,105 @@
+"""`ranke eval --protocol coco30k`: the paper's real-world evaluation (METHOD.md section 5).
+
+    ranke eval --protocol coco30k --captions coco/captions_val2014.json --ref-dir coco/val2014 \
+        --clip-path checkpoints/clip-vit-base-patch32 --inception-weights inception-2015-12-05.pt \
+        --ckpt runs/llamagen_ranke --policy ema --decoder ema --out runs/coco30k_ranke
+
+1. prompts: one caption per COCO image, 30k of them, drawn with seed 42 (`ranke.data.read_eval_prompts`;
+   a .txt/.jsonl/.csv prompt file works too);
+2. one image per prompt (seed 42, the config's guidance), written as they come, resumable and split
+   across processes under `accelerate launch` / `torchrun` (`ranke.generate.sample_prompts_to_dir`);
+3. FID: clean-fid's Inception-v3 features of the samples against the reference folder, both sides
+   center-cropped and resized to the model resolution (`ranke.eval.fid.folder_distance`);
+4. CLIP score: CLIP ViT-B/32 (a local directory) between each sample and "A photo depicts" + its
+   caption, 100 x cosine, mean over the samples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from ranke.config import BackboneConfig
+from ranke.eval.fid import folder_distance
+from ranke.generate import sample_prompts_to_dir
+from ranke.runtime import UserError, progress, select_device
+from ranke.toy.tools import CAPTIONS_FILE
+
+CLIP_SCORE_PREFIX = "A photo depicts"
+
+
+def clip_score_of_folder(
+    folder: Path, clip_path: str, prefix: str = CLIP_SCORE_PREFIX, batch_size: int = 64, device: str = "auto"
+) -> float:
+    """Mean 100 x cosine between each image of a sample folder and its caption (captions.jsonl)."""
+    from ranke.rewards.clip import CLIPReward
+
+    records = [json.loads(line) for line in (folder / CAPTIONS_FILE).read_text().splitlines() if line.strip()]
+    scorer = CLIPReward(clip_path, select_device(device), prefix=prefix, name="clip_score")
+    scores = []
+    with torch.no_grad():
+        for start in progress(range(0, len(records), batch_size), desc="CLIP score"):
+            batch = records[start : start + batch_size]
+            pixels = np.stack([read_rgb(folder / record["file"]) for record in batch])
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).to(scorer.device)
+            scores.append(scorer(images, [record["caption"] for record in batch]).cpu())
+    return torch.cat(scores).mean().item()
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def evaluate_prompt_set(
+    captions: str,
+    ref_dir: str,
+    out_dir: str,
+    ckpt: str | None = None,
+    n: int = 30000,
+    seed: int = 42,
+    policy: str = "online",
+    decoder: str = "online",
+    backbone: BackboneConfig | None = None,
+    cfg_scale: float | None = None,
+    features: str = "inception",
+    inception_weights: str | None = None,
+    clip_path: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> dict:
+    """Sample the prompt set, then FID against `ref_dir` and the CLIP score; writes OUT/metrics.json."""
+    from ranke.data import read_eval_prompts
+
+    if not Path(ref_dir).is_dir():
+        raise UserError(f"reference image folder '{ref_dir}' not found")
+    prompts = read_eval_prompts(captions, n=n, seed=seed)
+    out = Path(out_dir)
+    images = out / "images"
+    summary = sample_prompts_to_dir(
+        ckpt, None, str(images), cfg_scale, seed, 1, batch_size, device, policy, decoder, backbone, prompts=prompts
+    )
+    if not PartialState().is_main_process:
+        return summary
+    resolution = read_rgb(images / "00000.png").shape[0]
+    metrics = {
+        "protocol": "prompt set (COCO-30K style)",
+        "captions": str(captions),
+        "n": len(prompts),
+        "seed": seed,
+        "cfg_scale": summary["cfg_scale"],
+        "resolution": resolution,
+        "fid": folder_distance(images, ref_dir, features, inception_weights, resolution, batch_size, device)["fd"],
+        "fid_features": features,
+        "clip_score": clip_score_of_folder(images, clip_path, batch_size=batch_size, device=device) if clip_path else None,
+        "ckpt": ckpt,
+        "policy": policy,
+        "decoder": decoder,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

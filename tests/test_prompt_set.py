@@ -1,0 +1,44 @@
+"""`ranke eval --protocol coco30k` end to end on a tiny folder: COCO-style captions JSON, sampled
+images, FID (toy features stand in for Inception here) and the prefixed CLIP score."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_rewards import tiny_clip_dir  # noqa: F401 (fixture)
+
+from ranke.cli import main
+from ranke.eval.fid import folder_distance
+from ranke.eval.prompt_set import CLIP_SCORE_PREFIX, clip_score_of_folder
+from ranke.rewards.clip import CLIPReward
+from ranke.toy.data import heldout_prompts
+from ranke.toy.tools import write_samples
+
+
+def test_coco30k_protocol_on_a_tiny_folder(tmp_path, capsys, tiny_clip_dir, one_thread):  # noqa: F811
+    prompts = heldout_prompts()[:12]
+    annotations = [{"image_id": i % 6, "caption": c} for i, c in enumerate(prompts)]  # 2 captions per image
+    (tmp_path / "captions.json").write_text(json.dumps({"annotations": annotations}))
+    write_samples(6, tmp_path / "reference", split="heldout", seed=0)
+
+    out = tmp_path / "eval"
+    main(["eval", "--protocol", "coco30k", "--captions", str(tmp_path / "captions.json"), "--n", "5",
+          "--ref-dir", str(tmp_path / "reference"), "--features", "toy", "--clip-path", str(tiny_clip_dir),
+          "--out", str(out), "--batch-size", "4"])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 5 and metrics["seed"] == 42 and metrics["resolution"] == 64
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:05d}.png" for i in range(5)]
+    reference_fd = folder_distance(out / "images", tmp_path / "reference", "toy", size=64, batch_size=4)["fd"]
+    assert abs(metrics["fid"] - reference_fd) < 1e-6 * reference_fd
+
+    records = [json.loads(line) for line in (out / "images" / "captions.jsonl").read_text().splitlines()]
+    assert len({r["caption"] for r in records}) == 5  # one caption per COCO image
+    scorer = CLIPReward(tiny_clip_dir, prefix=CLIP_SCORE_PREFIX)
+    from PIL import Image
+    import numpy as np
+
+    pixels = np.stack([np.asarray(Image.open(out / "images" / r["file"])) for r in records])
+    expected = scorer(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, [r["caption"] for r in records])
+    assert abs(metrics["clip_score"] - expected.mean().item()) < 1e-4
+    assert abs(clip_score_of_folder(out / "images", str(tiny_clip_dir), batch_size=2) - metrics["clip_score"]) < 1e-4
