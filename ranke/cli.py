@@ -119,7 +119,19 @@ def cmd_fid(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    if args.protocol == "coco30k":
+    if args.protocol == "hpsv2":
+        from ranke import config as config_lib
+        from ranke.config import RunConfig
+        from ranke.eval.prompt_set import evaluate_hpsv2_benchmark
+
+        if not args.prompts_dir or not args.hpsv2_path:
+            raise UserError("--protocol hpsv2 needs --prompts-dir (HPDv2 benchmark prompts) and --hpsv2-path")
+        metrics = evaluate_hpsv2_benchmark(
+            args.prompts_dir, args.hpsv2_path, args.out, args.ckpt, 42 if args.seed is None else args.seed,
+            args.policy, args.decoder, config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone, args.cfg,
+            args.batch_size,
+        )  # fmt: skip
+    elif args.protocol == "coco30k":
         from ranke import config as config_lib
         from ranke.config import RunConfig
         from ranke.eval.prompt_set import evaluate_prompt_set
@@ -251,8 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: toy 0, coco30k 42)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--protocol", choices=["toy", "coco30k"], default="toy",
-                   help="toy: held-out toy prompts and judges; coco30k: the paper's FID / CLIP-score protocol")
+    p.add_argument("--protocol", choices=["toy", "coco30k", "hpsv2"], default="toy",
+                   help="toy: held-out toy prompts and judges; coco30k: the paper's FID / CLIP-score protocol; "
+                        "hpsv2: the HPSv2 benchmark (per-style and average HPSv2.1 scores)")
+    p.add_argument("--prompts-dir", help="hpsv2: folder with anime.json, concept-art.json, paintings.json, photo.json")
+    p.add_argument("--hpsv2-path", help="hpsv2: local HPS_v2.1_compressed.pt")
     p.add_argument("--captions", help="coco30k: COCO captions JSON (one caption per image) or a prompt file")
     p.add_argument("--ref-dir", help="coco30k: folder of reference images (e.g. COCO val2014)")
     p.add_argument("--clip-path", help="coco30k: local CLIP ViT-B/32 directory for the CLIP score")

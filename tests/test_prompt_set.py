@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
-from test_rewards import tiny_clip_dir  # noqa: F401 (fixture)
+from test_rewards import _FakeOpenCLIP, fake_open_clip, tiny_clip_dir  # noqa: F401 (fixtures)
+
+from PIL import Image
 
 from ranke.cli import main
 from ranke.eval.fid import folder_distance
 from ranke.eval.prompt_set import CLIP_SCORE_PREFIX, clip_score_of_folder
 from ranke.rewards.clip import CLIPReward
+from ranke.runtime import UserError
 from ranke.toy.data import heldout_prompts
 from ranke.toy.tools import write_samples
 
@@ -35,10 +40,30 @@ def test_coco30k_protocol_on_a_tiny_folder(tmp_path, capsys, tiny_clip_dir, one_
     records = [json.loads(line) for line in (out / "images" / "captions.jsonl").read_text().splitlines()]
     assert len({r["caption"] for r in records}) == 5  # one caption per COCO image
     scorer = CLIPReward(tiny_clip_dir, prefix=CLIP_SCORE_PREFIX)
-    from PIL import Image
-    import numpy as np
-
     pixels = np.stack([np.asarray(Image.open(out / "images" / r["file"])) for r in records])
     expected = scorer(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, [r["caption"] for r in records])
     assert abs(metrics["clip_score"] - expected.mean().item()) < 1e-4
     assert abs(clip_score_of_folder(out / "images", str(tiny_clip_dir), batch_size=2) - metrics["clip_score"]) < 1e-4
+
+
+def test_hpsv2_benchmark_scores_each_style_and_averages(tmp_path, fake_open_clip):  # noqa: F811
+    """With a stand-in for the optional open_clip package (tests/test_rewards.py): the protocol's
+    sampling, per-style scoring and averaging, and its error for a missing style file."""
+    from ranke.eval.prompt_set import HPSV2_STYLES, evaluate_hpsv2_benchmark, score_folder
+    from ranke.rewards.hpsv2 import HPSv2Reward
+
+    prompts = heldout_prompts()[:8]
+    for index, style in enumerate(HPSV2_STYLES):
+        (tmp_path / f"{style}.json").write_text(json.dumps(prompts[2 * index : 2 * index + 2]))
+    checkpoint = tmp_path / "hps.pt"
+    torch.manual_seed(0)
+    torch.save(_FakeOpenCLIP().state_dict(), checkpoint)
+    metrics = evaluate_hpsv2_benchmark(str(tmp_path), str(checkpoint), str(tmp_path / "out"), batch_size=2, device="cpu")
+    scorer = HPSv2Reward(checkpoint)
+    for style in HPSV2_STYLES:
+        expected = score_folder(tmp_path / "out" / "images" / style, scorer).mean().item()
+        assert abs(metrics[style] - expected) < 1e-6
+    assert abs(metrics["average"] - sum(metrics[s] for s in HPSV2_STYLES) / 4) < 1e-9
+    (tmp_path / "photo.json").unlink()
+    with pytest.raises(UserError, match="lacks photo.json"):
+        evaluate_hpsv2_benchmark(str(tmp_path), str(checkpoint), str(tmp_path / "again"))

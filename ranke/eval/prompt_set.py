@@ -1,4 +1,4 @@
-"""`ranke eval --protocol coco30k`: the paper's real-world evaluation (METHOD.md section 5).
+"""`ranke eval --protocol coco30k|hpsv2`: the paper's real-world evaluations (METHOD.md section 5).
 
     ranke eval --protocol coco30k --captions coco/captions_val2014.json --ref-dir coco/val2014 \
         --clip-path checkpoints/clip-vit-base-patch32 --inception-weights inception-2015-12-05.pt \
@@ -32,22 +32,27 @@ from ranke.toy.tools import CAPTIONS_FILE
 CLIP_SCORE_PREFIX = "A photo depicts"
 
 
+def score_folder(folder: Path, scorer, batch_size: int = 64) -> torch.Tensor:
+    """Scores [N] of a reward model (`ranke.rewards` protocol) on a sample folder's images and captions."""
+    records = [json.loads(line) for line in (folder / CAPTIONS_FILE).read_text().splitlines() if line.strip()]
+    scores = []
+    with torch.no_grad():
+        for start in progress(range(0, len(records), batch_size), desc=f"{scorer.name} scores"):
+            batch = records[start : start + batch_size]
+            pixels = np.stack([read_rgb(folder / record["file"]) for record in batch])
+            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).to(scorer.device)
+            scores.append(scorer(images, [record["caption"] for record in batch]).cpu())
+    return torch.cat(scores)
+
+
 def clip_score_of_folder(
     folder: Path, clip_path: str, prefix: str = CLIP_SCORE_PREFIX, batch_size: int = 64, device: str = "auto"
 ) -> float:
     """Mean 100 x cosine between each image of a sample folder and its caption (captions.jsonl)."""
     from ranke.rewards.clip import CLIPReward
 
-    records = [json.loads(line) for line in (folder / CAPTIONS_FILE).read_text().splitlines() if line.strip()]
     scorer = CLIPReward(clip_path, select_device(device), prefix=prefix, name="clip_score")
-    scores = []
-    with torch.no_grad():
-        for start in progress(range(0, len(records), batch_size), desc="CLIP score"):
-            batch = records[start : start + batch_size]
-            pixels = np.stack([read_rgb(folder / record["file"]) for record in batch])
-            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).to(scorer.device)
-            scores.append(scorer(images, [record["caption"] for record in batch]).cpu())
-    return torch.cat(scores).mean().item()
+    return score_folder(folder, scorer, batch_size).mean().item()
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -101,5 +106,48 @@ def evaluate_prompt_set(
         "policy": policy,
         "decoder": decoder,
     }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+
+
+def evaluate_hpsv2_benchmark(
+    prompts_dir: str,
+    hpsv2_path: str,
+    out_dir: str,
+    ckpt: str | None = None,
+    seed: int = 42,
+    policy: str = "online",
+    decoder: str = "online",
+    backbone: BackboneConfig | None = None,
+    cfg_scale: float | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+) -> dict:
+    """The HPSv2 benchmark: one image per HPDv2 test prompt of each style (`<style>.json`, a JSON
+    list of prompts, as the HPSv2 repository ships them), scored by HPSv2.1; per-style means and
+    their average (the paper's "HPSv2 average"). Needs the `hpsv2` extra (open_clip)."""
+    from ranke.rewards.hpsv2 import HPSv2Reward
+
+    missing = [style for style in HPSV2_STYLES if not (Path(prompts_dir) / f"{style}.json").is_file()]
+    if missing:
+        raise UserError(f"'{prompts_dir}' lacks {', '.join(f'{m}.json' for m in missing)} (HPDv2 benchmark prompts)")
+    scorer = HPSv2Reward(hpsv2_path, select_device(device))
+    out = Path(out_dir)
+    metrics: dict = {"protocol": "hpsv2", "seed": seed}
+    for style in HPSV2_STYLES:
+        prompts = json.loads((Path(prompts_dir) / f"{style}.json").read_text())
+        folder = out / "images" / style
+        sample_prompts_to_dir(
+            ckpt, None, str(folder), cfg_scale, seed, 1, batch_size, device, policy, decoder, backbone, prompts=prompts
+        )
+        if PartialState().is_main_process:
+            metrics[style] = score_folder(folder, scorer, batch_size).mean().item()
+    if not PartialState().is_main_process:
+        return metrics
+    metrics["average"] = sum(metrics[style] for style in HPSV2_STYLES) / len(HPSV2_STYLES)
+    metrics.update(ckpt=ckpt, policy=policy, decoder=decoder)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
