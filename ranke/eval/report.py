@@ -87,6 +87,20 @@ def results_table(sft: dict, methods: list[Method]) -> str:
     return "\n".join(lines) + f"\n\n{arrows}.\n"
 
 
+def per_run_table(methods: list[Method]) -> str:
+    """Markdown table of every run's last evaluation (one row per method, seed and decoder)."""
+    lines = ["| run | decoder | step | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |"]
+    lines.append("|---" * (3 + len(COLUMNS)) + "|")
+    for method in methods:
+        for run in method.runs:
+            for decoder in [method.decoder, *method.extra_decoders]:
+                rows = trajectory(run, decoder)
+                if rows:
+                    values = " | ".join(fmt.format(rows[-1][key]) for key, _, fmt, _ in COLUMNS)
+                    lines.append(f"| {run.name} | {decoder} | {rows[-1]['step']} | {values} |")
+    return "\n".join(lines) + "\n"
+
+
 def _mean_curve(method: Method, decoder: str, key: str, sft: dict) -> tuple[list[int], list[float], list[float]]:
     """Steps, mean and std over seeds of one metric (SFT at step 0 as the common start)."""
     by_step: dict[int, list[float]] = {0: [sft[key]]}
