@@ -240,7 +240,7 @@ class TokenizerTrainConfig:
     recon_kind: str = "l2"
     recon_weight: float = 1.0
     perceptual: str = "pyramid"
-    perceptual_weight: float = 0.1
+    perceptual_weight: float = 1.0  # LlamaGen's weight: object edges, not background, dominate this term
     vgg_path: str | None = None
     lpips_lin_path: str | None = None
     codebook_weight: float = 1.0
@@ -260,7 +260,7 @@ class TokenizerTrainConfig:
 class SFTConfig:
     """`ranke sft`: next-token training of the policy on (caption, tokenizer codes)."""
 
-    steps: int = 3000
+    steps: int = 3600
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.1

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ranke.models.gpt import GPT_PRESETS, GPTArgs, Transformer, apply_rotary, preset_args, rotary_table
+from ranke.models.vq import VQ_PRESETS
 from ranke.runtime import UserError
 
 LAYOUTS = json.loads((Path(__file__).parent / "data" / "llamagen_layouts.json").read_text())
@@ -47,6 +48,9 @@ def test_ffn_hidden_dim_follows_llamagen_rounding():
 def test_preset_args():
     toy = preset_args("toy", vocab_size=512)
     assert (toy.vocab_size, toy.block_size, toy.cls_token_num) == (512, 64, 4)
+    assert GPT_PRESETS["toy"].vocab_size == VQ_PRESETS["toy"].codebook_size
+    # only the toy policy leaves text positions unrotated; official checkpoints need the zero rotation
+    assert [name for name, args in GPT_PRESETS.items() if not args.zero_text_rotary] == ["toy"]
     with pytest.raises(UserError, match="GPT-XL"):
         preset_args("GPT-XLL")
 

@@ -102,7 +102,7 @@ GPT_PRESETS: dict[str, GPTArgs] = {
     # Unrotated text positions: with LlamaGen's zero rotation the caption-conditional part of the
     # SFT loss on object tokens grew 3x more slowly (600-step runs, docs/benchmarks.md).
     "toy": GPTArgs(
-        n_layer=4, n_head=6, dim=192, cls_token_num=4, caption_dim=64, vocab_size=1024, block_size=64,
+        n_layer=4, n_head=6, dim=192, cls_token_num=4, caption_dim=64, vocab_size=256, block_size=64,
         token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, zero_text_rotary=False,
     ),
 }
