@@ -62,8 +62,11 @@ METHODS = (
     ("GRPO", ["mode=policy"], "base", [], "standard RL: GRPO policy stage, frozen decoder"),
     ("RankE", ["mode=both"], "ema", ["online"], "GRPO policy stage + RankE decoder stage on the same rollouts"),
 )
+# With the released K = 1 every rank weight is 1, so the rank-weighted vs uniform GAN ablation
+# needs K > 1: both of its arms keep the top 4 of 8 rollouts.
 ABLATIONS = (
-    ("RankE, uniform GAN", ["mode=both", "uniform_weights=true"], "ema", [], "all rank weights 1 (plain GAN on the top-K rollouts)"),
+    ("RankE, top-4 rank-weighted", ["mode=both", "rank_top_k=4"], "ema", [], "K = 4 rank-selected rollouts, softmax(r / tau) weights"),
+    ("RankE, top-4 uniform GAN", ["mode=both", "rank_top_k=4", "uniform_weights=true"], "ema", [], "K = 4 with all weights 1 (plain GAN on the top-K rollouts)"),
     ("RankE, no EMA anchor", ["mode=both", "consistency_weight=0"], "ema", [], "without L_consist"),
     ("decoder only", ["mode=decoder"], "ema", [], "decoder stage alone, policy frozen at SFT"),
 )
