@@ -71,6 +71,27 @@ def sample_next_tokens(
     return draw_tokens(logits.softmax(dim=-1), uniforms[row_offset : row_offset + logits.shape[0]])
 
 
+def guided_sampling_step(
+    logits: torch.Tensor,
+    batch: int,
+    cfg_scale: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator,
+    row_offset: int = 0,
+    total_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per caption from one step's logits [B or 2B, V] (conditional rows first, then the
+    unconditional ones when CFG is on): guidance, temperature, top-k/top-p, the draw. Returns the
+    tokens [B] and their log-probs [B] under the conditional policy at temperature 1, unfiltered."""
+    cond = logits[:batch]
+    step_logits = guided_logits(cond, logits[batch:], cfg_scale) if logits.shape[0] > batch else cond
+    step_logits = filter_logits(step_logits / temperature, top_k, top_p)
+    next_token = sample_next_tokens(step_logits, generator, row_offset, total_rows)
+    return next_token, cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]
+
+
 def check_sampling_settings(temperature: float, top_k: int, top_p: float) -> None:
     if not temperature > 0:
         raise UserError(f"sampling temperature must be > 0, got {temperature}")
@@ -142,13 +163,12 @@ def generate(
             if not use_kv_cache:
                 so_far = tokens[:, :t]
                 logits = model.next_token_logits(rows_text, torch.cat([so_far, so_far]) if use_cfg else so_far, rows_mask)
-            cond = logits[:batch]
-            step_logits = guided_logits(cond, logits[batch:], cfg_scale) if use_cfg else cond
-            step_logits = filter_logits(step_logits / temperature, top_k, top_p)
-            next_token = sample_next_tokens(step_logits, generator, row_offset, total_rows)
+            next_token, next_logprob = guided_sampling_step(
+                logits, batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows
+            )
             tokens[:, t] = next_token
             if logprobs is not None:
-                logprobs[:, t] = cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]
+                logprobs[:, t] = next_logprob
             if use_kv_cache and t + 1 < num_tokens:
                 logits = model.decode_step(torch.cat([next_token, next_token]) if use_cfg else next_token, cache)
     # clones are ordinary tensors: inference tensors cannot be saved for a later backward pass

@@ -40,7 +40,7 @@ from transformers import DynamicCache, JanusForConditionalGeneration, JanusProce
 from ranke.backbone import Backbone
 from ranke.config import SamplingConfig
 from ranke.runtime import UserError
-from ranke.sampling import SampleOutput, check_sampling_settings, filter_logits, guided_logits, sample_next_tokens
+from ranke.sampling import SampleOutput, check_sampling_settings, guided_sampling_step
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -164,14 +164,12 @@ def generate_janus(
     tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=input_ids.device)
     logprobs = torch.empty(batch, num_tokens, device=input_ids.device) if return_logprobs else None
     for t in range(num_tokens):
-        logits = policy.image_logits(hidden)
-        cond = logits[:batch]
-        step_logits = guided_logits(cond, logits[batch:], cfg_scale) if use_cfg else cond
-        step_logits = filter_logits(step_logits / temperature, top_k, top_p)
-        next_token = sample_next_tokens(step_logits, generator, row_offset, total_rows)
+        next_token, next_logprob = guided_sampling_step(
+            policy.image_logits(hidden), batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows
+        )
         tokens[:, t] = next_token
         if logprobs is not None:
-            logprobs[:, t] = cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]
+            logprobs[:, t] = next_logprob
         if t + 1 < num_tokens:
             row_tokens = torch.cat([next_token, next_token]) if use_cfg else next_token
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
