@@ -29,6 +29,7 @@ from ranke.eval.report import (  # noqa: E402
     Method,
     Report,
     final_metrics,
+    mean_std,
     per_run_table,
     plot_curves,
     plot_pareto,
@@ -143,7 +144,7 @@ def describe(sft: dict, methods: list[Method]) -> str:
             continue
         parts = []
         for key, title, fmt, better in COLUMNS:
-            mean = sum(row[key] for row in finals) / len(finals)
+            mean, _ = mean_std([row[key] for row in finals])
             change = mean - sft[key]
             improved = (change > 0) == (better == "higher")
             parts.append(f"{title} {fmt.format(sft[key])} -> {fmt.format(mean)} ({'better' if improved else 'worse'})")

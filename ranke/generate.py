@@ -147,38 +147,18 @@ def _save_png_atomically(pixels, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def sample_prompts_to_dir(
-    ckpt: str | None,
-    prompts_file: str | None,
-    out_dir: str,
-    cfg_scale: float | None = None,
-    seed: int = 0,
-    n_per_prompt: int = 1,
-    batch_size: int = 64,
-    device: str = "auto",
-    policy: str = "online",
-    decoder: str = "online",
-    backbone: BackboneConfig | None = None,
-    prompts: list[str] | None = None,
-) -> dict:
-    """Sample `n_per_prompt` images per prompt into `out_dir` (NNNNN.png, then captions.jsonl).
+def sample_into_dir(model: Backbone, sampling, prompts: list[str], out_dir: str | Path, seed: int, batch_size: int) -> int:
+    """One image per prompt into `out_dir` (NNNNN.png, then captions.jsonl); returns the number of processes.
 
     Resumable and splittable: batch k draws from its own generator (`batch_seed`), batches whose
     images all exist are skipped, and images are written atomically. Under `torchrun` /
     `accelerate launch` each process samples a contiguous share of every batch with that batch's
     random draws for its rows (`row_offset`), so the folder holds the same images, under the
-    same names, whatever the number of processes. `prompts` may replace `prompts_file`.
+    same names, whatever the number of processes.
     """
     from accelerate import PartialState
 
-    if n_per_prompt < 1 or batch_size < 1:
-        raise UserError("--n-per-prompt and --batch-size must be positive")
-    prompts = [p for p in (prompts if prompts is not None else read_prompts(prompts_file)) for _ in range(n_per_prompt)]
-    if not prompts:
-        raise UserError("no prompts to sample")
-    model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)
     state = PartialState(cpu=model.device.type == "cpu")
-    sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(prompts), batch_size)
@@ -206,12 +186,39 @@ def sample_prompts_to_dir(
     if state.is_main_process:
         lines = [json.dumps({"file": image_name(i), "caption": prompt}) for i, prompt in enumerate(prompts)]
         (out / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
+    return state.num_processes
+
+
+def sample_prompts_to_dir(
+    ckpt: str | None,
+    prompts_file: str | None,
+    out_dir: str,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    n_per_prompt: int = 1,
+    batch_size: int = 64,
+    device: str = "auto",
+    policy: str = "online",
+    decoder: str = "online",
+    backbone: BackboneConfig | None = None,
+    prompts: list[str] | None = None,
+) -> dict:
+    """`ranke sample`: `n_per_prompt` images per prompt of `prompts_file` (or `prompts`) from the
+    chosen model into `out_dir`, resumable and split across processes (`sample_into_dir`)."""
+    if n_per_prompt < 1 or batch_size < 1:
+        raise UserError("--n-per-prompt and --batch-size must be positive")
+    prompts = [p for p in (prompts if prompts is not None else read_prompts(prompts_file)) for _ in range(n_per_prompt)]
+    if not prompts:
+        raise UserError("no prompts to sample")
+    model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)
+    sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
+    processes = sample_into_dir(model, sampling, prompts, out_dir, seed, batch_size)
     return {
         "n": len(prompts),
-        "out": str(out),
+        "out": str(out_dir),
         "cfg_scale": sampling.cfg_scale,
         "seed": seed,
         "policy": policy,
         "decoder": decoder,
-        "processes": state.num_processes,
+        "processes": processes,
     }

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ranke.data import center_crop_resize
 from ranke.runtime import UserError, progress, select_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -110,12 +111,7 @@ def load_image_folder(directory: str | Path, size: int | None = None) -> np.ndar
         with Image.open(path) as image:
             image = image.convert("RGB")
         if size is not None:
-            width, height = image.size
-            side = min(width, height)
-            left, top = (width - side) // 2, (height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            if side != size:
-                image = image.resize((size, size), Image.BICUBIC)
+            image = center_crop_resize(image, size)
         images.append(np.asarray(image, dtype=np.uint8))
     shapes = {im.shape for im in images}
     if len(shapes) > 1:

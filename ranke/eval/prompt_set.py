@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from accelerate import PartialState
 
 from ranke.config import BackboneConfig
 from ranke.eval.fid import folder_distance
-from ranke.generate import sample_prompts_to_dir
+from ranke.generate import load_backbone, sample_into_dir, sample_prompts_to_dir
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.tools import CAPTIONS_FILE
 
@@ -135,14 +136,14 @@ def evaluate_hpsv2_benchmark(
     if missing:
         raise UserError(f"'{prompts_dir}' lacks {', '.join(f'{m}.json' for m in missing)} (HPDv2 benchmark prompts)")
     scorer = HPSv2Reward(hpsv2_path, select_device(device))
+    model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)  # once for the four styles
+    sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
     out = Path(out_dir)
     metrics: dict = {"protocol": "hpsv2", "seed": seed}
     for style in HPSV2_STYLES:
         prompts = json.loads((Path(prompts_dir) / f"{style}.json").read_text())
         folder = out / "images" / style
-        sample_prompts_to_dir(
-            ckpt, None, str(folder), cfg_scale, seed, 1, batch_size, device, policy, decoder, backbone, prompts=prompts
-        )
+        sample_into_dir(model, sampling, prompts, folder, seed, batch_size)
         if PartialState().is_main_process:
             metrics[style] = score_folder(folder, scorer, batch_size).mean().item()
     if not PartialState().is_main_process:

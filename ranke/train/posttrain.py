@@ -59,7 +59,7 @@ from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import to_model_range, to_unit_range
 from ranke.rewards.build import build_reward
 from ranke.runtime import UserError, progress, set_deterministic
-from ranke.toy.data import heldout_prompts, render_caption, train_batch
+from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
 from ranke.train import state as state_lib
 from ranke.train.logging import MetricsWriter, save_image_grid, start_run
 
@@ -92,9 +92,9 @@ class ToyPromptSource:
         self.cfg, self.rng = cfg, rng
         self.prompts = read_prompts(cfg.posttrain.prompts) if cfg.posttrain.prompts else None
         if self.prompts:
-            for prompt in self.prompts:
+            for prompt in self.prompts:  # a scene for each prompt, so a bad one fails now, not mid-run
                 try:
-                    render_caption(prompt, np.random.default_rng(0), cfg.toy)
+                    scene_for_caption(prompt, np.random.default_rng(0))
                 except ValueError as err:
                     raise UserError(f"prompt file '{cfg.posttrain.prompts}': {err}") from None
 
@@ -286,12 +286,12 @@ def decoder_stage(
     disc_factor = adopt_weight(step, pcfg.disc_start)
     zero = torch.zeros((), device=real.device)
 
+    # one decode of the real codes serves both steps: the discriminator step sees it detached
+    recon = vq.decode_codes(real_codes)
     disc_loss, logits_real, logits_fake = zero, zero, zero
     if disc_factor > 0:
         disc.requires_grad_(True)
-        with torch.no_grad():
-            fake = vq.decode_codes(real_codes)
-        logits_real, logits_fake = disc(real), disc(fake)
+        logits_real, logits_fake = disc(real), disc(recon.detach())
         disc_loss = hinge_discriminator_loss(logits_real, logits_fake)
         optimizers.disc.zero_grad(set_to_none=True)
         accelerator.backward(disc_loss)
@@ -299,7 +299,6 @@ def decoder_stage(
         optimizers.disc.step()
     disc.requires_grad_(False)
 
-    recon = vq.decode_codes(real_codes)
     pixel = reconstruction_loss(real, recon, kind=pcfg.recon_kind)
     perceptual_recon = perceptual(real, recon).mean()
     generator, generator_weight, rank_gan = zero, zero, zero
@@ -530,8 +529,10 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         for writer in (metrics, evaluations):
             writer.drop_after(start_step)
     tensorboard = _tensorboard_writer(run) if main_process else None
-    steps = range(start_step, pcfg.steps)
-    bar = progress(steps, total=pcfg.steps, initial=start_step, desc=f"posttrain[{pcfg.mode}]") if main_process else steps
+    bar = progress(
+        range(start_step, pcfg.steps), total=pcfg.steps, initial=start_step, desc=f"posttrain[{pcfg.mode}]",
+        disable_on_workers=not main_process,
+    )  # fmt: skip
     for step in bar:
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
