@@ -410,6 +410,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes; ranke.runtime.autocast)
     toy: ToyConfig = field(default_factory=ToyConfig)
     vq: VQArgs = field(default_factory=lambda: VQ_PRESETS["toy"])
     gpt: GPTArgs = field(default_factory=lambda: GPT_PRESETS["toy"])

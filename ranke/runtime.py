@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -35,6 +36,24 @@ def set_deterministic(enabled: bool = True) -> None:
     """Deterministic kernels, used by tests and exact-resume runs on CPU."""
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserError(f"precision='{precision}' is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The context model forward passes run under: bf16 autocast (matrix products in bfloat16,
+    weights, optimizer state and reductions in fp32) or nothing for fp32. Recipes compute their
+    losses on `.float()` outputs, so log-probs, rewards and decoder pixels stay fp32 either way."""
+    if check_precision(precision) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", disable_on_workers: bool = False, **kwargs):

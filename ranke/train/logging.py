@@ -12,13 +12,14 @@ from PIL import Image
 
 from ranke import config as config_lib
 from ranke.config import RunConfig
-from ranke.runtime import seed_everything, select_device
+from ranke.runtime import check_precision, seed_everything, select_device
 
 
 def start_run(config_path: str, out_dir: str, overrides: list[str], section: str) -> tuple[RunConfig, Path, torch.device]:
     """Resolve the config for recipe `section`, create the run directory with its config.yaml,
     seed the global generators and pick the device."""
     cfg = config_lib.load(RunConfig, config_path, overrides, section=section)
+    check_precision(cfg.precision)
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run / "config.yaml")
