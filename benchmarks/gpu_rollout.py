@@ -29,7 +29,9 @@ from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import VQ_PRESETS, VQModel
 from ranke.rewards.build import build_reward
 from ranke.train import state as state_lib
-from ranke.train.posttrain import Models, Optimizers, Shard, collect_rollout, decoder_stage, policy_stage
+from ranke.parallel import Shard
+from ranke.runtime import autocast
+from ranke.train.posttrain import Models, Optimizers, collect_rollout, decoder_stage, policy_stage
 
 
 class RandomCaptions:
@@ -66,7 +68,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=None)
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    precision = "fp32" if device.type == "cpu" else "bf16"
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     gpt_args = GPT_PRESETS["toy" if args.smoke else "GPT-XL"]
     vq_args = VQ_PRESETS["toy" if args.smoke else "VQ-16"]
     gpt_args = dataclasses.replace(gpt_args, vocab_size=vq_args.codebook_size)
@@ -82,12 +85,11 @@ def main() -> None:
     vq = VQModel(vq_args).to(device).eval().requires_grad_(False)
     backbone = Backbone(RandomCaptions(gpt_args.cls_token_num, gpt_args.caption_dim), policy, vq)
     sampling = SamplingConfig(cfg_scale=6.0, top_k=1000)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     print("\n| batch | seconds | images/s | TFLOP/s | % of peak |\n|---|---|---|---|---|")
     for batch in batches:
         emb, mask = backbone.encode_prompts(["p"] * batch)
-        with autocast:
+        with autocast(device, precision):
             backbone.sample(emb, mask, sampling, torch.Generator(device).manual_seed(0))  # warm-up
             synchronize(device)
             start = time.perf_counter()
@@ -122,20 +124,19 @@ def main() -> None:
         timings: dict[str, float] = {}
         synchronize(device)
         start = time.perf_counter()
-        with autocast:
-            rollout = collect_rollout(backbone, policy, models.reference, models.vq_ema.module, reward, prompts, pcfg,
-                                      sampling, torch.Generator(device).manual_seed(step), timings, shard)  # fmt: skip
-            for phase, run in (
-                ("policy stage", lambda: policy_stage(backbone, policy, optimizers.policy, accelerator, rollout,
-                                                      group_advantages(rollout.reward, pcfg.group_size), pcfg)),
-                ("decoder stage", lambda: decoder_stage(backbone, models, optimizers, rollout, real, step, pcfg, reward,
-                                                        accelerator)),
-            ):  # fmt: skip
-                synchronize(device)
-                phase_start = time.perf_counter()
-                run()
-                synchronize(device)
-                timings[phase] = time.perf_counter() - phase_start
+        rollout = collect_rollout(backbone, policy, models.reference, models.vq_ema.module, reward, prompts, pcfg,
+                                  sampling, torch.Generator(device).manual_seed(step), timings, shard, precision)  # fmt: skip
+        for phase, run in (
+            ("policy stage", lambda: policy_stage(backbone, policy, optimizers.policy, accelerator, rollout,
+                                                  group_advantages(rollout.reward, pcfg.group_size), pcfg, precision)),
+            ("decoder stage", lambda: decoder_stage(backbone, models, optimizers, rollout, real, step, pcfg, reward,
+                                                    accelerator, precision)),
+        ):  # fmt: skip
+            synchronize(device)
+            phase_start = time.perf_counter()
+            run()
+            synchronize(device)
+            timings[phase] = time.perf_counter() - phase_start
         synchronize(device)
         timings["step"] = time.perf_counter() - start
     rows = pcfg.prompts_per_step * pcfg.group_size

@@ -295,6 +295,9 @@ class PosttrainConfig:
     micro_batch_size: int = 0  # rollouts per forward/backward in the policy stage; 0: all at once
     deterministic: bool = False  # deterministic kernels (exact resume on CPU)
     check_replicas_every: int = 0  # with several processes: every N steps, fail if their weights differ
+    policy_sharding: str = "ddp"  # ddp (replicated policy) | fsdp (parameters, grads, AdamW states split over processes)
+    policy_grad_checkpointing: bool = False  # recompute policy blocks in backward (memory for compute)
+    decoder_grad_checkpointing: bool = False  # the same for the decoder in the decoder stage
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})  # name -> weight
     clip_path: str | None = None  # local CLIP directory for the `clip` reward
     hpsv2_path: str | None = None  # local HPSv2 checkpoint for the `hpsv2` reward

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,24 +50,38 @@ def assert_same_weights(a: Path, b: Path, step: int, atol: float) -> None:
             torch.testing.assert_close(first[name], second[name], atol=atol, rtol=0, msg=f"{stem}.{name}")
 
 
-def test_two_processes_match_one_and_resume_after_a_kill(tmp_path, one_thread):
-    train_posttrain("toy", str(tmp_path / "one"), [*SETTINGS, "steps=4"])
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("one") / "run"
+    train_posttrain("toy", str(out), [*SETTINGS, "steps=4"])
+    torch.set_num_threads(threads)
+    return out
 
-    # replicas are checked equal after every step (check_replicas_every=1 raises otherwise)
-    finish(torchrun(tmp_path / "two", "steps=4"))
-    assert_same_weights(tmp_path / "one", tmp_path / "two", 4, atol=1e-5)
 
-    killed = tmp_path / "killed"
-    job = torchrun(killed, "steps=4")
-    marker = killed / "checkpoints" / "step_000002" / "manifest.json"
+def kill_after_second_checkpoint_and_resume(out: Path, *overrides: str) -> None:
+    job = torchrun(out, "steps=4", *overrides)
+    marker = out / "checkpoints" / "step_000002" / "manifest.json"
     deadline = time.monotonic() + 240
     while not marker.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    assert marker.exists() and not (killed / "checkpoints" / "step_000004").exists()
-    finish(torchrun(killed, "steps=4", resume=True))
-    assert_same_weights(tmp_path / "two", killed, 4, atol=1e-6)
+    assert marker.exists() and not (out / "checkpoints" / "step_000004").exists()
+    finish(torchrun(out, "steps=4", *overrides, resume=True))
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_and_resume_after_a_kill(tmp_path, one_process_run, sharding):
+    """DDP replicates the policy; FSDP splits its parameters, gradients and AdamW states over the
+    two processes, gathers them for sampling, the EMA update and checkpoints (whole weights)."""
+    # replicas are checked equal after every step (check_replicas_every=1 raises otherwise)
+    finish(torchrun(tmp_path / "two", "steps=4", f"policy_sharding={sharding}"))
+    assert_same_weights(one_process_run, tmp_path / "two", 4, atol=1e-5)
+
+    kill_after_second_checkpoint_and_resume(tmp_path / "killed", f"policy_sharding={sharding}")
+    assert_same_weights(tmp_path / "two", tmp_path / "killed", 4, atol=1e-6)
 
 
 def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_path):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ranke.runtime import UserError
 
@@ -306,7 +307,16 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute, not a buffer: kept out of the state dict and never cast to bf16 by .to().
         self.rope = rotary_table(args)
+        # Training forwards recompute each block in backward instead of keeping its activations.
+        self.gradient_checkpointing = False
         self.initialize_weights()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The repeated blocks: the units FSDP shards one at a time (ranke.parallel)."""
+        return self.layers
 
     def initialize_weights(self) -> None:
         """LlamaGen init: N(0, initializer_range) for linears and embeddings, zero output head."""
@@ -325,8 +335,12 @@ class Transformer(nn.Module):
 
     def _run_layers(self, x, start: int, mask, cache: KVCache | None, dropout: bool = False) -> torch.Tensor:
         rotations = self._rotations(start, x.shape[1], x.dtype)
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
-            x = layer(x, rotations, mask, cache, index, dropout)
+            if recompute:
+                x = checkpoint(layer, x, rotations, mask, None, index, dropout, use_reentrant=False)
+            else:
+                x = layer(x, rotations, mask, cache, index, dropout)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, JanusForConditionalGeneration, JanusProcessor, JanusVQVAE
 
 from ranke.backbone import Backbone
@@ -94,6 +95,17 @@ class JanusPolicy(nn.Module):
         self.generation_aligner = janus.generation_aligner
         self.generation_head = janus.generation_head
         self.num_image_tokens = janus.vqmodel.config.num_patches**2
+
+    def enable_gradient_checkpointing(self) -> None:
+        """transformers' per-layer checkpointing of the language model. Its layers recompute only in
+        train mode, so the language model is put there; Janus-Pro's LM has no dropout
+        (attention_dropout 0), so the mode changes nothing else."""
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.language_model.train()
+
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The language model's decoder layers: the units FSDP shards one at a time (ranke.parallel)."""
+        return self.language_model.layers
 
     def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
@@ -207,6 +219,7 @@ class JanusDecoder(nn.Module):
         self.args = JanusDecoderArgs(
             config.num_embeddings, config.embed_dim, config.num_patches, config.num_patches * upsampling
         )
+        self.gradient_checkpointing = False
         self.freeze_token_space()
         for parameter in self.decoder_parameters():
             parameter.requires_grad_(True)
@@ -228,8 +241,17 @@ class JanusDecoder(nn.Module):
         return self.codebook_vectors()[codes.reshape(-1, side, side)].permute(0, 3, 1, 2)
 
     def decode(self, code_vectors: torch.Tensor) -> torch.Tensor:
-        """Code vectors [B, d, h, w] (hard or soft mixtures of codes) -> images [B, 3, H, W]."""
-        return self.vq.decoder(self.vq.post_quant_conv(code_vectors))
+        """Code vectors [B, d, h, w] (hard or soft mixtures of codes) -> images [B, 3, H, W] (float32)."""
+        features = self.vq.post_quant_conv(code_vectors)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.vq.decoder, features, use_reentrant=False).float()
+        return self.vq.decoder(features).float()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the decoder in backward. transformers' Janus VQ decoder has no per-block
+        switch, so the whole decoder is one segment: the decoder stage's several decodes no
+        longer keep their activations at the same time."""
+        self.gradient_checkpointing = True
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] or [B, h*w] -> images [B, 3, H, W] in [-1, 1] (unclamped)."""

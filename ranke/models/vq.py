@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ranke.runtime import UserError
 
@@ -247,14 +248,17 @@ class Decoder(nn.Module):
         )
         self.norm_out = _norm(widths[-1], groups)
         self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+        # Training forwards recompute each middle block and level in backward instead of keeping
+        # their activations (the decoder stage holds several decodes at once).
+        self.gradient_checkpointing = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in float32 also under bf16 autocast: pixels feed losses and rewards."""
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         h = self.conv_in(z)
-        for block in self.mid:
-            h = block(h)
-        for level in self.conv_blocks:
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        for block in [*self.mid, *self.conv_blocks]:
+            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+        return self.conv_out(F.silu(self.norm_out(h))).float()
 
 
 @dataclass
@@ -301,11 +305,13 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, QuantizerLosses, torch.Tensor]:
         """z [B, d, h, w] -> (straight-through quantized [B, d, h, w], losses, codes [B, h, w])."""
         b, d, h, w = z.shape
-        z = z.permute(0, 2, 3, 1).reshape(-1, d)
+        z = z.permute(0, 2, 3, 1).reshape(-1, d).float()
         if self.l2_norm:
             z = F.normalize(z, dim=-1)
         codebook = self.codebook()
-        sq_distance = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
+        # nearest codes in float32 even under bf16 autocast, so images get the same codes either way
+        with torch.autocast(z.device.type, enabled=False):
+            sq_distance = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
         codes = sq_distance.argmin(dim=1)
         z_q = codebook[codes]
 
@@ -407,6 +413,9 @@ class VQModel(nn.Module):
     def last_layer(self) -> torch.Tensor:
         """Weight of the decoder's output conv (for the adaptive GAN weight)."""
         return self.decoder.conv_out.weight
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.decoder.gradient_checkpointing = True
 
     def decoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of `post_quant_conv` and the decoder: all that RankE's decoder stage trains."""

@@ -107,6 +107,13 @@ class RewardOutput:
     nonfinite: dict[str, int]
 
 
+def score_in_fp32(reward: Reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """`reward` on float32 images with autocast off: inside a bf16 stage rewards stay float32,
+    since their values rank the rollouts and their gradients reach the decoder."""
+    with torch.autocast(images.device.type, enabled=False):
+        return reward(images.float(), prompts).float()
+
+
 class CombinedReward:
     """Weighted sum of rewards, each optionally normalised by its running mean/std.
 
@@ -144,7 +151,7 @@ class CombinedReward:
         raw_scores: dict[str, torch.Tensor] = {}
         nonfinite: dict[str, int] = {}
         for reward, weight in self.components:
-            raw = reward(images, prompts)
+            raw = score_in_fp32(reward, images, prompts)
             if raw.shape != (batch,):
                 raise ValueError(f"reward '{reward.name}' returned shape {tuple(raw.shape)}, expected ({batch},)")
             finite = torch.isfinite(raw)
@@ -174,7 +181,9 @@ class CombinedReward:
 
         Raw rather than normalised: the running statistics are a property of the rollout
         batches, and the loss weight lambda_d is stated for the reward model's own scale."""
-        terms = [weight * reward(images, prompts) for reward, weight in self.components if reward.differentiable]
+        terms = [
+            weight * score_in_fp32(reward, images, prompts) for reward, weight in self.components if reward.differentiable
+        ]
         return torch.stack(terms).sum(0) if terms else None
 
     def state_dict(self) -> dict[str, dict[str, float]]:

@@ -20,6 +20,7 @@ TensorBoard; checkpoints are atomic (`ranke.train.state`) and `--resume` continu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -58,7 +59,21 @@ from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import to_model_range, to_unit_range
 from ranke.rewards.build import build_reward
-from ranke.runtime import UserError, progress, set_deterministic
+from ranke.parallel import (
+    Shard,
+    average_gradients,
+    check_replicas,
+    clip_gradients,
+    full_state_dict,
+    load_optimizer_state_dict,
+    mean_over_processes,
+    optimizer_state_dict,
+    recipe_precision,
+    shard_policy,
+    uses_fsdp,
+    whole_weights,
+)
+from ranke.runtime import UserError, autocast, progress, set_deterministic
 from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
 from ranke.train import state as state_lib
 from ranke.train.logging import MetricsWriter, save_image_grid, start_run
@@ -128,57 +143,6 @@ def build_prompt_source(cfg: RunConfig, image_size: int, rng: np.random.Generato
     return ToyPromptSource(cfg, rng)
 
 
-@dataclass(frozen=True)
-class Shard:
-    """This process's prompts of a step: [start, end) of `total` (data parallelism over prompts,
-    so every GRPO group and every rank selection stays inside one process)."""
-
-    start: int
-    end: int
-    total: int
-
-    @staticmethod
-    def of(accelerator, prompts_per_step: int) -> Shard:
-        world, rank = accelerator.num_processes, accelerator.process_index
-        if prompts_per_step % world:
-            raise UserError(f"prompts_per_step={prompts_per_step} must be a multiple of the {world} processes")
-        share = prompts_per_step // world
-        return Shard(rank * share, (rank + 1) * share, prompts_per_step)
-
-
-def average_gradients(parameters, accelerator) -> None:
-    """Average gradients over processes (one all-reduce). The decoder stage runs the decoder and
-    discriminator through methods other than `forward`, where a DistributedDataParallel wrapper
-    would not see the computation, so their gradients are synchronised explicitly."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if grads:
-        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(averaged.view_as(grad))
-
-
-def mean_over_processes(record: dict, accelerator) -> dict:
-    """Every numeric metric averaged over processes (the step number is the same everywhere)."""
-    if accelerator.num_processes == 1:
-        return record
-    names = [name for name in record if name != "step"]
-    values = torch.tensor([float(record[name]) for name in names], dtype=torch.float64, device=accelerator.device)
-    averaged = accelerator.reduce(values, reduction="mean").tolist()
-    return {"step": record["step"], **dict(zip(names, averaged))}
-
-
-def check_replicas(models: Models, accelerator, step: int) -> None:
-    """Fail loudly when the processes' copies of the policy or decoder have drifted apart."""
-    sums = torch.stack(
-        [torch.stack([p.detach().double().sum() for p in module.parameters()]).sum() for module in (models.policy, models.vq)]
-    ).to(accelerator.device)
-    gathered = accelerator.gather(sums[None]).view(-1, 2)
-    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
-        raise RuntimeError(f"step {step}: processes hold different weights (parameter sums {gathered.tolist()})")
-
-
 @dataclass
 class Rollout:
     """G rollouts for each of B prompts, groups contiguous (prompt-major)."""
@@ -202,25 +166,30 @@ def rank_weight_entropy(weights: torch.Tensor) -> float:
 
 @torch.no_grad()
 def collect_rollout(
-    backbone, policy, reference, vq_ema, reward, prompts, pcfg, sampling, generator, timings, shard: Shard
+    backbone, policy, reference, vq_ema, reward, prompts, pcfg, sampling, generator, timings, shard: Shard,
+    precision: str = "fp32",
 ) -> Rollout:
     """METHOD.md "Rollout": sample, record old/ref log-probs, decode with the EMA decoder, reward.
 
-    `prompts` are this process's share of the step's prompts; its rows of the global batch's
+    The policy and decoder run under `precision` (ranke.runtime.autocast); log-probs, pixels and
+    rewards are float32 either way. `prompts` are this process's share of the step's prompts; its rows of the global batch's
     random draws are used, so the tokens do not depend on the number of processes."""
     group_prompts = [prompt for prompt in prompts for _ in range(pcfg.group_size)]
     t = time.perf_counter()
     text_emb, text_mask = backbone.encode_prompts(group_prompts)
-    sample = backbone.sample(
-        text_emb, text_mask, sampling, generator, policy=policy, return_logprobs=True,
-        row_offset=shard.start * pcfg.group_size, total_rows=shard.total * pcfg.group_size,
-    )  # fmt: skip
+    with autocast(backbone.device, precision), whole_weights(policy):
+        sample = backbone.sample(
+            text_emb, text_mask, sampling, generator, policy=policy, return_logprobs=True,
+            row_offset=shard.start * pcfg.group_size, total_rows=shard.total * pcfg.group_size,
+        )  # fmt: skip
     timings["rollout"] = time.perf_counter() - t
     t = time.perf_counter()
-    logp_ref = backbone.token_logprobs(reference, text_emb, text_mask, sample.tokens)
+    with autocast(backbone.device, precision):
+        logp_ref = backbone.token_logprobs(reference, text_emb, text_mask, sample.tokens)
     timings["logprobs"] = time.perf_counter() - t
     t = time.perf_counter()
-    images = backbone.decode(sample.tokens, decoder=vq_ema)
+    with autocast(backbone.device, precision):
+        images = backbone.decode(sample.tokens, decoder=vq_ema)
     timings["decode"] = time.perf_counter() - t
     t = time.perf_counter()
     scored = reward(images, group_prompts)
@@ -231,7 +200,8 @@ def collect_rollout(
 
 
 def policy_stage(
-    backbone, policy, optimizer, accelerator, rollout: Rollout, advantages: torch.Tensor, pcfg: PosttrainConfig
+    backbone, policy, optimizer, accelerator, rollout: Rollout, advantages: torch.Tensor, pcfg: PosttrainConfig,
+    precision: str = "fp32",
 ) -> dict:
     """METHOD.md "Policy stage": `grpo_epochs` passes of clipped GRPO with the KL anchor, each
     one optimizer step over all rollouts (micro-batched forward/backward)."""
@@ -243,9 +213,10 @@ def policy_stage(
         for start in range(0, count, micro):
             part = slice(start, start + micro)
             share = (min(start + micro, count) - start) / count
-            logp_new, entropy = backbone.token_logprobs(
-                policy, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part], return_entropy=True
-            )
+            with autocast(backbone.device, precision):
+                logp_new, entropy = backbone.token_logprobs(
+                    policy, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part], return_entropy=True
+                )
             loss, stats = grpo_policy_loss(
                 logp_new,
                 rollout.logp_old[part],
@@ -259,16 +230,20 @@ def policy_stage(
             stats = {**stats, "loss": loss.detach(), "entropy": entropy.detach().mean()}
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0.0) + float(value) * share / pcfg.grpo_epochs
-        totals["grad_norm"] = float(accelerator.clip_grad_norm_(policy.parameters(), pcfg.grad_clip))
+        totals["grad_norm"] = clip_gradients(policy.parameters(), pcfg.grad_clip)
         optimizer.step()
     return {f"policy/{name}": value for name, value in totals.items()}
 
 
 def decoder_stage(
-    backbone, models, optimizers, rollout: Rollout, real_images: torch.Tensor, step: int, pcfg, reward, accelerator
+    backbone, models, optimizers, rollout: Rollout, real_images: torch.Tensor, step: int, pcfg, reward, accelerator,
+    precision: str = "fp32",
 ) -> dict:
-    """METHOD.md "Decoder stage": rank selection, one discriminator step, one decoder step."""
-    vq, vq_ema, disc, perceptual = models.vq, models.vq_ema.module, models.disc, models.perceptual
+    """METHOD.md "Decoder stage": rank selection, one discriminator step, one decoder step.
+
+    Forward passes run under `precision`; decoded pixels, discriminator logits and every loss
+    term are float32."""
+    vq, disc = models.vq, models.disc
     batch = real_images.shape[0]
 
     grouped = rollout.reward.view(batch, pcfg.group_size)
@@ -281,17 +256,18 @@ def decoder_stage(
     prompts = [rollout.prompts[i] for i in selected.tolist()]
 
     real = to_model_range(real_images)
-    with torch.no_grad():
-        real_codes = vq.encode_codes(real)
     disc_factor = adopt_weight(step, pcfg.disc_start)
     zero = torch.zeros((), device=real.device)
-
-    # one decode of the real codes serves both steps: the discriminator step sees it detached
-    recon = vq.decode_codes(real_codes)
+    with autocast(backbone.device, precision):
+        with torch.no_grad():
+            real_codes = vq.encode_codes(real)
+        # one decode of the real codes serves both steps: the discriminator step sees it detached
+        recon = vq.decode_codes(real_codes)
     disc_loss, logits_real, logits_fake = zero, zero, zero
     if disc_factor > 0:
         disc.requires_grad_(True)
-        logits_real, logits_fake = disc(real), disc(recon.detach())
+        with autocast(backbone.device, precision):
+            logits_real, logits_fake = disc(real).float(), disc(recon.detach()).float()
         disc_loss = hinge_discriminator_loss(logits_real, logits_fake)
         optimizers.disc.zero_grad(set_to_none=True)
         accelerator.backward(disc_loss)
@@ -299,16 +275,44 @@ def decoder_stage(
         optimizers.disc.step()
     disc.requires_grad_(False)
 
+    with autocast(backbone.device, precision):
+        loss, logged = _decoder_loss(
+            backbone, models, rollout, real, recon, tokens, prompts, selected, weights, step, disc_factor, pcfg, reward
+        )
+    optimizers.decoder.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    average_gradients(vq.decoder_parameters(), accelerator)
+    grad_norm = clip_gradients(vq.decoder_parameters(), pcfg.grad_clip)
+    optimizers.decoder.step()
+    logged = {
+        **logged,
+        "decoder/grad_norm": grad_norm,
+        "decoder/tau": tau,
+        "decoder/weights_entropy": rank_weight_entropy(weights_grid),
+        "decoder/weights_max": weights.max(),
+        "disc/loss": disc_loss,
+        "disc/logits_real": logits_real.mean(),
+        "disc/logits_fake": logits_fake.mean(),
+    }
+    return {name: float(value.detach()) if torch.is_tensor(value) else value for name, value in logged.items()}
+
+
+def _decoder_loss(
+    backbone, models, rollout, real, recon, tokens, prompts, selected, weights, step, disc_factor, pcfg, reward
+) -> tuple[torch.Tensor, dict]:
+    """The decoder step's objective (METHOD.md): L_recon + L_rankgan + L_consist + L_reward (+ L_soft)."""
+    vq, vq_ema, disc, perceptual = models.vq, models.vq_ema.module, models.disc, models.perceptual
+    zero = torch.zeros((), device=real.device)
     pixel = reconstruction_loss(real, recon, kind=pcfg.recon_kind)
     perceptual_recon = perceptual(real, recon).mean()
     generator, generator_weight, rank_gan = zero, zero, zero
     decoded = vq.decode_codes(tokens)
     if disc_factor > 0:
-        generator = hinge_generator_loss(disc(recon))
+        generator = hinge_generator_loss(disc(recon).float())
         generator_weight = adaptive_generator_weight(
             pixel + pcfg.perceptual_weight * perceptual_recon, generator, vq.last_layer
         )
-        rank_gan = rank_gan_loss(disc(decoded), weights)
+        rank_gan = rank_gan_loss(disc(decoded).float(), weights)
     recon_anchor = reconstruction_anchor_loss(
         pixel, perceptual_recon, generator, generator_weight, pcfg.perceptual_weight, pcfg.disc_weight, disc_factor
     )
@@ -339,12 +343,7 @@ def decoder_stage(
         + pcfg.reward_backprop_weight * reward_term
         + pcfg.soft_token_weight * soft
     )
-    optimizers.decoder.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    average_gradients(vq.decoder_parameters(), accelerator)
-    grad_norm = accelerator.clip_grad_norm_(vq.decoder_parameters(), pcfg.grad_clip)
-    optimizers.decoder.step()
-    logged = {
+    return loss, {
         "decoder/loss": loss,
         "decoder/recon_anchor": recon_anchor,
         "decoder/pixel": pixel,
@@ -356,15 +355,7 @@ def decoder_stage(
         "decoder/consistency_weight": lambda_c,
         "decoder/reward_backprop": reward_term,
         "decoder/soft_token": soft,
-        "decoder/grad_norm": grad_norm,
-        "decoder/tau": tau,
-        "decoder/weights_entropy": rank_weight_entropy(weights_grid),
-        "decoder/weights_max": weights.max(),
-        "disc/loss": disc_loss,
-        "disc/logits_real": logits_real.mean(),
-        "disc/logits_fake": logits_fake.mean(),
     }
-    return {name: float(value.detach()) if torch.is_tensor(value) else value for name, value in logged.items()}
 
 
 @torch.no_grad()
@@ -438,8 +429,9 @@ def build_optimizers(models: Models, pcfg: PosttrainConfig) -> Optimizers:
 
 
 def checkpoint_tensors(models: Models) -> dict[str, dict[str, torch.Tensor]]:
+    """Every model's whole weights (a collective when the policy is sharded: call on all processes)."""
     tensors = {
-        "policy": models.policy.state_dict(),
+        "policy": full_state_dict(models.policy),
         "policy_ema": models.policy_ema.state_dict(),
         "vq": models.vq.state_dict(),
         "vq_ema": models.vq_ema.state_dict(),
@@ -449,10 +441,8 @@ def checkpoint_tensors(models: Models) -> dict[str, dict[str, torch.Tensor]]:
     return tensors
 
 
-def restore(
-    models: Models, optimizers: Optimizers, tensors: dict, trainer_state: dict, reward, generators, prompt_source
-) -> int:
-    """Load a checkpoint written by this recipe; returns the step to continue from."""
+def restore_weights(models: Models, tensors: dict) -> None:
+    """Load a checkpoint's weights (before the policy is sharded)."""
     models.policy.load_state_dict(tensors["policy"])
     models.policy_ema.module.load_state_dict(tensors["policy_ema"])
     models.vq.load_state_dict(tensors["vq"])
@@ -461,8 +451,39 @@ def restore(
         if "discriminator" not in tensors:
             raise UserError("the checkpoint has no discriminator: it was written by a mode=policy run")
         models.disc.load_state_dict(tensors["discriminator"])
+
+
+def trainer_state_of(models: Models, optimizers: Optimizers, step: int, reward, generators, prompt_source, sharding):
+    """Everything but the weights that resuming needs (a collective when the policy is sharded)."""
+    states = {
+        name: optimizer_state_dict(models.policy, optimizer) if name == "policy" else optimizer.state_dict()
+        for name, optimizer in optimizers.present().items()
+    }
+    return {
+        "step": step,
+        "optimizers": states,
+        "policy_sharding": sharding,
+        "reward_stats": reward.state_dict(),
+        "rng": state_lib.rng_state(generators),
+        "data": prompt_source.state_dict(),
+    }
+
+
+def restore_trainer_state(
+    models: Models, optimizers: Optimizers, trainer_state: dict, reward, generators, prompt_source, sharding
+) -> int:
+    """Load optimizer, reward, RNG and data state (after sharding); returns the step to continue from."""
+    saved_sharding = trainer_state.get("policy_sharding", "ddp")
+    if saved_sharding != sharding:
+        raise UserError(
+            f"the checkpoint was written with policy_sharding={saved_sharding}; resume it with the same setting"
+        )
     for name, optimizer in optimizers.present().items():
-        optimizer.load_state_dict(trainer_state["optimizers"][name])
+        state = trainer_state["optimizers"][name]
+        if name == "policy":
+            load_optimizer_state_dict(models.policy, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
     reward.load_state_dict(trainer_state["reward_stats"])
     state_lib.restore_rng_state(trainer_state["rng"], generators)
     prompt_source.load_state_dict(trainer_state["data"])
@@ -494,13 +515,29 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     device = accelerator.device
     shard = Shard.of(accelerator, pcfg.prompts_per_step)
     main_process = accelerator.is_main_process
+    precision = recipe_precision(cfg.precision, accelerator)
 
     models, backbone, cfg = build_models(cfg, device)
     if main_process:
         config_lib.save(cfg, run / "config.yaml")
-    optimizers = build_optimizers(models, pcfg)
-    # the policy stage's forward passes go through DDP (gradients averaged over processes)
-    policy_for_loss = accelerator.prepare(models.policy) if pcfg.mode != "decoder" else models.policy
+    start_step = 0
+    latest = state_lib.latest_checkpoint(run)
+    if latest is not None and not resume:
+        raise UserError(f"{run} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+    if latest is not None:
+        tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
+        restore_weights(models, tensors)
+    if pcfg.policy_grad_checkpointing:
+        models.policy.enable_gradient_checkpointing()
+    if pcfg.decoder_grad_checkpointing:
+        models.vq.enable_gradient_checkpointing()
+    sharding = "fsdp" if uses_fsdp(accelerator, pcfg.policy_sharding) else "ddp"
+    policy_for_loss = models.policy
+    if pcfg.mode != "decoder" and sharding == "fsdp":
+        shard_policy(models.policy, bf16_communication=precision == "bf16" and device.type == "cuda")
+    elif pcfg.mode != "decoder":
+        policy_for_loss = accelerator.prepare(models.policy)  # DDP: gradients averaged over processes
+    optimizers = build_optimizers(models, pcfg)  # after sharding: FSDP replaces the parameters
     reward = build_reward(pcfg.rewards, device, pcfg.clip_path, pcfg.hpsv2_path)
     if accelerator.num_processes > 1:
         reward.reduce_sum = lambda sums: accelerator.reduce(sums, reduction="sum")
@@ -508,6 +545,10 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     rollout_generator = torch.Generator(device).manual_seed(cfg.seed)
     generators = {"data": data_rng, "rollout": rollout_generator}
     prompt_source = build_prompt_source(cfg, backbone.image_size, data_rng)
+    if latest is not None:
+        start_step = restore_trainer_state(
+            models, optimizers, trainer_state, reward, generators, prompt_source, sharding
+        )
     toy_world = cfg.backbone.kind == "toy"
     grid_prompts = heldout_prompts(cfg.toy)[: pcfg.grid_prompts] if toy_world else None
     evaluator = None  # the toy judges; real backbones are evaluated with `ranke eval` on checkpoints
@@ -515,14 +556,6 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         from ranke.eval.evaluate import Evaluator
 
         evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=models.vq_ema.module)
-
-    start_step = 0
-    latest = state_lib.latest_checkpoint(run)
-    if latest is not None and not resume:
-        raise UserError(f"{run} already holds checkpoints; pass --resume to continue it, or choose a new --out")
-    if latest is not None:
-        tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
-        start_step = restore(models, optimizers, tensors, trainer_state, reward, generators, prompt_source)
 
     metrics, evaluations = MetricsWriter(run / "metrics.jsonl"), MetricsWriter(run / "eval.jsonl")
     if main_process:
@@ -541,7 +574,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         prompts, real_images = prompts[shard.start : shard.end], real_images[shard.start : shard.end]
         rollout = collect_rollout(
             backbone, models.policy, models.reference, models.vq_ema.module, reward, prompts, pcfg, cfg.sampling,
-            rollout_generator, timings, shard,
+            rollout_generator, timings, shard, precision,
         )
         advantages = group_advantages(rollout.reward, pcfg.group_size)
         record: dict[str, float] = {"step": step + 1, "reward": float(rollout.reward.mean())}
@@ -553,15 +586,23 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
 
         if pcfg.mode != "decoder":
             t = time.perf_counter()
-            record.update(policy_stage(backbone, policy_for_loss, optimizers.policy, accelerator, rollout, advantages, pcfg))
+            record.update(
+                policy_stage(
+                    backbone, policy_for_loss, optimizers.policy, accelerator, rollout, advantages, pcfg, precision
+                )
+            )
             if (step + 1) % pcfg.policy_ema_every == 0:
-                models.policy_ema.update(models.policy)
+                with whole_weights(models.policy):
+                    models.policy_ema.update(models.policy)
             record["lr/policy"] = optimizers.policy.param_groups[0]["lr"]
             timings["update"] = time.perf_counter() - t
         if pcfg.mode != "policy":
             t = time.perf_counter()
             record.update(
-                decoder_stage(backbone, models, optimizers, rollout, real_images.to(device), step, pcfg, reward, accelerator)
+                decoder_stage(
+                    backbone, models, optimizers, rollout, real_images.to(device), step, pcfg, reward, accelerator,
+                    precision,
+                )
             )
             if (step + 1) % pcfg.decoder_ema_every == 0:
                 models.vq_ema.update(models.vq)
@@ -571,38 +612,36 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         record.update({f"time/{name}": round(seconds, 4) for name, seconds in timings.items()})
         record = mean_over_processes(record, accelerator)
         if pcfg.check_replicas_every and (step + 1) % pcfg.check_replicas_every == 0:
-            check_replicas(models, accelerator, step + 1)
+            check_replicas({"policy": models.policy, "decoder": models.vq}, accelerator, step + 1)
 
-        if main_process:
-            if (step + 1) % pcfg.log_every == 0 or step + 1 == pcfg.steps:
-                metrics.write(record)
-                for name, value in record.items():
-                    if name != "step":
-                        tensorboard.add_scalar(name, value, step + 1)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
-            if (step + 1) % pcfg.grid_every == 0 or step + 1 == pcfg.steps:
-                shown = grid_prompts or prompts[: pcfg.grid_prompts]  # real data: this step's first prompts
-                grid = sample_grid(backbone, models, shown, cfg.sampling, cfg.seed)
-                save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=len(shown))
-            if evaluator is not None and (
-                (pcfg.eval_every and (step + 1) % pcfg.eval_every == 0) or step + 1 == pcfg.steps
-            ):
-                evaluate_step(evaluator, backbone, models, step + 1, evaluations)
-            if (step + 1) % pcfg.save_every == 0 or step + 1 == pcfg.steps:
+        last = step + 1 == pcfg.steps
+        grid_due = (step + 1) % pcfg.grid_every == 0 or last
+        eval_due = evaluator is not None and ((pcfg.eval_every and (step + 1) % pcfg.eval_every == 0) or last)
+        save_due = (step + 1) % pcfg.save_every == 0 or last
+        # whole weights and checkpoint states are collectives with a sharded policy: every process joins
+        with whole_weights(models.policy) if grid_due or eval_due else contextlib.nullcontext():
+            if main_process:
+                if (step + 1) % pcfg.log_every == 0 or last:
+                    metrics.write(record)
+                    for name, value in record.items():
+                        if name != "step":
+                            tensorboard.add_scalar(name, value, step + 1)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
+                with autocast(device, precision):
+                    if grid_due:
+                        shown = grid_prompts or prompts[: pcfg.grid_prompts]  # real data: this step's first prompts
+                        grid = sample_grid(backbone, models, shown, cfg.sampling, cfg.seed)
+                        save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=len(shown))
+                    if eval_due:
+                        evaluate_step(evaluator, backbone, models, step + 1, evaluations)
+        if save_due:
+            tensors = checkpoint_tensors(models)
+            trainer_state = trainer_state_of(models, optimizers, step + 1, reward, generators, prompt_source, sharding)
+            if main_process:
                 state_lib.save_checkpoint(
-                    run,
-                    step + 1,
-                    checkpoint_tensors(models),
-                    {
-                        "step": step + 1,
-                        "optimizers": {name: opt.state_dict() for name, opt in optimizers.present().items()},
-                        "reward_stats": reward.state_dict(),
-                        "rng": state_lib.rng_state(generators),
-                        "data": prompt_source.state_dict(),
-                    },
-                    (run / "config.yaml").read_text(),
+                    run, step + 1, tensors, trainer_state, (run / "config.yaml").read_text(),
                     keep_last=pcfg.keep_checkpoints or None,
-                )
+                )  # fmt: skip
         accelerator.wait_for_everyone()
     if tensorboard is not None:
         tensorboard.close()

@@ -1,0 +1,173 @@
+"""Several processes (`accelerate launch`, `torchrun`): how recipes split work and keep replicas equal.
+
+Data parallelism: every process draws the step's whole batch from the same seeded stream and
+keeps a contiguous share (`Shard`), so the data do not depend on the number of processes.
+Gradients of modules driven through `forward` go through DDP or FSDP; the others (decoder and
+discriminator, which recipes call through `decode`) are averaged by `average_gradients`.
+
+Policy sharding (`posttrain.policy_sharding=fsdp`, or a launch with accelerate's FSDP config):
+PyTorch FSDP2 (`fully_shard`) over each transformer block and the whole policy, so parameters,
+gradients and AdamW states are split over the processes. A forward call gathers the weights it
+needs; the sampler, the EMA update and checkpoints, which work with whole weights outside
+`forward`, run inside `whole_weights(policy)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ranke.runtime import UserError
+
+POLICY_SHARDINGS = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's items of a global batch: [start, end) of `total`. In post-training the
+    items are prompts, so every GRPO group and every rank selection stays inside one process."""
+
+    start: int
+    end: int
+    total: int
+
+    @staticmethod
+    def of(accelerator, global_batch: int, what: str = "prompts_per_step") -> Shard:
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if global_batch % world:
+            raise UserError(f"{what}={global_batch} must be a multiple of the {world} processes")
+        share = global_batch // world
+        return Shard(rank * share, (rank + 1) * share, global_batch)
+
+
+def average_gradients(parameters, accelerator) -> None:
+    """Average gradients over processes (one all-reduce). The decoder and discriminator run
+    through methods other than `forward`, where a DistributedDataParallel wrapper would not see
+    the computation, so their gradients are synchronised explicitly."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(averaged.view_as(grad))
+
+
+def mean_over_processes(record: dict, accelerator) -> dict:
+    """Every numeric metric averaged over processes (the step number is the same everywhere)."""
+    if accelerator.num_processes == 1:
+        return record
+    names = [name for name in record if name != "step"]
+    values = torch.tensor([float(record[name]) for name in names], dtype=torch.float64, device=accelerator.device)
+    averaged = accelerator.reduce(values, reduction="mean").tolist()
+    return {"step": record["step"], **dict(zip(names, averaged))}
+
+
+def check_replicas(modules: dict[str, torch.nn.Module], accelerator, step: int) -> None:
+    """Fail loudly when the processes' copies of `modules` have drifted apart (a sharded policy
+    is compared on its whole weights)."""
+    sums = []
+    for module in modules.values():
+        with whole_weights(module):
+            sums.append(torch.stack([p.detach().double().sum() for p in module.parameters()]).sum())
+    gathered = accelerator.gather(torch.stack(sums).to(accelerator.device)[None]).view(-1, len(modules))
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(
+            f"step {step}: processes hold different weights ({', '.join(modules)} parameter sums {gathered.tolist()})"
+        )
+
+
+def uses_fsdp(accelerator, policy_sharding: str) -> bool:
+    """FSDP when the config asks for it or the job was launched with accelerate's FSDP config."""
+    if policy_sharding not in POLICY_SHARDINGS:
+        raise UserError(f"unknown policy_sharding '{policy_sharding}' (one of: {', '.join(POLICY_SHARDINGS)})")
+    return policy_sharding == "fsdp" or accelerator.distributed_type.name == "FSDP"
+
+
+def shard_policy(policy: torch.nn.Module, bf16_communication: bool) -> torch.nn.Module:
+    """FSDP2 in place: each transformer block (`policy.transformer_blocks()`) is one unit, the
+    rest (embeddings, caption projection, head) the root unit. With `bf16_communication` the
+    gathered weights are bfloat16 and gradients are reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    precision = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16_communication else None, reduce_dtype=torch.float32
+    )
+    for block in policy.transformer_blocks():
+        fully_shard(block, mp_policy=precision)
+    fully_shard(policy, mp_policy=precision)
+    # FSDP2 picks its root at the first forward; the sampler calls the blocks without the root's
+    # forward, so the root is set now (there is no public call for it in torch 2.13)
+    policy._get_fsdp_state()._lazy_init()
+    return policy
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def whole_weights(module: torch.nn.Module):
+    """Inside: `module`'s parameters are its whole (unsharded) weights on every process, usable
+    by code that does not go through `forward` (sampling, EMA). Nothing to do when not sharded."""
+    if not is_sharded(module):
+        yield module
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [unit for unit in module.modules() if isinstance(unit, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False)  # the sampler's per-token block calls keep the weights
+    try:
+        yield module
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True)
+            unit.reshard()
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's whole weights on every process (a collective when sharded: call it on all)."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state for the whole weights (parameter names as keys when sharded, so a
+    checkpoint does not depend on the number of processes; a collective: call it on all)."""
+    if not is_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `optimizer_state_dict`; every process passes the whole state and keeps its shard."""
+    if not is_sharded(module):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_gradients(parameters, max_norm: float) -> float:
+    """Clip the global gradient norm (over every process's shard when sharded); returns it."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def recipe_precision(precision: str, accelerator) -> str:
+    """The config's precision, or bf16 when the job was launched with `--mixed_precision bf16`."""
+    if accelerator.mixed_precision == "fp16":
+        raise UserError("fp16 is not supported (it needs loss scaling); launch with --mixed_precision bf16 or no")
+    return "bf16" if accelerator.mixed_precision == "bf16" else precision
