@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate on held-out toy prompts: metrics.json, metrics.md, samples.png")
     _add_model_choice_args(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=None, help="number of prompts (default: toy 1000, coco30k 30000)")
+    p.add_argument("--n", "--num-prompts", dest="n", type=int, default=None,
+                   help="number of prompts (default: toy 1000, coco30k 30000); under torchrun write --num-prompts, "
+                        "since torchrun reads --n as an abbreviation of its own options")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: toy 0, coco30k 42)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -136,6 +136,13 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return seed * 1_000_003 + batch_index
 
 
+def process_rows(start: int, end: int, state) -> tuple[int, int]:
+    """This process's contiguous share [first, last) of the batch [start, end) (accelerate `state`)."""
+    share = end - start
+    first = start + share * state.process_index // state.num_processes
+    return first, start + share * (state.process_index + 1) // state.num_processes
+
+
 def image_name(index: int) -> str:
     return f"{index:05d}.png"
 
@@ -169,8 +176,7 @@ def sample_into_dir(model: Backbone, sampling, prompts: list[str], out_dir: str 
         for start in todo:
             end = min(start + batch_size, len(prompts))
             share = end - start
-            first = start + share * state.process_index // state.num_processes
-            last = start + share * (state.process_index + 1) // state.num_processes
+            first, last = process_rows(start, end, state)
             if last > first:
                 generator = torch.Generator(model.device).manual_seed(batch_seed(seed, start // batch_size))
                 text_emb, text_mask = model.encode_prompts(prompts[first:last])

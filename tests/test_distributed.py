@@ -115,3 +115,20 @@ def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_p
     sample_prompts_to_dir(None, str(prompts), str(tmp_path / "two"), seed=5, batch_size=4, device="cpu")
     assert np.array_equal(np.array(Image.open(tmp_path / "two" / "00005.png")), one["00005.png"])
     assert (tmp_path / "two" / "00000.png").stat().st_mtime_ns == kept
+
+
+def test_two_process_toy_eval_gives_the_metrics_of_one_process(tmp_path):
+    """Each process samples and scores its rows of every batch; the scores are gathered, so
+    every metric (FD, token KL, verifier, rewards) equals the one-process evaluation."""
+    import json
+
+    from ranke.eval.evaluate import evaluate_to_dir
+
+    one = evaluate_to_dir(None, tmp_path / "one", n=12, seed=2, batch_size=6, device="cpu")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
+               "eval", "--out", str(tmp_path / "two"), "--num-prompts", "12", "--seed", "2", "--batch-size", "6"]  # fmt: skip
+    finish(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("reward", "clip_score", "fd", "token_kl", "token_kl_per_position", "verifier_accuracy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+    assert two["verifier_by_num_objects"] == one["verifier_by_num_objects"]

@@ -18,7 +18,10 @@ decoded, rounded to 8-bit pixels (as they would be saved) and scored:
 
 `Evaluator` does the fixed work once (loads the three judges, renders the real images, computes
 their features and codes) and is then called on any backbone, policy and decoder, e.g. from a
-training loop with EMA copies. The ground-truth codes come from the base tokenizer's encoder,
+training loop with EMA copies. Batch k is sampled from its own seed (`ranke.generate.batch_seed`,
+as `ranke sample` does); under `torchrun` / `accelerate launch`, `ranke eval` splits every batch
+over the processes (`split_over_processes`) and gathers the per-image scores, so the metrics are
+those of one process. The ground-truth codes come from the base tokenizer's encoder,
 which post-training never changes (RankE trains only the decoder side, `VQModel.freeze_token_space`).
 """
 
@@ -38,7 +41,7 @@ from ranke.config import RunConfig, SamplingConfig
 from ranke.eval.fid import frechet_distance_from_features
 from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits, token_kl
 from ranke.eval.toy_features import load_toy_features
-from ranke.generate import load_backbone
+from ranke.generate import batch_seed, load_backbone, process_rows
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range
 from ranke.rewards.toy_clip import load_toy_clip
@@ -83,6 +86,7 @@ class Evaluator:
         batch_size: int = 64,
         sampling: SamplingConfig | None = None,
         tokenizer: VQModel | None = None,
+        split_over_processes: bool = False,
     ):
         prompts = heldout_prompts(cfg.toy)
         if not 2 <= n <= len(prompts):
@@ -91,6 +95,7 @@ class Evaluator:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         self.device = torch.device(device)
         self.n, self.seed, self.batch_size = n, seed, batch_size
+        self.split_over_processes = split_over_processes
         self.sampling = sampling or cfg.sampling
         self.prompts = prompts[:n]
         self.specs = [parse_caption(prompt) for prompt in self.prompts]
@@ -120,34 +125,34 @@ class Evaluator:
         """Metrics of `backbone` with `policy` / `decoder` in place of its own (None: its own).
 
         Keeps the first `preview` images in `self.preview`."""
-        start = time.perf_counter()
-        generator = torch.Generator(backbone.device).manual_seed(self.seed)
-        rewards, clip_scores, features, codes, verdicts, kept = [], [], [], [], [], []
-        bar = progress(total=self.n, desc="eval: sampling")
-        for begin in range(0, self.n, self.batch_size):
-            prompts = self.prompts[begin : begin + self.batch_size]
-            text_emb, text_mask = backbone.encode_prompts(prompts)
-            tokens = backbone.sample(text_emb, text_mask, self.sampling, generator, policy=policy).tokens
-            images = quantize(backbone.decode(tokens, decoder).float())
-            rewards.append(self.reward(images, prompts).cpu())
-            clip_scores.append(self.clip(images, prompts).cpu())
-            features.append(self.features(images))
-            codes.append(tokens.cpu())
-            pixels = images.permute(0, 2, 3, 1).cpu().numpy()
-            verdicts += [score_image(image, spec) for image, spec in zip(pixels, self.specs[begin:])]
-            kept.append(images[: max(0, preview - begin)].cpu())
-            bar.update(len(prompts))
-        bar.close()
-        self.preview = torch.cat(kept)
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
 
-        codes = torch.cat(codes)
+        start = time.perf_counter()
+        state = PartialState(cpu=backbone.device.type == "cpu") if self.split_over_processes else None
+        chunks = []  # scores of this process's rows, one dict per batch
+        bar = progress(total=self.n, desc="eval: sampling", disable_on_workers=state is not None and not state.is_main_process)
+        for batch, begin in enumerate(range(0, self.n, self.batch_size)):
+            end = min(begin + self.batch_size, self.n)
+            first, last = process_rows(begin, end, state) if state is not None else (begin, end)
+            if last > first:
+                chunks.append(self._score_rows(backbone, policy, decoder, batch, begin, end, first, last, preview))
+            bar.update(end - begin)
+        bar.close()
+        if state is not None and state.num_processes > 1:
+            chunks = sorted(gather_object(chunks), key=lambda chunk: chunk["first"])
+        self.preview = torch.cat([chunk["preview"] for chunk in chunks])
+        rewards, clip_scores = [torch.cat([c[key] for c in chunks]) for key in ("reward", "clip_score")]
+        features = np.concatenate([chunk["features"] for chunk in chunks])
+        codes = torch.cat([chunk["codes"] for chunk in chunks])
+        verdicts = [verdict for chunk in chunks for verdict in chunk["verdicts"]]
         histogram = code_histogram(codes, self.codebook_size)
         verifier = summarize(verdicts)
         return {
             "n": self.n,
-            "reward": torch.cat(rewards).mean().item(),
-            "clip_score": torch.cat(clip_scores).mean().item(),
-            "fd": frechet_distance_from_features(np.concatenate(features), self.real_features),
+            "reward": rewards.mean().item(),
+            "clip_score": clip_scores.mean().item(),
+            "fd": frechet_distance_from_features(features, self.real_features),
             "verifier_accuracy": verifier["accuracy"],
             "verifier_object_accuracy": verifier["object_accuracy"],
             "verifier_by_num_objects": verifier["by_num_objects"],
@@ -158,6 +163,27 @@ class Evaluator:
             "cfg_scale": self.sampling.cfg_scale,
             "seed": self.seed,
             "seconds": round(time.perf_counter() - start, 1),
+        }
+
+    def _score_rows(self, backbone, policy, decoder, batch, begin, end, first, last, preview) -> dict:
+        """Sample and score rows [first, last) of batch `batch` ([begin, end)) with the batch's own
+        draws, so the images do not depend on which process samples them."""
+        prompts = self.prompts[first:last]
+        generator = torch.Generator(backbone.device).manual_seed(batch_seed(self.seed, batch))
+        text_emb, text_mask = backbone.encode_prompts(prompts)
+        tokens = backbone.sample(
+            text_emb, text_mask, self.sampling, generator, policy=policy, row_offset=first - begin, total_rows=end - begin
+        ).tokens
+        images = quantize(backbone.decode(tokens, decoder).float())
+        pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+        return {
+            "first": first,
+            "reward": self.reward(images, prompts).cpu(),
+            "clip_score": self.clip(images, prompts).cpu(),
+            "features": self.features(images),
+            "codes": tokens.cpu(),
+            "verdicts": [score_image(image, spec) for image, spec in zip(pixels, self.specs[first:last])],
+            "preview": images[: max(0, preview - first)].cpu(),
         }
 
 
@@ -185,9 +211,13 @@ def evaluate_to_dir(
     backbone, cfg = load_backbone(ckpt, select_device(device), policy, decoder)
     sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
     # Every decoder choice shares the base tokenizer's encoder and codebook (the frozen token space).
-    evaluator = Evaluator(cfg, backbone.device, n, seed, batch_size, sampling, tokenizer=backbone.tokenizer)
+    evaluator = Evaluator(
+        cfg, backbone.device, n, seed, batch_size, sampling, tokenizer=backbone.tokenizer, split_over_processes=True
+    )
     metrics = evaluator(backbone)
     metrics.update(ckpt=ckpt or "committed toy assets", policy=policy, decoder=decoder)
+    if not _is_main_process():
+        return metrics
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -195,3 +225,9 @@ def evaluate_to_dir(
     (out / "metrics.md").write_text(metrics_table(metrics, label))
     save_image_grid(evaluator.preview, out / "samples.png", nrow=8)
     return metrics
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

@@ -100,7 +100,7 @@ class JanusPolicy(nn.Module):
         """transformers' per-layer checkpointing of the language model. Its layers recompute only in
         train mode, so the language model is put there; Janus-Pro's LM has no dropout
         (attention_dropout 0), so the mode changes nothing else."""
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.language_model.train()
 
     def transformer_blocks(self) -> nn.ModuleList:
