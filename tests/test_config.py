@@ -75,10 +75,11 @@ def test_exponent_without_dot_is_a_float():
     ],
 )
 def test_paper_presets_hold_the_reference_values(preset, backbone, cfg_scale, policy_lr, consistency, reward_weight, reward):
-    """METHOD.md section 5: CFG, learning rates, loss weights and batch of each reference run."""
+    """METHOD.md section 5: CFG, learning rates, loss weights, batch and precision of each reference run."""
     cfg = config_lib.load(RunConfig, preset)
     post = cfg.posttrain
     assert cfg.backbone.kind == backbone and cfg.sampling.cfg_scale == cfg_scale and cfg.sampling.top_k == 1000
+    assert cfg.precision == "bf16"
     assert (post.prompts_per_step, post.group_size, post.mode) == (32, 8, "both")
     assert (post.policy_lr, post.decoder_lr, post.disc_lr) == (policy_lr, 5e-5, 2e-5)
     assert (post.consistency_weight, post.reward_backprop_weight, post.kl_coef) == (consistency, reward_weight, 0.05)
