@@ -131,23 +131,29 @@ def whole_weights(module: torch.nn.Module):
             unit.reshard()
 
 
+# Whole state dicts of a sharded module are gathered one tensor at a time into CPU memory of the
+# main process (the one that writes checkpoints); the others get empty dicts.
+SAVE_OPTIONS = {"full_state_dict": True, "cpu_offload": True}
+
+
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's whole weights on every process (a collective when sharded: call it on all)."""
+    """The module's whole weights (a collective when sharded: call it on all processes; then only
+    the main process receives them)."""
     if not is_sharded(module):
         return module.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(module, options=StateDictOptions(**SAVE_OPTIONS))
 
 
 def optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state for the whole weights (parameter names as keys when sharded, so a
-    checkpoint does not depend on the number of processes; a collective: call it on all)."""
+    checkpoint does not depend on the number of processes; a collective, as `full_state_dict`)."""
     if not is_sharded(module):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(**SAVE_OPTIONS))
 
 
 def load_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -12,3 +12,39 @@ def test_gpu_rollout_benchmark_smoke():
     result = subprocess.run([sys.executable, str(script), "--smoke"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| 4 |" in result.stdout and "decoder stage" in result.stdout and "step" in result.stdout
+
+
+def test_memory_estimate_matches_hand_counts():
+    """The memory table's parameter count and KV cache agree with sizes worked out by hand."""
+    script = Path(__file__).parent.parent / "benchmarks" / "memory_estimate.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), "--model", "llamagen-xl", "--markdown"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip(" *") for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[1].replace(".", "").isdigit():
+            rows[cells[0]] = (float(cells[1]), float(cells[2]))
+
+    def row(start: str) -> tuple[float, float]:
+        return next(value for label, value in rows.items() if label.startswith(start))
+
+    # GPT-XL: caption MLP (2048 -> 1280 -> 1280), token embeddings and output head (16384 x 1280),
+    # final norm, 36 blocks of fused qkv, output projection, SwiGLU (hidden 3584) and two norms.
+    dim, hidden, vocab = 1280, 3584, 16384
+    block = dim * 3 * dim + dim * dim + 3 * dim * hidden + 2 * dim
+    params = 2048 * dim + dim * dim + 2 * vocab * dim + dim + 36 * block
+    assert f"policy parameters as instantiated: {params:,}" in result.stdout
+    gib = 2**30
+    assert row("policy weights, fp32 master") == (round(params * 4 / gib, 2), round(params * 4 / 8 / gib, 2))
+    # keys and values x 36 layers x (32 conditional + 32 unconditional rows) x 20 heads x
+    # (120 text + 256 image positions) x head size 64 x 2 bytes (bf16)
+    kv_cache = 2 * 36 * 64 * 20 * (120 + 256) * 64 * 2
+    assert row("rollout: KV cache, bf16, 64 rows x 376 positions") == (round(kv_cache / gib, 2),) * 2
+    plain = rows["policy pass: activations, micro-batch 32"][0]
+    checkpointed = rows["policy pass: activations, micro-batch 32, checkpointed"][0]
+    assert 25 < plain < 40 and checkpointed < plain / 4  # about 1 GiB of saved tensors per rollout
+    # the peak is what is held plus the largest phase, here the policy's forward/backward
+    peak = row("peak, no checkpointing")[0]
+    assert abs(peak - (row("held throughout")[0] + row("policy pass: autocast")[0] + plain)) <= 0.02

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from ranke.train.posttrain import train_posttrain
 
 SETTINGS = ["mode=both", "prompts_per_step=4", "group_size=2", "grid_prompts=2", "eval_samples=0", "disc_start=100",
-            "policy_lr=1e-5", "seed=3", "save_every=1", "grid_every=100", "check_replicas_every=1"]  # fmt: skip
+            "policy_lr=1e-5", "seed=3", "save_every=1", "grid_every=100", "check_replicas_every=1", "policy_ema_every=2"]  # fmt: skip
 ENV = {**os.environ, "RANKE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 

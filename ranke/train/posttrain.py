@@ -276,7 +276,7 @@ def decoder_stage(
     disc.requires_grad_(False)
 
     with autocast(backbone.device, precision):
-        loss, logged = _decoder_loss(
+        loss, logged = decoder_loss(
             backbone, models, rollout, real, recon, tokens, prompts, selected, weights, step, disc_factor, pcfg, reward
         )
     optimizers.decoder.zero_grad(set_to_none=True)
@@ -297,7 +297,7 @@ def decoder_stage(
     return {name: float(value.detach()) if torch.is_tensor(value) else value for name, value in logged.items()}
 
 
-def _decoder_loss(
+def decoder_loss(
     backbone, models, rollout, real, recon, tokens, prompts, selected, weights, step, disc_factor, pcfg, reward
 ) -> tuple[torch.Tensor, dict]:
     """The decoder step's objective (METHOD.md): L_recon + L_rankgan + L_consist + L_reward (+ L_soft)."""
@@ -505,13 +505,17 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     """Run (or with `resume`, continue) a post-training run in `out_dir`; one process or several
     under `accelerate launch` / `torchrun` (data parallel over the step's prompts)."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     cfg, run, device = start_run(config_path, out_dir, overrides, section="posttrain")
     pcfg = cfg.posttrain
     check_posttrain_config(pcfg)
     if pcfg.deterministic:
         set_deterministic(True)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    # gradients live in DDP's all-reduce buckets rather than in a second copy
+    accelerator = Accelerator(
+        cpu=device.type == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
+    )
     device = accelerator.device
     shard = Shard.of(accelerator, pcfg.prompts_per_step)
     main_process = accelerator.is_main_process
@@ -592,8 +596,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
                 )
             )
             if (step + 1) % pcfg.policy_ema_every == 0:
-                with whole_weights(models.policy):
-                    models.policy_ema.update(models.policy)
+                models.policy_ema.update(models.policy)
             record["lr/policy"] = optimizers.policy.param_groups[0]["lr"]
             timings["update"] = time.perf_counter() - t
         if pcfg.mode != "policy":

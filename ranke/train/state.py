@@ -62,7 +62,8 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         """shadow <- decay * shadow + (1 - decay) * model, i.e. lerp toward the model by 1 - decay.
 
-        Tied weights appear under several names with one storage: each is updated once.
+        Tied weights appear under several names with one storage: each is updated once. With a
+        sharded model (FSDP) every process must call it: each tensor is gathered from the shards.
         """
         shadow = self.module.state_dict()
         updated = set()
@@ -71,6 +72,8 @@ class EMA:
             if target.data_ptr() in updated:
                 continue
             updated.add(target.data_ptr())
+            if hasattr(value, "full_tensor"):  # an FSDP-sharded tensor: gathered whole, in fp32, one at a time
+                value = value.full_tensor()
             if target.is_floating_point():
                 target.lerp_(value.detach().to(target.device, torch.float32), 1.0 - self.decay)
             else:
