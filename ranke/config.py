@@ -239,6 +239,8 @@ class TokenizerTrainConfig:
     grad_clip: float = 1.0
     recon_kind: str = "l2"
     recon_weight: float = 1.0
+    object_weight: float = 0.0  # extra pixel-loss weight on object pixels and a margin (ranke.algo.vqgan.object_pixel_weight)
+    object_margin: int = 2  # pixels the object mask is grown by
     perceptual: str = "pyramid"
     perceptual_weight: float = 1.0  # LlamaGen's weight: object edges, not background, dominate this term
     vgg_path: str | None = None

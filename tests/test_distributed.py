@@ -132,3 +132,35 @@ def test_two_process_toy_eval_gives_the_metrics_of_one_process(tmp_path):
     for key in ("reward", "clip_score", "fd", "token_kl", "token_kl_per_position", "verifier_accuracy"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
     assert two["verifier_by_num_objects"] == one["verifier_by_num_objects"]
+
+
+TINY_TOKENIZER = ["device=cpu", "vq.codebook_size=64", "vq.base_channels=8", "vq.z_channels=16", "vq.norm_groups=4",
+                  "vq.encoder_ch_mult=[1,1,2,2]", "vq.decoder_ch_mult=[1,1,2,2]", "tokenizer.batch_size=4",
+                  "tokenizer.eval_images=8", "tokenizer.disc_start=100", "tokenizer.disc_channels=8",
+                  "tokenizer.grid_every=100", "tokenizer.restart_dead_codes_every=2", "tokenizer.steps=4"]  # fmt: skip
+TINY_SFT = ["device=cpu", "sft.batch_size=4", "sft.steps=3", "sft.grid_every=100", "sft.eval_samples=4",
+            "sft.eval_prompts=2", "sft.warmup_steps=1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe, settings, stem", [("train-tokenizer", TINY_TOKENIZER, "vq"), ("sft", TINY_SFT, "policy")])
+def test_two_process_tokenizer_and_sft_match_one_process(tmp_path, one_thread, recipe, settings, stem):
+    """Each process trains on its half of every batch (SFT: DDP; tokenizer: averaged gradients,
+    and the codebook's usage window and dead-code restarts read the gathered batch), so the
+    weights are those of one process. The tokenizer's discriminator is off: its adaptive weight
+    and BatchNorm statistics are per process by design."""
+    from ranke.train.sft import train_sft
+    from ranke.train.tokenizer import train_tokenizer
+
+    train = {"train-tokenizer": train_tokenizer, "sft": train_sft}[recipe]
+    train("toy", str(tmp_path / "one"), settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
+               recipe, "--out", str(tmp_path / "two"), *settings]  # fmt: skip
+    finish(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    last = sorted((tmp_path / "one" / "checkpoints").glob("step_*"))[-1].name
+    one = load_file(tmp_path / "one" / "checkpoints" / last / f"{stem}.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoints" / last / f"{stem}.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())  # written once

@@ -88,3 +88,35 @@ def test_sft_then_sample_then_verify(tiny_tokenizer, tmp_path):
     assert summary["n"] == 4
     lines = (tmp_path / "samples" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["caption"] for line in lines] == ["a large red circle"] * 2 + ["a small blue square"] * 2
+
+
+def test_tokenizer_object_weight_raises_the_pixel_loss(tmp_path):
+    # Same seed, same first batch and initial model: weights >= 1 can only raise the first step's pixel loss.
+    def first_recon(name, extra):
+        train_tokenizer("toy", str(tmp_path / name), TINY_TOKENIZER + ["tokenizer.steps=1"] + extra)
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["recon"]
+
+    plain = first_recon("plain", [])
+    weighted = first_recon("weighted", ["tokenizer.object_weight=4"])
+    assert plain < weighted < 5 * plain
+
+
+def test_sft_bf16_matches_fp32_first_loss(tiny_tokenizer, tmp_path):
+    def first_loss(precision):
+        run = tmp_path / precision
+        overrides = TINY_VQ + [
+            f"precision={precision}",
+            "gpt.vocab_size=64",
+            "gpt.dim=32",
+            "gpt.n_layer=1",
+            "gpt.n_head=2",
+            "sft.steps=1",
+            "sft.batch_size=4",
+            "sft.eval_prompts=2",
+            "sft.eval_samples=2",
+            f"sft.tokenizer={tiny_tokenizer / 'toy_tokenizer.safetensors'}",
+        ]
+        train_sft("toy", str(run), overrides)
+        return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    assert first_loss("bf16") == pytest.approx(first_loss("fp32"), rel=0.02)

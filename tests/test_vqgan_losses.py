@@ -11,6 +11,7 @@ from ranke.algo.vqgan import (
     adopt_weight,
     hinge_discriminator_loss,
     hinge_generator_loss,
+    object_pixel_weight,
     reconstruction_loss,
 )
 from ranke.models.discriminator import PatchDiscriminator
@@ -32,6 +33,40 @@ def test_reconstruction_loss_values():
     assert reconstruction_loss(x, x_hat, "l2").item() == pytest.approx(5.0 / 3.0)
     with pytest.raises(ValueError, match="l1"):
         reconstruction_loss(x, x_hat, "huber")
+
+
+def test_weighted_reconstruction_loss_by_hand():
+    x = torch.tensor([0.0, 1.0, 2.0])
+    x_hat = torch.tensor([1.0, 1.0, 0.0])
+    weight = torch.tensor([3.0, 5.0, 0.5])
+    # l1: (3 * 1 + 5 * 0 + 0.5 * 2) / 3; l2: (3 * 1 + 5 * 0 + 0.5 * 4) / 3
+    assert reconstruction_loss(x, x_hat, "l1", pixel_weight=weight).item() == pytest.approx(4.0 / 3.0)
+    assert reconstruction_loss(x, x_hat, "l2", pixel_weight=weight).item() == pytest.approx(5.0 / 3.0)
+    ones = torch.ones(3)
+    assert reconstruction_loss(x, x_hat, "l2", pixel_weight=ones).item() == pytest.approx(5.0 / 3.0)
+
+
+def test_object_pixel_weight_by_hand():
+    # One row of 6 pixels on the [0, 1] scale: grey, an object pixel (chroma 0.7), grey, grey,
+    # a pale pixel (chroma 0.2, under the 0.3 threshold), an object pixel (chroma 0.35).
+    row = torch.tensor(
+        [
+            [0.5, 0.5, 0.5],
+            [0.9, 0.2, 0.3],
+            [0.4, 0.4, 0.4],
+            [0.6, 0.6, 0.6],
+            [0.6, 0.5, 0.4],
+            [0.3, 0.65, 0.45],
+        ]
+    )
+    x = (row.t().reshape(1, 3, 1, 6) * 2 - 1).requires_grad_(True)
+    weight = object_pixel_weight(x, object_weight=4.0, margin=0)
+    assert weight.shape == (1, 1, 1, 6)
+    torch.testing.assert_close(weight.flatten(), torch.tensor([1.0, 5.0, 1.0, 1.0, 1.0, 5.0]))
+    # A margin of 1 pixel grows each object pixel to its neighbours (the image border is not wrapped).
+    grown = object_pixel_weight(x, object_weight=4.0, margin=1)
+    torch.testing.assert_close(grown.flatten(), torch.tensor([5.0, 5.0, 5.0, 1.0, 5.0, 5.0]))
+    assert not grown.requires_grad
 
 
 def test_hinge_losses_by_hand():

@@ -228,10 +228,16 @@ class CaptionEmbedder(nn.Module):
         self.cap_proj = CaptionMLP(args.caption_dim, args.dim)
         self.dropout_prob = args.class_dropout_prob
 
-    def forward(self, text_emb: torch.Tensor, caption_dropout: bool = False) -> torch.Tensor:
-        if caption_dropout and self.dropout_prob > 0:
+    def forward(self, text_emb: torch.Tensor, caption_dropout: bool | torch.Tensor = False) -> torch.Tensor:
+        """`caption_dropout=True` drops each caption with probability `class_dropout_prob`; a bool
+        tensor [B] names the rows to drop (drawn by a recipe for a batch split over processes)."""
+        if torch.is_tensor(caption_dropout):
+            dropped = caption_dropout
+        elif caption_dropout and self.dropout_prob > 0:
             dropped = torch.rand(text_emb.shape[0], device=text_emb.device) < self.dropout_prob
-            text_emb = torch.where(dropped[:, None, None], self.uncond_embedding.to(text_emb.dtype), text_emb)
+        else:
+            return self.cap_proj(text_emb)
+        text_emb = torch.where(dropped[:, None, None], self.uncond_embedding.to(text_emb.dtype), text_emb)
         return self.cap_proj(text_emb)
 
 
@@ -345,7 +351,7 @@ class Transformer(nn.Module):
             cache.length += x.shape[1]
         return self.norm(x)
 
-    def _embed_text(self, text_emb: torch.Tensor, caption_dropout: bool = False) -> torch.Tensor:
+    def _embed_text(self, text_emb: torch.Tensor, caption_dropout: bool | torch.Tensor = False) -> torch.Tensor:
         # the residual stream keeps the weights' dtype (under autocast the projection returns bf16),
         # so prefill and teacher forcing compute the text positions identically
         return self.cls_embedding(text_emb, caption_dropout).to(self.tok_embeddings.weight.dtype)
@@ -363,7 +369,7 @@ class Transformer(nn.Module):
         image_tokens: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         *,
-        caption_dropout: bool = False,
+        caption_dropout: bool | torch.Tensor = False,
         dropout: bool = False,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T + n, dim] of the full sequence [text, image_tokens [B, n]]."""
@@ -383,14 +389,14 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         text_mask: torch.Tensor | None = None,
         *,
-        caption_dropout: bool = False,
+        caption_dropout: bool | torch.Tensor = False,
         dropout: bool = False,
     ) -> torch.Tensor:
         """Teacher-forced logits [B, N, vocab] (float32) for image tokens [B, N].
 
         Logits for token t are predicted from text and tokens < t. `caption_dropout` replaces whole
-        captions by the unconditional embedding with probability class_dropout_prob; `dropout`
-        enables the dropout layers. Both are for supervised training only.
+        captions by the unconditional embedding with probability class_dropout_prob (or the rows of
+        a bool tensor [B]); `dropout` enables the dropout layers. Both are for supervised training only.
         """
         hidden = self.hidden_states(
             text_emb, tokens[:, :-1], text_mask, caption_dropout=caption_dropout, dropout=dropout

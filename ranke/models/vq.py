@@ -297,6 +297,9 @@ class VectorQuantizer(nn.Module):
             if l2_norm:
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
         self.register_buffer("codebook_used", torch.full((USAGE_WINDOW,), -1.0))
+        # Set by a recipe running several processes to an all-gather of the codes, so the usage
+        # window (and the dead-code restarts that read it) covers the global batch everywhere.
+        self.gather_codes = None
 
     def codebook(self) -> torch.Tensor:
         """The code vectors actually used for lookup and decoding, [K, d]."""
@@ -328,6 +331,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _record_usage(self, codes: torch.Tensor) -> None:
+        if self.gather_codes is not None:
+            codes = self.gather_codes(codes)
         recent = codes[-USAGE_WINDOW:].to(self.codebook_used.dtype)
         self.codebook_used.copy_(torch.cat([self.codebook_used[len(recent):], recent]))
 

@@ -24,7 +24,8 @@ from ranke.backbone import Backbone, build_text_encoder, check_compatible, load_
 from ranke.config import RunConfig
 from ranke.models.gpt import Transformer
 from ranke.models.vq import to_model_range
-from ranke.runtime import progress
+from ranke.parallel import Shard, mean_over_processes, recipe_precision
+from ranke.runtime import autocast, progress
 from ranke.toy.data import heldout_prompts, train_batch
 from ranke.toy.verifier import score_image, summarize
 from ranke.train import state as state_lib
@@ -44,12 +45,21 @@ def verifier_accuracy(images: torch.Tensor, prompts: list[str]) -> dict:
 
 
 def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
+    """Train (or with `resume`, continue) the policy in `out_dir`; one process or several under
+    `torchrun` / `accelerate launch` (each takes its share of every batch; DDP averages gradients)."""
+    from accelerate import Accelerator
+
     cfg, run, device = start_run(config_path, out_dir, overrides, section="sft")
     scfg = cfg.sft
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    device, main_process = accelerator.device, accelerator.is_main_process
+    shard = Shard.of(accelerator, scfg.batch_size, "sft.batch_size")
+    precision = recipe_precision(cfg.precision, accelerator)
 
     tokenizer = load_tokenizer(scfg.tokenizer, device).requires_grad_(False)
     check_compatible(cfg.gpt, tokenizer.args, cfg.text, cfg.toy.image_size)
     policy = Transformer(cfg.gpt).to(device)
+    policy_for_loss = accelerator.prepare(policy)  # DDP with several processes
     backbone = Backbone(build_text_encoder(cfg.text, device), policy, tokenizer)
     decay = [p for p in policy.parameters() if p.dim() >= 2]
     no_decay = [p for p in policy.parameters() if p.dim() < 2]
@@ -76,29 +86,37 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
 
     metrics = MetricsWriter(run / "metrics.jsonl")
     t0 = time.perf_counter()
-    bar = progress(range(start_step, scfg.steps), total=scfg.steps, initial=start_step, desc="sft")
+    bar = progress(range(start_step, scfg.steps), total=scfg.steps, initial=start_step, desc="sft",
+                   disable_on_workers=not main_process)  # fmt: skip
     for step in bar:
+        # every process draws the whole batch (and its caption dropout) and keeps its share
         images, captions, _ = train_batch(data_rng, scfg.batch_size, cfg.toy)
+        dropped = torch.rand(scfg.batch_size) < cfg.gpt.class_dropout_prob
+        images, captions = images[shard.start : shard.end], captions[shard.start : shard.end]
+        dropped = dropped[shard.start : shard.end].to(device)
+        # The targets stay fp32: a bf16 encode picks a different nearest code for ~10% of tokens.
         with torch.no_grad():
             codes = tokenizer.encode_codes(to_model_range(images.to(device))).flatten(1)
         text_emb, text_mask = backbone.encode_prompts(captions)
-        logits = policy(text_emb, codes, text_mask, caption_dropout=True, dropout=True)
-        loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+        with autocast(device, precision):
+            logits = policy_for_loss(text_emb, codes, text_mask, caption_dropout=dropped, dropout=True)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), scfg.grad_clip)
         opt.step()
         schedule.step()
 
         if (step + 1) % scfg.log_every == 0 or step + 1 == scfg.steps:
-            metrics.write(
-                {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0]}
-            )
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % scfg.grid_every == 0 or step + 1 == scfg.steps:
+            record = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0]}
+            record = mean_over_processes(record, accelerator)
+            if main_process:
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if main_process and ((step + 1) % scfg.grid_every == 0 or step + 1 == scfg.steps):
             grid = sample_images(backbone, preview_prompts, cfg, seed=cfg.seed)
             save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=8)
-        if (step + 1) % scfg.save_every == 0 or step + 1 == scfg.steps:
+        if main_process and ((step + 1) % scfg.save_every == 0 or step + 1 == scfg.steps):
             state_lib.save_checkpoint(
                 run,
                 step + 1,
@@ -113,6 +131,9 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
                 keep_last=2,
             )
     train_seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    if not main_process:
+        return {}
 
     save_asset(run / "toy_policy.safetensors", "policy", {"gpt": cfg.gpt, "text": cfg.text}, policy.state_dict())
     eval_prompts = heldout_prompts(cfg.toy)[: scfg.eval_samples]

@@ -3,7 +3,7 @@
     ranke train-tokenizer --config configs/toy.yaml --out runs/tokenizer [key=value ...]
 
 Per step: a fresh batch from the seeded toy training stream; the generator loss is
-reconstruction + perceptual + codebook/commitment (+ adaptively weighted PatchGAN hinge
+reconstruction (optionally weighted towards object pixels, `object_weight`) + perceptual + codebook/commitment (+ adaptively weighted PatchGAN hinge
 loss once `disc_start` is reached); then one discriminator hinge step. At the end the
 model is evaluated (PSNR and codebook usage on the fixed reference image set) and written
 as `RUN/toy_tokenizer.safetensors`, the format of the committed asset.
@@ -22,13 +22,15 @@ from ranke.algo.vqgan import (
     adopt_weight,
     hinge_discriminator_loss,
     hinge_generator_loss,
+    object_pixel_weight,
     reconstruction_loss,
 )
 from ranke.assets import save_asset
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
-from ranke.runtime import progress
+from ranke.parallel import Shard, average_gradients, mean_over_processes, recipe_precision
+from ranke.runtime import autocast, progress
 from ranke.toy.data import reference_images, train_batch
 from ranke.train import state as state_lib
 from ranke.train.logging import MetricsWriter, save_image_grid, start_run
@@ -53,10 +55,22 @@ def evaluate_tokenizer(model: VQModel, images_uint8: np.ndarray, device, batch_s
 
 
 def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
+    """Train (or with `resume`, continue) a tokenizer in `out_dir`; one process or several under
+    `torchrun` / `accelerate launch`: each takes its share of every batch, gradients are averaged
+    (the adaptive GAN weight and the discriminator's BatchNorm statistics stay per process), and
+    the codebook's usage window and dead-code restarts see the global batch."""
+    from accelerate import Accelerator
+
     cfg, run, device = start_run(config_path, out_dir, overrides, section="tokenizer")
     tcfg = cfg.tokenizer
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    device, main_process = accelerator.device, accelerator.is_main_process
+    shard = Shard.of(accelerator, tcfg.batch_size, "tokenizer.batch_size")
+    precision = recipe_precision(cfg.precision, accelerator)
 
     model = VQModel(cfg.vq).to(device)
+    if accelerator.num_processes > 1:
+        model.quantize.gather_codes = accelerator.gather
     disc = PatchDiscriminator(base_channels=tcfg.disc_channels, n_layers=tcfg.disc_layers).to(device)
     perceptual = build_perceptual(tcfg.perceptual, tcfg.vgg_path, tcfg.lpips_lin_path).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
@@ -83,37 +97,44 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
 
     metrics = MetricsWriter(run / "metrics.jsonl")
     t0 = time.perf_counter()
-    bar = progress(range(start_step, tcfg.steps), total=tcfg.steps, initial=start_step, desc="tokenizer")
+    bar = progress(range(start_step, tcfg.steps), total=tcfg.steps, initial=start_step, desc="tokenizer",
+                   disable_on_workers=not main_process)  # fmt: skip
     for step in bar:
         model.train()
-        images, _, _ = train_batch(data_rng, tcfg.batch_size, cfg.toy)
-        x = to_model_range(images.to(device))
-        quant, vq_losses, codes = model.encode(x)
-        recon = model.decode(quant)
-
-        rec = reconstruction_loss(x, recon, kind=tcfg.recon_kind)
-        perc = perceptual(x, recon).mean() if tcfg.perceptual_weight > 0 else torch.zeros((), device=device)
-        nll = tcfg.recon_weight * rec + tcfg.perceptual_weight * perc
-        disc_factor = adopt_weight(step, tcfg.disc_start)
-        gen = hinge_generator_loss(disc(recon)) if disc_factor > 0 else torch.zeros((), device=device)
-        gen_weight = (
-            adaptive_generator_weight(nll, gen, model.last_layer) if disc_factor > 0 else torch.zeros((), device=device)
-        )
-        loss = nll + tcfg.codebook_weight * vq_losses.total + tcfg.disc_weight * disc_factor * gen_weight * gen
+        images, _, _ = train_batch(data_rng, tcfg.batch_size, cfg.toy)  # the whole batch; this process's share:
+        x = to_model_range(images[shard.start : shard.end].to(device))
+        with autocast(device, precision):  # forward passes; pixels, logits and losses are fp32
+            quant, vq_losses, codes = model.encode(x)
+            recon = model.decode(quant)
+            pixel_weight = object_pixel_weight(x, tcfg.object_weight, margin=tcfg.object_margin) if tcfg.object_weight else None
+            rec = reconstruction_loss(x, recon, kind=tcfg.recon_kind, pixel_weight=pixel_weight)
+            perc = perceptual(x, recon).mean() if tcfg.perceptual_weight > 0 else torch.zeros((), device=device)
+            nll = tcfg.recon_weight * rec + tcfg.perceptual_weight * perc
+            disc_factor = adopt_weight(step, tcfg.disc_start)
+            gen = hinge_generator_loss(disc(recon).float()) if disc_factor > 0 else torch.zeros((), device=device)
+            gen_weight = (
+                adaptive_generator_weight(nll, gen, model.last_layer) if disc_factor > 0 else torch.zeros((), device=device)
+            )
+            loss = nll + tcfg.codebook_weight * vq_losses.total + tcfg.disc_weight * disc_factor * gen_weight * gen
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model.parameters(), accelerator)
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
         schedule.step()
         if tcfg.restart_dead_codes_every and (step + 1) % tcfg.restart_dead_codes_every == 0:
-            with torch.no_grad():
-                model.quantize.restart_dead_codes(model.quant_conv(model.encoder(x)), generator=restart_gen)
+            with torch.no_grad(), autocast(device, precision):
+                encoded = model.quant_conv(model.encoder(x)).float()
+                # every process restarts the same codes from the same vectors of the global batch
+                model.quantize.restart_dead_codes(accelerator.gather(encoded), generator=restart_gen)
 
         disc_loss = torch.zeros(())
         if disc_factor > 0:
-            disc_loss = hinge_discriminator_loss(disc(x), disc(recon.detach()))
+            with autocast(device, precision):
+                disc_loss = hinge_discriminator_loss(disc(x).float(), disc(recon.detach()).float())
             opt_disc.zero_grad(set_to_none=True)
             disc_loss.backward()
+            average_gradients(disc.parameters(), accelerator)
             opt_disc.step()
 
         record = {
@@ -129,14 +150,16 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
             "batch_code_usage": codes.unique().numel() / cfg.vq.codebook_size,
         }
         if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
-            metrics.write(record)
-            bar.set_postfix(recon=f"{rec.item():.4f}", usage=f"{record['batch_code_usage']:.2f}")
-        if (step + 1) % tcfg.grid_every == 0 or step + 1 == tcfg.steps:
+            record = mean_over_processes(record, accelerator)
+            if main_process:
+                metrics.write(record)
+                bar.set_postfix(recon=f"{record['recon']:.4f}", usage=f"{record['batch_code_usage']:.2f}")
+        if main_process and ((step + 1) % tcfg.grid_every == 0 or step + 1 == tcfg.steps):
             with torch.no_grad():
                 model.eval()
                 shown = to_unit_range(model.decode(model.encode(to_model_range(preview))[0]))
             save_image_grid(torch.cat([preview, shown]), run / f"reconstructions_{step + 1:06d}.png", nrow=16)
-        if (step + 1) % tcfg.save_every == 0 or step + 1 == tcfg.steps:
+        if main_process and ((step + 1) % tcfg.save_every == 0 or step + 1 == tcfg.steps):
             state_lib.save_checkpoint(
                 run,
                 step + 1,
@@ -152,6 +175,9 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
                 keep_last=2,
             )
     train_seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    if not main_process:
+        return {}
 
     result = evaluate_tokenizer(model, eval_images, device)
     result["train_seconds"] = round(train_seconds, 1)
