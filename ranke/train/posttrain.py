@@ -14,8 +14,10 @@ One step, for B prompts with their real images:
    L_recon + L_rankgan + L_consist + L_reward (+ L_soft); only the decoder and `post_quant_conv`
    train, so the token space never moves; the EMA decoder follows every `decoder_ema_every` steps.
 
-Written on accelerate (single process by default). Every step appends to `metrics.jsonl` and
-TensorBoard; checkpoints are atomic (`ranke.train.state`) and `--resume` continues bit-exactly.
+Written on accelerate (single process by default; several processes split the prompts, with the
+policy in DDP or sharded by FSDP, `ranke.parallel`); `precision=bf16` runs the forward passes under
+autocast. Every step appends to `metrics.jsonl` and TensorBoard; checkpoints are atomic
+(`ranke.train.state`) and `--resume` continues bit-exactly.
 """
 
 from __future__ import annotations
