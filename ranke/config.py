@@ -239,7 +239,9 @@ class TokenizerTrainConfig:
     grad_clip: float = 1.0
     recon_kind: str = "l2"
     recon_weight: float = 1.0
-    object_weight: float = 0.0  # extra pixel-loss weight on object pixels and a margin (ranke.algo.vqgan.object_pixel_weight)
+    # extra pixel-loss weight on object pixels and a margin (ranke.algo.vqgan.object_pixel_weight); off:
+    # 4 made better reconstructions but a worse SFT policy (docs/benchmarks.md, "Toy recipes")
+    object_weight: float = 0.0
     object_margin: int = 2  # pixels the object mask is grown by
     perceptual: str = "pyramid"
     perceptual_weight: float = 1.0  # LlamaGen's weight: object edges, not background, dominate this term
@@ -262,7 +264,7 @@ class TokenizerTrainConfig:
 class SFTConfig:
     """`ranke sft`: next-token training of the policy on (caption, tokenizer codes)."""
 
-    steps: int = 3600
+    steps: int = 5500  # the toy policy is step-limited (docs/benchmarks.md, "Toy recipes")
     batch_size: int = 32
     lr: float = 1e-3
     min_lr_ratio: float = 0.1

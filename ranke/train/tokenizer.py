@@ -3,8 +3,9 @@
     ranke train-tokenizer --config configs/toy.yaml --out runs/tokenizer [key=value ...]
 
 Per step: a fresh batch from the seeded toy training stream; the generator loss is
-reconstruction (optionally weighted towards object pixels, `object_weight`) + perceptual + codebook/commitment (+ adaptively weighted PatchGAN hinge
-loss once `disc_start` is reached); then one discriminator hinge step. At the end the
+reconstruction (optionally weighted towards object pixels, `object_weight`) + perceptual +
+codebook/commitment (+ adaptively weighted PatchGAN hinge loss once `disc_start` is reached);
+then one discriminator hinge step. At the end the
 model is evaluated (PSNR and codebook usage on the fixed reference image set) and written
 as `RUN/toy_tokenizer.safetensors`, the format of the committed asset.
 """
@@ -106,7 +107,9 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
         with autocast(device, precision):  # forward passes; pixels, logits and losses are fp32
             quant, vq_losses, codes = model.encode(x)
             recon = model.decode(quant)
-            pixel_weight = object_pixel_weight(x, tcfg.object_weight, margin=tcfg.object_margin) if tcfg.object_weight else None
+            pixel_weight = (
+                object_pixel_weight(x, tcfg.object_weight, margin=tcfg.object_margin) if tcfg.object_weight else None
+            )
             rec = reconstruction_loss(x, recon, kind=tcfg.recon_kind, pixel_weight=pixel_weight)
             perc = perceptual(x, recon).mean() if tcfg.perceptual_weight > 0 else torch.zeros((), device=device)
             nll = tcfg.recon_weight * rec + tcfg.perceptual_weight * perc
