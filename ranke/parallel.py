@@ -8,8 +8,9 @@ discriminator, which recipes call through `decode`) are averaged by `average_gra
 Policy sharding (`posttrain.policy_sharding=fsdp`, or a launch with accelerate's FSDP config):
 PyTorch FSDP2 (`fully_shard`) over each transformer block and the whole policy, so parameters,
 gradients and AdamW states are split over the processes. A forward call gathers the weights it
-needs; the sampler, the EMA update and checkpoints, which work with whole weights outside
-`forward`, run inside `whole_weights(policy)`.
+needs; the sampler, grids and replica checks, which work with whole weights outside `forward`,
+run inside `whole_weights(policy)`; checkpoints gather the state tensor by tensor
+(`full_state_dict`, `optimizer_state_dict`).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def is_sharded(module: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def whole_weights(module: torch.nn.Module):
     """Inside: `module`'s parameters are its whole (unsharded) weights on every process, usable
-    by code that does not go through `forward` (sampling, EMA). Nothing to do when not sharded."""
+    by code that does not go through `forward` (sampling, grids, replica checks). Nothing to do
+    when not sharded."""
     if not is_sharded(module):
         yield module
         return

@@ -22,7 +22,6 @@ autocast. Every step appends to `metrics.jsonl` and TensorBoard; checkpoints are
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -174,8 +173,9 @@ def collect_rollout(
     """METHOD.md "Rollout": sample, record old/ref log-probs, decode with the EMA decoder, reward.
 
     The policy and decoder run under `precision` (ranke.runtime.autocast); log-probs, pixels and
-    rewards are float32 either way. `prompts` are this process's share of the step's prompts; its rows of the global batch's
-    random draws are used, so the tokens do not depend on the number of processes."""
+    rewards are float32 either way. `prompts` are this process's share of the step's prompts; its
+    rows of the global batch's random draws are used, so the tokens do not depend on the number
+    of processes."""
     group_prompts = [prompt for prompt in prompts for _ in range(pcfg.group_size)]
     t = time.perf_counter()
     text_emb, text_mask = backbone.encode_prompts(group_prompts)
@@ -623,22 +623,22 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         grid_due = (step + 1) % pcfg.grid_every == 0 or last
         eval_due = evaluator is not None and ((pcfg.eval_every and (step + 1) % pcfg.eval_every == 0) or last)
         save_due = (step + 1) % pcfg.save_every == 0 or last
+        if main_process:
+            if (step + 1) % pcfg.log_every == 0 or last:
+                metrics.write(record)
+                for name, value in record.items():
+                    if name != "step":
+                        tensorboard.add_scalar(name, value, step + 1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
         # whole weights and checkpoint states are collectives with a sharded policy: every process joins
-        with whole_weights(models.policy) if grid_due or eval_due else contextlib.nullcontext():
-            if main_process:
-                if (step + 1) % pcfg.log_every == 0 or last:
-                    metrics.write(record)
-                    for name, value in record.items():
-                        if name != "step":
-                            tensorboard.add_scalar(name, value, step + 1)
-                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
-                with autocast(device, precision):
-                    if grid_due:
-                        shown = grid_prompts or prompts[: pcfg.grid_prompts]  # real data: this step's first prompts
-                        grid = sample_grid(backbone, models, shown, cfg.sampling, cfg.seed)
-                        save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=len(shown))
-                    if eval_due:
-                        evaluate_step(evaluator, backbone, models, step + 1, evaluations)
+        if grid_due or eval_due:
+            with whole_weights(models.policy), autocast(device, precision):
+                if main_process and grid_due:
+                    shown = grid_prompts or prompts[: pcfg.grid_prompts]  # real data: this step's first prompts
+                    grid = sample_grid(backbone, models, shown, cfg.sampling, cfg.seed)
+                    save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=len(shown))
+                if main_process and eval_due:
+                    evaluate_step(evaluator, backbone, models, step + 1, evaluations)
         if save_due:
             tensors = checkpoint_tensors(models)
             trainer_state = trainer_state_of(models, optimizers, step + 1, reward, generators, prompt_source, sharding)
