@@ -48,3 +48,16 @@ def test_memory_estimate_matches_hand_counts():
     # the peak is what is held plus the largest phase, here the policy's forward/backward
     peak = row("peak, no checkpointing")[0]
     assert abs(peak - (row("held throughout")[0] + row("policy pass: autocast")[0] + plain)) <= 0.02
+
+
+def test_sft_step_benchmark_prints_both_tables():
+    script = Path(__file__).parent.parent / "benchmarks" / "sft_step.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), "--threads", "1", "--batch-size", "4", "--steps", "1", "--warmup", "0"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| dtype | fused | math |" and rows[1].startswith("| float32 |") and rows[2].startswith("| bfloat16 |")
+    header, values = rows[3].strip("| ").split(" | "), rows[4].strip("| ").split(" | ")
+    assert header == ["data", "encode", "text", "forward", "backward", "optimizer", "step"]
+    assert float(values[-1]) >= max(float(value) for value in values[:-1]) > 0  # the step holds every part

@@ -6,8 +6,9 @@ batch's random draws, so rollouts are the same tokens; gradients are averages of
 means, equal to the one-process mean up to summation order. The decoder stage runs with the
 discriminator off (`disc_start` after the last step): with it on, the adaptive GAN weight and
 the discriminator's BatchNorm statistics are per process, a valid data-parallel run that is not
-the one-process run. The released policy learning rate (1e-5) keeps Adam's normalisation of
-near-zero gradients from magnifying rounding differences.
+the one-process run. Adam's normalisation magnifies rounding differences of near-zero gradients
+to up to a learning-rate step, in a few elements per million (`assert_same_weights`); the released
+policy learning rate (1e-5) keeps those small.
 """
 
 from __future__ import annotations
@@ -42,12 +43,23 @@ def finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, output[-3000:]
 
 
+LARGEST_LR = 5e-5  # the toy decoder's learning rate; SETTINGS set the policy's to 1e-5
+
+
 def assert_same_weights(a: Path, b: Path, step: int, atol: float) -> None:
+    """Weights equal within `atol`, but for a handful of elements per million: AdamW divides each
+    gradient by its running RMS, so an element whose gradient is zero up to rounding (summed in a
+    different order over two processes) takes a step of up to the learning rate, of either sign.
+    A wrong batch share moves most elements, far beyond both bounds."""
     for stem in ("policy", "policy_ema", "vq", "vq_ema"):
         first = load_file(a / "checkpoints" / f"step_{step:06d}" / f"{stem}.safetensors")
         second = load_file(b / "checkpoints" / f"step_{step:06d}" / f"{stem}.safetensors")
-        for name in first:
-            torch.testing.assert_close(first[name], second[name], atol=atol, rtol=0, msg=f"{stem}.{name}")
+        assert first.keys() == second.keys()
+        diff = torch.cat([(first[name] - second[name]).abs().flatten() for name in first])
+        outliers = int((diff > atol).sum())
+        assert outliers <= 1e-4 * diff.numel() and diff.max() <= step * LARGEST_LR, (
+            f"{stem}: {outliers} of {diff.numel()} elements differ by more than {atol}, at most {diff.max():.2e}"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,10 @@
 """Tokenizer and SFT recipes end to end at tiny sizes: outputs, exact resume, sampling from the result."""
 
 import json
+import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from ranke.generate import sample_prompts_to_dir
@@ -88,6 +90,36 @@ def test_sft_then_sample_then_verify(tiny_tokenizer, tmp_path):
     assert summary["n"] == 4
     lines = (tmp_path / "samples" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["caption"] for line in lines] == ["a large red circle"] * 2 + ["a small blue square"] * 2
+
+
+def test_sft_resume_is_exact(tiny_tokenizer, tmp_path):
+    set_deterministic(True)
+    run = tmp_path / "sft"
+    overrides = TINY_VQ + [
+        "gpt.vocab_size=64",
+        "gpt.dim=32",
+        "gpt.n_layer=1",
+        "gpt.n_head=2",
+        "sft.steps=4",
+        "sft.warmup_steps=1",
+        "sft.batch_size=4",
+        "sft.eval_prompts=2",
+        "sft.eval_samples=2",
+        "sft.save_every=2",
+        f"sft.tokenizer={tiny_tokenizer / 'toy_tokenizer.safetensors'}",
+    ]
+    train_sft("toy", str(run), overrides)
+    final = run / "checkpoints" / "step_000004"
+    straight = load_file(final / "policy.safetensors")
+    # as if the run had died after step 2: resuming replays steps 3-4 (data, caption dropout,
+    # learning rate) bit for bit
+    shutil.rmtree(final)
+    (run / "checkpoints" / "latest").write_text("step_000002")
+    train_sft("toy", str(run), overrides, resume=True)
+    resumed = load_file(final / "policy.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not torch.equal(resumed["output.weight"], load_file(run / "checkpoints" / "step_000002" / "policy.safetensors")["output.weight"])
 
 
 def test_tokenizer_object_weight_raises_the_pixel_loss(tmp_path):

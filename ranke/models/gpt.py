@@ -22,12 +22,14 @@ nothing, so RL log-probs are computed by the very same function that samples.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ranke.runtime import UserError
@@ -262,13 +264,20 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         # Sequences are processed from position 0 (full forward, prefill) or one token at a time
         # (decode): without a padding mask the former is plain causal, the latter sees every key.
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and seq_len > 1,
-            dropout_p=self.attn_dropout_p if dropout else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        # PyTorch's fused CPU attention has a slow bf16 backward (~3x the math path at 68 positions,
+        # a 1.5x slower toy SFT step; in fp32 it is the faster one; docs/benchmarks.md), so bf16
+        # whole-sequence passes on a CPU take the math path, with and without gradients alike
+        # (log-probs scored for RL equal those of the training pass); one-token decode steps keep
+        # the fused kernel, faster there.
+        bf16_sequence_on_cpu = q.device.type == "cpu" and q.dtype != torch.float32 and seq_len > 1
+        with sdpa_kernel(SDPBackend.MATH) if bf16_sequence_on_cpu else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                is_causal=mask is None and seq_len > 1,
+                dropout_p=self.attn_dropout_p if dropout else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
         out = self.wo(out.transpose(1, 2).reshape(batch, seq_len, dim))
         return F.dropout(out, self.resid_dropout_p, training=dropout)
 

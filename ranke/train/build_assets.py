@@ -34,7 +34,7 @@ def build_toy_assets(out_dir: str, config: str = "toy", overrides: list[str] = (
         (
             "policy",
             out / "sft" / ASSET_FILES["policy"],
-            # the committed policy trained in bf16 (1.32x faster steps; the toy policy is step-limited)
+            # the committed policy trained in bf16 (faster steps; the toy policy is compute-limited)
             lambda: train_sft(config, str(out / "sft"), ["precision=bf16", *overrides, f"sft.tokenizer={tokenizer_file}"]),
         ),
         ("reward", out / "reward" / ASSET_FILES["features"], lambda: train_reward(config, str(out / "reward"), list(overrides))),

@@ -7,8 +7,8 @@ tokenizer turns images into code sequences and the frozen text encoder turns cap
 embeddings; the policy is trained with cross-entropy on every image token, with caption
 dropout (replacing a caption by the unconditional embedding) so classifier-free guidance
 works at sampling time. With `precision=bf16` the policy's forward pass runs under bf16 autocast
-(1.32x faster steps on a CPU with avx512_bf16; the toy policy is step-limited, so the committed
-one was trained this way); codes and the loss stay fp32. The result is written as
+(faster steps on a CPU with avx512_bf16; the toy policy is compute-limited, so the committed one
+was trained this way); codes and the loss stay fp32. The result is written as
 `RUN/toy_policy.safetensors`, the format of the committed asset, and evaluated with the verifier
 on held-out prompts.
 """
