@@ -31,6 +31,13 @@ TINY_TOKENIZER = TINY_VQ + [
     "tokenizer.save_every=2",
     "tokenizer.restart_dead_codes_every=2",
 ]
+TINY_GPT = ["gpt.vocab_size=64", "gpt.dim=32", "gpt.n_layer=1", "gpt.n_head=2"]
+
+
+def tiny_sft(tokenizer_run, *settings: str) -> list[str]:
+    """Overrides of a tiny SFT run (batch 4) on the tiny tokenizer, plus `settings`."""
+    tokenizer = f"sft.tokenizer={tokenizer_run / 'toy_tokenizer.safetensors'}"
+    return [*TINY_VQ, *TINY_GPT, "sft.batch_size=4", *settings, tokenizer]
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +74,7 @@ def test_tokenizer_resume_is_exact(tmp_path):
 
 def test_sft_then_sample_then_verify(tiny_tokenizer, tmp_path):
     run = tmp_path / "sft"
-    overrides = TINY_VQ + [
-        "gpt.vocab_size=64",
-        "gpt.dim=32",
-        "gpt.n_layer=1",
-        "gpt.n_head=2",
-        "sft.steps=3",
-        "sft.batch_size=4",
-        "sft.eval_prompts=4",
-        "sft.eval_samples=4",
-        "sft.grid_every=3",
-        f"sft.tokenizer={tiny_tokenizer / 'toy_tokenizer.safetensors'}",
-    ]
+    overrides = tiny_sft(tiny_tokenizer, "sft.steps=3", "sft.eval_prompts=4", "sft.eval_samples=4", "sft.grid_every=3")
     result = train_sft("toy", str(run), overrides)
     assert result["n"] == 4 and 0 <= result["accuracy"] <= 1
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -95,19 +91,8 @@ def test_sft_then_sample_then_verify(tiny_tokenizer, tmp_path):
 def test_sft_resume_is_exact(tiny_tokenizer, tmp_path):
     set_deterministic(True)
     run = tmp_path / "sft"
-    overrides = TINY_VQ + [
-        "gpt.vocab_size=64",
-        "gpt.dim=32",
-        "gpt.n_layer=1",
-        "gpt.n_head=2",
-        "sft.steps=4",
-        "sft.warmup_steps=1",
-        "sft.batch_size=4",
-        "sft.eval_prompts=2",
-        "sft.eval_samples=2",
-        "sft.save_every=2",
-        f"sft.tokenizer={tiny_tokenizer / 'toy_tokenizer.safetensors'}",
-    ]
+    overrides = tiny_sft(tiny_tokenizer, "sft.steps=4", "sft.warmup_steps=1", "sft.eval_prompts=2", "sft.eval_samples=2",
+                         "sft.save_every=2")  # fmt: skip
     train_sft("toy", str(run), overrides)
     final = run / "checkpoints" / "step_000004"
     straight = load_file(final / "policy.safetensors")
@@ -119,7 +104,8 @@ def test_sft_resume_is_exact(tiny_tokenizer, tmp_path):
     resumed = load_file(final / "policy.safetensors")
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-    assert not torch.equal(resumed["output.weight"], load_file(run / "checkpoints" / "step_000002" / "policy.safetensors")["output.weight"])
+    at_step_2 = load_file(run / "checkpoints" / "step_000002" / "policy.safetensors")
+    assert not torch.equal(resumed["output.weight"], at_step_2["output.weight"])
 
 
 def test_tokenizer_object_weight_raises_the_pixel_loss(tmp_path):
@@ -136,18 +122,7 @@ def test_tokenizer_object_weight_raises_the_pixel_loss(tmp_path):
 def test_sft_bf16_matches_fp32_first_loss(tiny_tokenizer, tmp_path):
     def first_loss(precision):
         run = tmp_path / precision
-        overrides = TINY_VQ + [
-            f"precision={precision}",
-            "gpt.vocab_size=64",
-            "gpt.dim=32",
-            "gpt.n_layer=1",
-            "gpt.n_head=2",
-            "sft.steps=1",
-            "sft.batch_size=4",
-            "sft.eval_prompts=2",
-            "sft.eval_samples=2",
-            f"sft.tokenizer={tiny_tokenizer / 'toy_tokenizer.safetensors'}",
-        ]
+        overrides = tiny_sft(tiny_tokenizer, f"precision={precision}", "sft.steps=1", "sft.eval_prompts=2", "sft.eval_samples=2")
         train_sft("toy", str(run), overrides)
         return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
