@@ -35,6 +35,12 @@ def test_phrasings_of_one_request_encode_identically_and_order_matters():
     c, _ = encoder.encode(["a small blue square, a large red circle and a large green triangle"])
     assert torch.equal(a, b)
     assert not torch.equal(a, c)  # slots follow the caption's order
+    # the converse phrasing of a relation: slots swapped, converse relation (left of 3, right of 4)
+    left, _ = encoder.encode(["a large red circle to the left of a small blue square"])
+    right, _ = encoder.encode(["a small blue square to the right of a large red circle"])
+    assert hot(left[0, 1]) == [1, 3] and hot(right[0, 1]) == [1, 4]
+    red_circle = [SUMMARY_WIDTH + 0, SUMMARY_WIDTH + 6, SUMMARY_WIDTH + 11]
+    assert hot(left[0, 2]) == red_circle and hot(right[0, 3]) == [i + 12 for i in red_circle]
 
 
 def test_off_grammar_prompt_is_a_user_error():

@@ -8,7 +8,9 @@ as well as the content-based attention of the toy policy, which leaves text posi
     position 0        number of objects (3 one-hot) + relation (4 one-hot, or "none")
     position 1 + i    object i: colour (6) + shape (4) + size (2) one-hots
 
-Every phrasing of the same request encodes identically. Output convention as the T5 encoder:
+Phrasings that name the objects in the same order encode identically; slots follow the caption's
+order, so the converse phrasing of a relation ("a B to the right of a A") fills the object slots
+the other way round and names the converse relation. Output convention as the T5 encoder:
 left padding (the `1 + number of objects` real positions sit at the end), zeros elsewhere.
 """
 
