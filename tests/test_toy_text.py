@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ranke.runtime import UserError
-from ranke.toy.text import SUMMARY_WIDTH, ToyTextEncoder
+from ranke.toy.text import OBJECT_WIDTH, SUMMARY_WIDTH, ToyTextEncoder
 
 
 def hot(emb_row):
@@ -40,7 +40,7 @@ def test_phrasings_of_one_request_encode_identically_and_order_matters():
     right, _ = encoder.encode(["a small blue square to the right of a large red circle"])
     assert hot(left[0, 1]) == [1, 3] and hot(right[0, 1]) == [1, 4]
     red_circle = [SUMMARY_WIDTH + 0, SUMMARY_WIDTH + 6, SUMMARY_WIDTH + 11]
-    assert hot(left[0, 2]) == red_circle and hot(right[0, 3]) == [i + 12 for i in red_circle]
+    assert hot(left[0, 2]) == red_circle and hot(right[0, 3]) == [i + OBJECT_WIDTH for i in red_circle]
 
 
 def test_off_grammar_prompt_is_a_user_error():
