@@ -145,9 +145,12 @@ def describe(sft: dict, methods: list[Method]) -> str:
         parts = []
         for key, title, fmt, better in COLUMNS:
             mean, _ = mean_std([row[key] for row in finals])
-            change = mean - sft[key]
-            improved = (change > 0) == (better == "higher")
-            parts.append(f"{title} {fmt.format(sft[key])} -> {fmt.format(mean)} ({'better' if improved else 'worse'})")
+            before, after = fmt.format(sft[key]), fmt.format(mean)
+            if before == after:  # equal as printed: calling it better or worse would contradict the figures
+                verdict = "unchanged"
+            else:
+                verdict = "better" if (mean > sft[key]) == (better == "higher") else "worse"
+            parts.append(f"{title} {before} -> {after} ({verdict})")
         lines.append(f"* {method.name} ({method.decoder} decoder, {len(finals)} seed(s)): " + "; ".join(parts) + ".")
     return "\n".join(lines)
 

@@ -6,7 +6,8 @@ import json
 import re
 
 from ranke.cli import main
-from ranke.eval.report import read_eval
+from ranke.demo import describe
+from ranke.eval.report import Method, read_eval
 
 
 def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
@@ -36,3 +37,17 @@ def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
     # a second call reuses the finished runs instead of appending to them
     main(["demo", "--quick", "--out", str(out)])
     assert [row["step"] for row in read_eval(out / "runs" / "grpo_seed0")] == [4, 8]
+
+
+def test_describe_calls_changes_by_direction_and_equal_figures_unchanged(tmp_path):
+    sft = {"reward": 89.05, "clip_score": 89.26, "fd": 38.2, "verifier_accuracy": 0.487, "token_kl": 0.032}
+    final = {"step": 100, "decoder": "ema", "reward": 89.41, "clip_score": 89.11, "fd": 46.0,
+             "verifier_accuracy": 0.4871, "token_kl": 0.103}  # fmt: skip
+    (tmp_path / "eval.jsonl").write_text(json.dumps(final) + "\n")
+    text = describe(sft, [Method("RankE", "ema", [tmp_path])])
+    assert text == (
+        "* RankE (ema decoder, 1 seed(s)): reward (toy CLIP, train) 89.05 -> 89.41 (better); "
+        "CLIP score (eval toy CLIP) 89.26 -> 89.11 (worse); FD (toy features) 38.2 -> 46.0 (worse); "
+        "verifier accuracy 0.487 -> 0.487 (unchanged); token KL (nats) 0.032 -> 0.103 (worse)."
+    )
+
