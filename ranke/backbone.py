@@ -31,7 +31,7 @@ GPT_IGNORED_KEYS = ("*.kv_cache.k_cache", "*.kv_cache.v_cache", "freqs_cis", "ca
 def build_text_encoder(cfg: TextConfig, device: torch.device | str = "cpu"):
     """The frozen text encoder named by the config (`toy` or `t5`)."""
     if cfg.kind == "toy":
-        return ToyTextEncoder(cfg.dim, cfg.max_tokens, device)
+        return ToyTextEncoder(cfg.dim, cfg.max_tokens, device, cfg.toy_encoding)
     if cfg.kind == "t5":
         if not cfg.path:
             raise UserError("text.kind=t5 needs text.path=<local flan-t5-xl directory>")
@@ -53,7 +53,8 @@ def load_policy(path: str | Path | None = None, device: torch.device | str = "cp
     args, state = load_asset(path or asset_path("policy"), "policy")
     model = Transformer(GPTArgs(**args["gpt"]))
     model.load_state_dict(state)
-    return model.to(device).eval(), TextConfig(**args["text"])
+    # assets written before the toy encoding had a version used version 1
+    return model.to(device).eval(), TextConfig(**{"toy_encoding": 1, **args["text"]})
 
 
 def check_compatible(gpt: GPTArgs, vq: VQArgs, text: TextConfig, image_size: int) -> None:

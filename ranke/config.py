@@ -24,6 +24,7 @@ from ranke.eval.toy_features import ToyFeatureArgs
 from ranke.rewards.toy_clip import ToyCLIPArgs
 from ranke.runtime import UserError
 from ranke.toy.data import ToyConfig
+from ranke.toy.text import ENCODING_VERSION
 
 
 def _field_names(cls) -> list[str]:
@@ -192,6 +193,9 @@ class TextConfig:
     path: str | None = None
     max_tokens: int = 4
     dim: int = 64
+    # Version of the toy encoding a policy was trained with (policy assets carry it; only the
+    # current one can be built, so an asset from before a change fails clearly instead of quietly).
+    toy_encoding: int = ENCODING_VERSION
 
 
 @dataclass
@@ -217,11 +221,14 @@ class BackboneConfig:
 
 @dataclass
 class SamplingConfig:
-    """Defaults for `ranke sample` / evaluation rollouts."""
+    """Defaults for `ranke sample` / evaluation rollouts: the toy world's. The LlamaGen and Janus
+    presets (configs/*.yaml) set their own (cfg 6 / 5, top-k 1000)."""
 
     cfg_scale: float = 3.0
     temperature: float = 1.0
-    top_k: int = 0
+    # 16 of the toy's 256 codes, the share of LlamaGen's top-k 1000 of 16384; +0.02-0.03 verifier
+    # accuracy over no top-k for every toy policy measured (docs/benchmarks.md)
+    top_k: int = 16
     top_p: float = 1.0
 
 
@@ -265,7 +272,7 @@ class SFTConfig:
     """`ranke sft`: next-token training of the policy on (caption, tokenizer codes)."""
 
     # batch 64: far better samples than 32 for the same compute (docs/benchmarks.md, "Toy recipes")
-    steps: int = 6400
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
