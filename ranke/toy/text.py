@@ -16,8 +16,9 @@ learned by some SFT runs and not others; docs/benchmarks.md).
 
 Phrasings that name the objects in the same order encode identically; slots follow the caption's
 order, so the converse phrasing of a relation ("a B to the right of a A") fills the object slots
-the other way round and names the converse relation (the roles stay with their objects). Output convention as the T5 encoder:
-left padding (the `1 + number of objects` real positions sit at the end), zeros elsewhere.
+the other way round and names the converse relation (the roles stay with their objects).
+Output convention as the T5 encoder: left padding (the `1 + number of objects` real positions
+sit at the end), zeros elsewhere.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from __future__ import annotations
 import torch
 
 from ranke.runtime import UserError
-from ranke.toy.captions import parse_caption
+from ranke.toy.captions import CONVERSE, parse_caption
 from ranke.toy.scenes import COLORS, RELATIONS, SHAPES, SIZES
 
 ENCODING_VERSION = 2  # 1: no object roles (policy assets before 2026-11-29)
 MAX_OBJECTS = 3
 SUMMARY_WIDTH = MAX_OBJECTS + len(RELATIONS) + 1
 OBJECT_WIDTH = len(COLORS) + len(SHAPES) + len(SIZES) + len(RELATIONS)
-CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 ENCODED_WIDTH = SUMMARY_WIDTH + MAX_OBJECTS * OBJECT_WIDTH
 
 
