@@ -50,4 +50,3 @@ def test_describe_calls_changes_by_direction_and_equal_figures_unchanged(tmp_pat
         "CLIP score (eval toy CLIP) 89.26 -> 89.11 (worse); FD (toy features) 38.2 -> 46.0 (worse); "
         "verifier accuracy 0.487 -> 0.487 (unchanged); token KL (nats) 0.032 -> 0.103 (worse)."
     )
-
