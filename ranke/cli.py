@@ -47,7 +47,7 @@ def cmd_demo(args) -> None:
     from ranke.demo import run_demo
 
     preset = "quick" if args.quick else "full" if args.full else "default"
-    run_demo(args.out, preset, args.config, args.overrides)
+    run_demo(args.out, preset, args.config, args.overrides, workers=args.workers)
 
 
 def cmd_check_checkpoint(args) -> None:
@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a 2-3 minute version (few steps, small evaluation)")
-    size.add_argument("--full", action="store_true", help="3 seeds and the ablations")
+    size.add_argument("--full", action="store_true", help="5 paired seeds, the ablations and the mechanism runs")
+    p.add_argument("--workers", type=int, default=2, help="post-training runs at a time (default: 2)")
     p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="posttrain config overrides")
     p.set_defaults(func=cmd_demo)

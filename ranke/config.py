@@ -363,6 +363,7 @@ class PosttrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_samples: int = 500  # held-out prompts per evaluation; 0: no evaluation
     eval_seed: int = 0  # sampling seed of every evaluation, the same across runs and training seeds
+    eval_split: str = "heldout"  # heldout (report) | validation (choosing settings: sweeps)
 
 
 @dataclass

@@ -4,13 +4,18 @@ From the committed toy SFT policy and tokenizer, it evaluates the starting point
 GRPO (`mode=policy`, frozen decoder) and RankE (`mode=both`) for the same number of steps from
 the same start with the same seeds, evaluating every `eval_every` steps on the same held-out
 prompts with the same sampling seed, and writes `report.md` / `report.html` with the results
-table, curves, a reward-vs-FD plot and side-by-side samples. `--full` runs three seeds and the
-ablations (uniform GAN weights, no EMA-consistency anchor, decoder stage only).
+table, curves, a reward-vs-FD plot and side-by-side samples. The runs go to worker processes
+(`ranke.workers`, two at a time on two cores); a rerun reuses finished runs and continues the
+others. `--full` runs five paired seeds of GRPO and RankE, three seeds of each ablation (rank-
+weighted vs uniform GAN at K = 4, no EMA-consistency anchor, decoder stage only) and of the
+mechanism runs (the decoder stage alone on each of three final GRPO policies), and measures how
+each trained decoder renders ground-truth codes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +24,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 from ranke import config as config_lib  # noqa: E402
+from ranke.assets import save_asset  # noqa: E402
 from ranke.backbone import load_toy_backbone  # noqa: E402
 from ranke.config import RunConfig  # noqa: E402
 from ranke.eval.evaluate import Evaluator  # noqa: E402
@@ -36,9 +43,11 @@ from ranke.eval.report import (  # noqa: E402
     results_table,
     write_report,
 )
+from ranke.generate import load_backbone  # noqa: E402
 from ranke.runtime import UserError, select_device  # noqa: E402
 from ranke.train.logging import save_image_grid  # noqa: E402
-from ranke.train.posttrain import train_posttrain  # noqa: E402
+from ranke.train import state as state_lib  # noqa: E402
+from ranke.workers import Job, run_jobs  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -46,16 +55,16 @@ class DemoPreset:
     """What a demo size changes on top of the config's `posttrain` section (configs/toy.yaml)."""
 
     overrides: tuple[str, ...]
-    seeds: tuple[int, ...]
-    ablations: bool
+    seeds: tuple[int, ...]  # paired seeds of GRPO and RankE
+    ablation_seeds: tuple[int, ...] = ()  # seeds of each ablation and of the mechanism runs; () = none
 
 
 PRESETS = {
     "quick": DemoPreset(
-        ("steps=8", "prompts_per_step=4", "group_size=4", "eval_samples=64", "eval_every=4", "disc_start=2"), (0,), False
+        ("steps=8", "prompts_per_step=4", "group_size=4", "eval_samples=64", "eval_every=4", "disc_start=2"), (0,)
     ),
-    "default": DemoPreset((), (0,), False),
-    "full": DemoPreset((), (0, 1, 2), True),
+    "default": DemoPreset(("steps=100",), (0,)),
+    "full": DemoPreset((), (0, 1, 2, 3, 4), (0, 1, 2)),
 }
 
 # name, posttrain overrides, decoder of its table row, extra decoder rows, what it is
@@ -71,9 +80,15 @@ ABLATIONS = (
     ("RankE, no EMA anchor", ["mode=both", "consistency_weight=0"], "ema", [], "without L_consist"),
     ("decoder only", ["mode=decoder"], "ema", [], "decoder stage alone, policy frozen at SFT"),
 )
+# The mechanism (does the frozen decoder fail on the shifted tokens?): the decoder stage alone,
+# started from a finished GRPO run's final policy, so the same policy's tokens are decoded by the
+# frozen and by an adapted decoder.
+ADAPTED = ("GRPO policy, adapted decoder", ["mode=decoder"], "ema", [], "decoder stage alone on the final GRPO policy's rollouts")
 
 
-def run_demo(out_dir: str, preset_name: str = "default", config: str = "toy", overrides: list[str] = ()) -> dict:
+def run_demo(
+    out_dir: str, preset_name: str = "default", config: str = "toy", overrides: list[str] = (), workers: int = 2
+) -> dict:
     if preset_name not in PRESETS:
         raise UserError(f"unknown demo preset '{preset_name}' (one of: {', '.join(PRESETS)})")
     preset = PRESETS[preset_name]
@@ -86,30 +101,82 @@ def run_demo(out_dir: str, preset_name: str = "default", config: str = "toy", ov
     if pcfg.eval_samples < 2:
         raise UserError("the demo evaluates its runs: set eval_samples >= 2")
     device = select_device(cfg.device)
+    threads = max(1, (os.cpu_count() or 1) // workers)
 
     print(f"demo[{preset_name}]: evaluating the SFT starting point on {pcfg.eval_samples} held-out prompts")
     backbone, _ = load_toy_backbone(pcfg.policy, pcfg.tokenizer, device)
     evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed)
-    sft = evaluator(backbone, preview=32)
+    sft = {**evaluator(backbone, preview=32), **evaluator.reconstruction(backbone.tokenizer)}
     (out / "sft_metrics.json").write_text(json.dumps(sft, indent=2))
     save_image_grid(evaluator.preview, out / "sft_samples.png", nrow=8)
 
-    methods, commands = [], []
-    for name, method_overrides, decoder, extra, note in METHODS + (ABLATIONS if preset.ablations else ()):
-        runs = []
-        for seed in preset.seeds:
-            run = out / "runs" / f"{_slug(name)}_seed{seed}"
-            run_settings = [*settings, *method_overrides, f"seed={seed}"]
-            commands.append(f"ranke posttrain --config {config} --out {run} " + " ".join(run_settings))
-            print(f"demo[{preset_name}]: {name}, seed {seed} ({pcfg.steps} steps)")
-            train_posttrain(config, str(run), run_settings, resume=True)  # a rerun reuses finished runs
-            runs.append(run)
-        methods.append(Method(name, decoder, runs, note, extra))
+    studied = [(method, preset.seeds) for method in METHODS] + [(method, preset.ablation_seeds) for method in ABLATIONS]
+    methods, jobs = _method_jobs(out, studied, settings)
+    _run_unfinished(jobs, config, workers, threads, pcfg.steps, preset_name)
+    if preset.ablation_seeds:  # the mechanism runs start from the GRPO runs' final policies
+        grpo_runs = dict(zip(preset.seeds, methods[0].runs))
+        adapted_settings = {seed: [f"policy={export_final_policy(grpo_runs[seed])}"] for seed in preset.ablation_seeds}
+        adapted, adapted_jobs = _method_jobs(out, [(ADAPTED, preset.ablation_seeds)], settings, adapted_settings)
+        _run_unfinished(adapted_jobs, config, workers, threads, pcfg.steps, preset_name)
+        methods, jobs = methods + adapted, jobs + adapted_jobs
 
+    mechanism = decoder_mechanism(evaluator, methods, device)
+    (out / "mechanism.json").write_text(json.dumps(mechanism, indent=2))
+    commands = [" ".join(["ranke posttrain", "--config", config, "--out", str(job.run), *job.overrides]) for job in jobs]
     minutes = (time.perf_counter() - started) / 60
     report_paths = build_report(out, sft, methods, preset_name, pcfg, preset.seeds, commands, minutes)
     print(f"demo[{preset_name}]: {minutes:.1f} min -> {report_paths[0]} and {report_paths[1]}")
     return {"report": str(report_paths[0]), "html": str(report_paths[1]), "minutes": round(minutes, 2)}
+
+
+def _run_unfinished(jobs: list[Job], config: str, workers: int, threads: int, steps: int, preset_name: str) -> None:
+    """Run the jobs whose latest checkpoint is not yet at `steps` (the others are done: a rerun of
+    the demo reuses them); each continues from its latest checkpoint."""
+    todo = [job for job in jobs if _checkpoint_step(job.run) < steps]
+    if todo:
+        print(f"demo[{preset_name}]: {len(todo)} of {len(jobs)} runs to do ({steps} steps), {workers} at a time")
+        run_jobs(todo, config, workers, threads)
+
+
+def _checkpoint_step(run: Path) -> int:
+    latest = state_lib.latest_checkpoint(run)
+    return 0 if latest is None else json.loads((latest / state_lib.MANIFEST).read_text())["step"]
+
+
+def _method_jobs(out: Path, studied, settings, per_seed: dict[int, list[str]] | None = None) -> tuple[list[Method], list[Job]]:
+    """A `Method` per (method, seeds) and a posttrain job per seed (run directory OUT/runs/<slug>_seed<s>)."""
+    methods, jobs = [], []
+    for (name, method_overrides, decoder, extra, note), seeds in studied:
+        if not seeds:
+            continue
+        runs = [out / "runs" / f"{_slug(name)}_seed{seed}" for seed in seeds]
+        for seed, run in zip(seeds, runs):
+            extra_settings = (per_seed or {}).get(seed, [])
+            jobs.append(Job(run, (*settings, *method_overrides, *extra_settings, f"seed={seed}")))
+        methods.append(Method(name, decoder, runs, note, extra))
+    return methods, jobs
+
+
+def export_final_policy(run: Path) -> Path:
+    """The online policy of a post-training run's latest checkpoint as a policy asset (fp32),
+    `RUN/final_policy.safetensors`, so another run can start from it (`posttrain.policy`)."""
+    target = run / "final_policy.safetensors"
+    if not target.is_file():
+        backbone, cfg = load_backbone(str(run), torch.device("cpu"))
+        save_asset(target, "policy", {"gpt": cfg.gpt, "text": cfg.text}, backbone.policy.state_dict(), dtype=torch.float32)
+    return target
+
+
+def decoder_mechanism(evaluator: Evaluator, methods: list[Method], device) -> dict:
+    """Per run with a trained decoder: how its EMA decoder renders the ground-truth codes of the
+    held-out images (`Evaluator.reconstruction`), beside the base decoder's figures."""
+    rows = {}
+    for method in methods:
+        for run in method.runs:
+            if method.decoder == "ema":
+                backbone, _ = load_backbone(str(run), device, decoder="ema")
+                rows[run.name] = {"method": method.name, **evaluator.reconstruction(backbone.tokenizer)}
+    return rows
 
 
 def _slug(name: str) -> str:

@@ -21,7 +21,7 @@ from ranke.models.vq import to_model_range
 from ranke.rewards.toy_clip import load_toy_clip
 from ranke.runtime import UserError
 from ranke.toy.captions import CaptionSpec, parse_caption
-from ranke.toy.data import heldout_scenes
+from ranke.toy.data import heldout_scenes, split_scenes_and_prompts
 from ranke.toy.render import render_scenes
 from ranke.toy.verifier import score_image, summarize
 
@@ -130,3 +130,42 @@ def test_metrics_table_is_one_row():
     assert lines[0] == "| model | n | reward | clip_score | fd | verifier_accuracy | token_kl | token_entropy |"
     assert lines[1] == "|---|---|---|---|---|---|---|---|"
     assert lines[2] == "| sft | 1000 | 55.13 | 54.47 | 71.49 | 0.043 | 0.0375 | 9.70 |"
+
+
+def test_validation_split_is_its_own_fixed_set():
+    """Settings are chosen on the validation prompts: fixed, and none of them a held-out scene."""
+    cfg = RunConfig().toy
+    scenes, prompts = split_scenes_and_prompts("validation", cfg)
+    again_scenes, again_prompts = split_scenes_and_prompts("validation", cfg)
+    assert prompts == again_prompts and len(prompts) == cfg.validation_size
+    assert [CaptionSpec.from_scene(s).canonical() for s in scenes] == [parse_caption(p).canonical() for p in prompts]
+    heldout = split_scenes_and_prompts("heldout", cfg)
+    assert heldout[0] == heldout_scenes(cfg)
+    assert not set(map(repr, scenes)) & set(map(repr, heldout[0]))
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        split_scenes_and_prompts("test", cfg)
+    with pytest.raises(UserError, match="unknown split"):
+        Evaluator(RunConfig(), "cpu", n=4, split="test")
+
+
+def test_validation_evaluator_scores_the_validation_prompts(one_thread):
+    evaluator = Evaluator(RunConfig(), "cpu", n=3, split="validation")
+    assert evaluator.prompts == split_scenes_and_prompts("validation", RunConfig().toy)[1][:3]
+
+
+def test_reconstruction_is_psnr_and_fd_of_decoded_ground_truth_codes(backbone_and_evaluator):
+    backbone, evaluator = backbone_and_evaluator
+    result = evaluator.reconstruction(backbone.tokenizer)
+    with torch.no_grad():
+        images = quantize(backbone.decode(evaluator.real_codes).float())
+    real = evaluator.real_images.float() / 255.0
+    mse = (images - real).pow(2).flatten(1).mean(dim=1)
+    assert result["recon_psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-6)
+    features = load_toy_features(asset_path("features"))(images)
+    assert result["recon_fd"] == pytest.approx(frechet_distance_from_features(features, evaluator.real_features), rel=1e-6)
+    # a decoder that renders every code as mid grey is far worse on both
+    grey = copy.deepcopy(backbone.tokenizer)
+    torch.nn.init.zeros_(grey.decoder.conv_out.weight)
+    torch.nn.init.zeros_(grey.decoder.conv_out.bias)
+    worse = evaluator.reconstruction(grey)
+    assert worse["recon_psnr"] < result["recon_psnr"] - 3 and worse["recon_fd"] > result["recon_fd"]

@@ -43,11 +43,11 @@ from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits
 from ranke.eval.toy_features import load_toy_features
 from ranke.generate import batch_seed, load_backbone, process_rows
 from ranke.models.gpt import Transformer
-from ranke.models.vq import VQModel, to_model_range
+from ranke.models.vq import VQModel, to_model_range, to_unit_range
 from ranke.rewards.toy_clip import load_toy_clip
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.captions import parse_caption
-from ranke.toy.data import heldout_prompts, heldout_scenes
+from ranke.toy.data import split_scenes_and_prompts
 from ranke.toy.render import render_scenes
 from ranke.toy.verifier import score_image, summarize
 from ranke.train.logging import save_image_grid
@@ -70,7 +70,8 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 class Evaluator:
-    """Scores a backbone on the first `n` held-out prompts; build once, call many times.
+    """Scores a backbone on the first `n` prompts of a split (`heldout`, or `validation` for
+    choosing settings); build once, call many times.
 
     `tokenizer` encodes the real images into ground-truth codes (default: the base tokenizer
     `cfg.posttrain.tokenizer`, None meaning the committed toy tokenizer). `sampling` defaults to
@@ -87,10 +88,14 @@ class Evaluator:
         sampling: SamplingConfig | None = None,
         tokenizer: VQModel | None = None,
         split_over_processes: bool = False,
+        split: str = "heldout",
     ):
-        prompts = heldout_prompts(cfg.toy)
+        try:
+            scenes, prompts = split_scenes_and_prompts(split, cfg.toy)
+        except ValueError as err:
+            raise UserError(str(err)) from None
         if not 2 <= n <= len(prompts):
-            raise UserError(f"--n must be between 2 and the {len(prompts)} held-out prompts (toy.heldout_size), got {n}")
+            raise UserError(f"--n must be between 2 and the {len(prompts)} {split} prompts (toy.{split}_size), got {n}")
         if batch_size < 1:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         self.device = torch.device(device)
@@ -105,7 +110,7 @@ class Evaluator:
         tokenizer = tokenizer or load_tokenizer(cfg.posttrain.tokenizer, self.device)
         self.codebook_size = tokenizer.args.codebook_size
 
-        real = torch.from_numpy(render_scenes(heldout_scenes(cfg.toy)[:n], cfg.toy.image_size, cfg.toy.supersample))
+        real = torch.from_numpy(render_scenes(scenes[:n], cfg.toy.image_size, cfg.toy.supersample))
         real = real.permute(0, 3, 1, 2)
         feature_chunks, code_chunks = [], []
         with torch.no_grad():
@@ -113,6 +118,7 @@ class Evaluator:
                 feature_chunks.append(self.features(chunk))
                 pixels = to_model_range(chunk.float().div(255.0).to(self.device))
                 code_chunks.append(tokenizer.encode_codes(pixels).flatten(1).cpu())
+        self.real_images = real  # uint8 [n, 3, H, W]
         self.real_features = np.concatenate(feature_chunks)
         self.real_codes = torch.cat(code_chunks)
         self.real_histogram = code_histogram(self.real_codes, self.codebook_size)
@@ -163,6 +169,23 @@ class Evaluator:
             "cfg_scale": self.sampling.cfg_scale,
             "seed": self.seed,
             "seconds": round(time.perf_counter() - start, 1),
+        }
+
+    @torch.no_grad()
+    def reconstruction(self, decoder: VQModel) -> dict:
+        """How `decoder` renders the ground-truth codes of the real images (the inputs a frozen
+        decoder was trained on): PSNR in dB and FD of the 8-bit reconstructions to the images.
+        The co-evolved decoder's reconstruction anchor is meant to keep both where the base
+        decoder has them."""
+        reconstructions, squared_errors = [], []
+        for codes, real in zip(self.real_codes.split(self.batch_size), self.real_images.split(self.batch_size)):
+            image = quantize(to_unit_range(decoder.decode_codes(codes.to(self.device))).float())
+            reconstructions.append(self.features(image))
+            squared_errors.append((image.cpu() - real.float().div(255.0)).pow(2).flatten(1).mean(dim=1))
+        mse = torch.cat(squared_errors)
+        return {
+            "recon_psnr": float((10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean()),
+            "recon_fd": frechet_distance_from_features(np.concatenate(reconstructions), self.real_features),
         }
 
     def _score_rows(self, backbone, policy, decoder, batch, begin, end, first, last, preview) -> dict:

@@ -28,6 +28,9 @@ class ToyConfig:
     heldout_seed: int = 1_000_003
     reference_size: int = 2000
     reference_seed: int = 2_000_003
+    # prompts for choosing settings (sweeps, presets): never the held-out evaluation prompts
+    validation_size: int = 2000
+    validation_seed: int = 3_000_003
     supersample: int = 4  # anti-aliasing samples per pixel side when rendering
 
 
@@ -64,6 +67,20 @@ def heldout_scenes(cfg: ToyConfig = ToyConfig()) -> list[Scene]:
 def heldout_prompts(cfg: ToyConfig = ToyConfig()) -> list[str]:
     """The fixed held-out prompts: one caption per held-out scene."""
     return list(_heldout(cfg.heldout_size, cfg.heldout_seed)[1])
+
+
+SPLITS = ("heldout", "validation")
+
+
+def split_scenes_and_prompts(split: str, cfg: ToyConfig = ToyConfig()) -> tuple[list[Scene], list[str]]:
+    """The scenes and prompts of a fixed split: `heldout` (evaluation, the toy COCO-30K) or
+    `validation` (drawn the same way from its own seed, for choosing settings without touching
+    the evaluation prompts)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}' (one of: {', '.join(SPLITS)})")
+    size, seed = (cfg.heldout_size, cfg.heldout_seed) if split == "heldout" else (cfg.validation_size, cfg.validation_seed)
+    scenes, prompts = _heldout(size, seed)
+    return list(scenes), list(prompts)
 
 
 @functools.lru_cache(maxsize=4)

@@ -561,7 +561,9 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     if pcfg.eval_samples and main_process and toy_world:
         from ranke.eval.evaluate import Evaluator
 
-        evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=models.vq_ema.module)
+        evaluator = Evaluator(
+            cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=models.vq_ema.module, split=pcfg.eval_split
+        )
 
     metrics, evaluations = MetricsWriter(run / "metrics.jsonl"), MetricsWriter(run / "eval.jsonl")
     if main_process:

@@ -1,0 +1,5 @@
+"""`python -m ranke ...` is the `ranke` command (worker processes use it)."""
+
+from ranke.cli import main
+
+main()
