@@ -26,7 +26,7 @@ from ranke import config as config_lib  # noqa: E402
 from ranke.backbone import load_toy_backbone  # noqa: E402
 from ranke.config import RunConfig  # noqa: E402
 from ranke.eval.evaluate import Evaluator  # noqa: E402
-from ranke.runtime import select_device  # noqa: E402
+from ranke.runtime import autocast, select_device  # noqa: E402
 from ranke.workers import Job, run_jobs  # noqa: E402
 
 COMMON = (
@@ -54,7 +54,8 @@ def sft_validation(out: Path, config: str) -> dict:
         device = select_device(cfg.device)
         backbone, _ = load_toy_backbone(cfg.posttrain.policy, cfg.posttrain.tokenizer, device)
         evaluator = Evaluator(cfg, device, n=cfg.posttrain.eval_samples, seed=cfg.posttrain.eval_seed, split="validation")
-        path.write_text(json.dumps(evaluator(backbone), indent=2))
+        with autocast(device, cfg.precision):  # as the runs' own evaluations
+            path.write_text(json.dumps(evaluator(backbone), indent=2))
     return json.loads(path.read_text())
 
 

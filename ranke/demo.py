@@ -44,7 +44,7 @@ from ranke.eval.report import (  # noqa: E402
     write_report,
 )
 from ranke.generate import load_backbone  # noqa: E402
-from ranke.runtime import UserError, select_device  # noqa: E402
+from ranke.runtime import UserError, autocast, select_device  # noqa: E402
 from ranke.train.logging import save_image_grid  # noqa: E402
 from ranke.train import state as state_lib  # noqa: E402
 from ranke.workers import Job, run_jobs  # noqa: E402
@@ -63,8 +63,8 @@ PRESETS = {
     "quick": DemoPreset(
         ("steps=8", "prompts_per_step=4", "group_size=4", "eval_samples=64", "eval_every=4", "disc_start=2"), (0,)
     ),
-    "default": DemoPreset(("steps=100",), (0,)),
-    "full": DemoPreset((), (0, 1, 2, 3, 4), (0, 1, 2)),
+    "default": DemoPreset(("precision=bf16", "steps=100"), (0,)),
+    "full": DemoPreset(("precision=bf16",), (0, 1, 2, 3, 4), (0, 1, 2)),
 }
 
 # name, posttrain overrides, decoder of its table row, extra decoder rows, what it is
@@ -106,7 +106,8 @@ def run_demo(
     print(f"demo[{preset_name}]: evaluating the SFT starting point on {pcfg.eval_samples} held-out prompts")
     backbone, _ = load_toy_backbone(pcfg.policy, pcfg.tokenizer, device)
     evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed)
-    sft = {**evaluator(backbone, preview=32), **evaluator.reconstruction(backbone.tokenizer)}
+    with autocast(device, cfg.precision):  # the runs are evaluated under their precision too
+        sft = {**evaluator(backbone, preview=32), **evaluator.reconstruction(backbone.tokenizer)}
     (out / "sft_metrics.json").write_text(json.dumps(sft, indent=2))
     save_image_grid(evaluator.preview, out / "sft_samples.png", nrow=8)
 
