@@ -21,16 +21,16 @@ import torch
 from sampling import generate_flops  # benchmarks/sampling.py
 
 from ranke.algo.grpo import group_advantages
-from ranke.backbone import Backbone
+from ranke.backbones import Backbone
 from ranke.config import PosttrainConfig, SamplingConfig
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import VQ_PRESETS, VQModel
-from ranke.rewards.build import build_reward
-from ranke.train import state as state_lib
 from ranke.parallel import Shard
+from ranke.rewards.build import build_reward
 from ranke.runtime import autocast
+from ranke.train import state as state_lib
 from ranke.train.posttrain import Models, Optimizers, collect_rollout, decoder_stage, policy_stage
 
 

@@ -51,7 +51,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_check_checkpoint(args) -> None:
-    from ranke.backbone import GPT_IGNORED_KEYS
+    from ranke.backbones.llamagen import GPT_IGNORED_KEYS
     from ranke.models.gpt import GPT_PRESETS, Transformer
     from ranke.models.load import check_checkpoint_report
     from ranke.models.vq import VQ_PRESETS, VQModel

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ranke import config as config_lib  # noqa: E402
-from ranke.backbone import load_toy_backbone  # noqa: E402
+from ranke.backbones import load_toy_backbone  # noqa: E402
 from ranke.config import RunConfig  # noqa: E402
 from ranke.eval.evaluate import Evaluator  # noqa: E402
 from ranke.eval.report import (  # noqa: E402
@@ -36,8 +36,8 @@ from ranke.eval.report import (  # noqa: E402
     results_table,
     write_report,
 )
+from ranke.images import save_image_grid  # noqa: E402
 from ranke.runtime import UserError, select_device  # noqa: E402
-from ranke.train.logging import save_image_grid  # noqa: E402
 from ranke.train.posttrain import train_posttrain  # noqa: E402
 
 

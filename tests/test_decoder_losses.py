@@ -18,7 +18,6 @@ from ranke.algo.decoder import (
     soft_codes,
     soft_token_consistency_loss,
 )
-from ranke.runtime import UserError
 
 
 def test_select_top_k_orders_best_first_with_stable_ties():
@@ -140,7 +139,7 @@ def test_consistency_weight_schedules():
     # cosine at t = 1/4: 10 * (1 - cos(pi / 4)) / 2 = 1.4644661
     assert consistency_weight(125, "cosine", **ramp) == pytest.approx(5 * (1 - math.cos(math.pi / 4)))
     assert consistency_weight(150, "cosine", **ramp) == pytest.approx(5.0)
-    with pytest.raises(UserError, match="none, linear, cosine"):
+    with pytest.raises(ValueError, match="none, linear, cosine"):
         consistency_weight(0, "step")
 
 

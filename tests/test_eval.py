@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ranke.assets import asset_path
-from ranke.backbone import load_toy_backbone
+from ranke.backbones import load_toy_backbone
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator, metrics_table, quantize
 from ranke.eval.fid import frechet_distance_from_features

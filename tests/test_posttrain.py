@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from ranke.assets import asset_path
+from ranke.checkpoint import latest_checkpoint, load_checkpoint
 from ranke.cli import main
 from ranke.train.posttrain import train_posttrain
-from ranke.train.state import latest_checkpoint, load_checkpoint
 
 TINY = ["prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0", "deterministic=true", "seed=3"]
 

@@ -14,8 +14,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ranke.runtime import UserError
-
 
 def select_top_k(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """METHOD.md "Rank selection": indices [B, k] of each prompt's k best rollouts out of G.
@@ -138,7 +136,7 @@ def consistency_weight(
     `end_step`, then `end_value`; the cosine ramp is start + (end - start) * (1 - cos(pi t)) / 2.
     """
     if schedule not in CONSISTENCY_SCHEDULES:
-        raise UserError(f"unknown consistency schedule '{schedule}'; choose one of {', '.join(CONSISTENCY_SCHEDULES)}")
+        raise ValueError(f"unknown consistency schedule '{schedule}'; choose one of {', '.join(CONSISTENCY_SCHEDULES)}")
     if schedule == "none" or step >= end_step:
         return end_value
     if step <= start_step:

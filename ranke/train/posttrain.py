@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
 from ranke.algo.decoder import (
     consistency_weight,
@@ -53,13 +54,13 @@ from ranke.algo.vqgan import (
     hinge_generator_loss,
     reconstruction_loss,
 )
-from ranke.backbone import Backbone, load_configured_backbone
+from ranke.backbones import Backbone, load_configured_backbone
 from ranke.config import PosttrainConfig, RunConfig
-from ranke.generate import read_prompts
+from ranke.data import read_prompts
+from ranke.images import save_image_grid
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import to_model_range, to_unit_range
-from ranke.rewards.build import build_reward
 from ranke.parallel import (
     Shard,
     average_gradients,
@@ -74,10 +75,11 @@ from ranke.parallel import (
     uses_fsdp,
     whole_weights,
 )
+from ranke.rewards.build import build_reward
 from ranke.runtime import UserError, autocast, progress, set_deterministic
 from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, save_image_grid, start_run
+from ranke.train.logging import MetricsWriter, start_run
 
 MODES = ("policy", "decoder", "both")
 REFERENCES = ("frozen", "ema")
@@ -527,11 +529,11 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     if main_process:
         config_lib.save(cfg, run / "config.yaml")
     start_step = 0
-    latest = state_lib.latest_checkpoint(run)
+    latest = checkpoint_lib.latest_checkpoint(run)
     if latest is not None and not resume:
         raise UserError(f"{run} already holds checkpoints; pass --resume to continue it, or choose a new --out")
     if latest is not None:
-        tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
+        tensors, trainer_state, _ = checkpoint_lib.load_checkpoint(latest)
         restore_weights(models, tensors)
     if pcfg.policy_grad_checkpointing:
         models.policy.enable_gradient_checkpointing()
@@ -643,14 +645,14 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
             tensors = checkpoint_tensors(models)
             trainer_state = trainer_state_of(models, optimizers, step + 1, reward, generators, prompt_source, sharding)
             if main_process:
-                state_lib.save_checkpoint(
+                checkpoint_lib.save_checkpoint(
                     run, step + 1, tensors, trainer_state, (run / "config.yaml").read_text(),
                     keep_last=pcfg.keep_checkpoints or None,
                 )  # fmt: skip
         accelerator.wait_for_everyone()
     if tensorboard is not None:
         tensorboard.close()
-    final = state_lib.latest_checkpoint(run)
+    final = checkpoint_lib.latest_checkpoint(run)
     if main_process:
         print(f"posttrain: {pcfg.steps} steps (mode={pcfg.mode}) -> {final}")
     return {"checkpoint": str(final), "steps": pcfg.steps}
