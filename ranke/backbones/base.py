@@ -76,7 +76,8 @@ class Backbone:
         row_offset: int = 0,
         total_rows: int | None = None,
     ) -> SampleOutput:
-        return generate(
+        """Image tokens [B, N] for encoded prompts, drawn with the `sampling` settings (`generate_tokens`)."""
+        return self.generate_tokens(
             policy or self.policy,
             text_emb,
             text_mask,
@@ -89,6 +90,10 @@ class Backbone:
             row_offset=row_offset,
             total_rows=total_rows,
         )
+
+    def generate_tokens(self, policy, text_emb: torch.Tensor, text_mask: torch.Tensor, **settings) -> SampleOutput:
+        """The family's sampler: `ranke.sampling.generate` (CFG + KV cache) for LlamaGen-layout policies."""
+        return generate(policy, text_emb, text_mask, **settings)
 
     def token_logprobs(self, policy: Transformer, text_emb, text_mask, tokens, return_entropy: bool = False):
         """Teacher-forced log pi(z_t | z_<t, y) [B, N] of `tokens` (and entropies), differentiable."""

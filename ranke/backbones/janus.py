@@ -14,7 +14,6 @@ import torch
 from transformers import DynamicCache, JanusForConditionalGeneration, JanusProcessor
 
 from ranke.backbones.base import Backbone
-from ranke.config import SamplingConfig
 from ranke.models.janus import JanusDecoder, JanusPolicy, JanusPrompts, positions_from_mask
 from ranke.runtime import UserError
 from ranke.sampling import SampleOutput, check_sampling_settings, guided_sampling_step
@@ -87,32 +86,9 @@ class JanusBackbone(Backbone):
     def image_size(self) -> int:
         return self.tokenizer.args.image_size
 
-    def sample(
-        self,
-        text_emb: torch.Tensor,
-        text_mask: torch.Tensor,
-        sampling: SamplingConfig,
-        generator: torch.Generator,
-        policy: JanusPolicy | None = None,
-        return_logprobs: bool = False,
-        row_offset: int = 0,
-        total_rows: int | None = None,
-    ) -> SampleOutput:
+    def generate_tokens(self, policy: JanusPolicy, text_emb: torch.Tensor, text_mask: torch.Tensor, **settings):
         """Image tokens for prompt ids `text_emb` [B, T] with mask `text_mask` (from `encode_prompts`)."""
-        return generate_janus(
-            policy or self.policy,
-            text_emb,
-            text_mask,
-            self.text_encoder.unconditional(text_emb),
-            cfg_scale=sampling.cfg_scale,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            generator=generator,
-            return_logprobs=return_logprobs,
-            row_offset=row_offset,
-            total_rows=total_rows,
-        )
+        return generate_janus(policy, text_emb, text_mask, self.text_encoder.unconditional(text_emb), **settings)
 
 
 def _check_janus_directory(path: Path) -> None:
