@@ -447,7 +447,7 @@ def read_coco_captions(path: str | Path, n: int | None = None, one_per_image: bo
 
 def read_eval_prompts(path: str | Path, n: int | None = None, one_per_image: bool = True, seed: int = 0) -> list[str]:
     """Evaluation prompts: COCO captions (.json, see `read_coco_captions`) or a prompt file
-    (.txt/.csv/.jsonl, `ranke.generate.read_prompts`; the first `n` in file order, no shuffle)."""
+    (.txt/.csv/.jsonl, `read_prompts`; the first `n` in file order, no shuffle)."""
     if Path(path).suffix == ".json":
         return read_coco_captions(path, n, one_per_image, seed)
     return first_n(read_prompts(path), n, Path(path))

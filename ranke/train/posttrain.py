@@ -17,7 +17,7 @@ One step, for B prompts with their real images:
 Written on accelerate (single process by default; several processes split the prompts, with the
 policy in DDP or sharded by FSDP, `ranke.parallel`); `precision=bf16` runs the forward passes under
 autocast. Every step appends to `metrics.jsonl` and TensorBoard; checkpoints are atomic
-(`ranke.train.state`) and `--resume` continues bit-exactly.
+(`ranke.checkpoint`) and `--resume` continues bit-exactly.
 """
 
 from __future__ import annotations
