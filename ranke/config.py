@@ -20,8 +20,8 @@ import yaml
 
 from ranke.models.gpt import GPT_PRESETS, GPTArgs
 from ranke.models.vq import VQ_PRESETS, VQArgs
-from ranke.eval.toy_features import ToyFeatureArgs
 from ranke.rewards.toy_clip import ToyCLIPArgs
+from ranke.rewards.toy_features import ToyFeatureArgs
 from ranke.runtime import UserError
 from ranke.toy.data import ToyConfig
 from ranke.toy.text import ENCODING_VERSION

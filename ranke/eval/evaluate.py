@@ -41,12 +41,12 @@ from ranke.backbones.toy import load_tokenizer
 from ranke.config import RunConfig, SamplingConfig
 from ranke.eval.fid import frechet_distance_from_features
 from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits, token_kl
-from ranke.eval.toy_features import load_toy_features
 from ranke.generate import batch_seed, load_backbone, process_rows
 from ranke.images import save_image_grid
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range
 from ranke.rewards.toy_clip import load_toy_clip
+from ranke.rewards.toy_features import load_toy_features
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.captions import parse_caption
 from ranke.toy.data import heldout_prompts, heldout_scenes
