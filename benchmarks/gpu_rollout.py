@@ -20,18 +20,17 @@ import time
 import torch
 from sampling import generate_flops  # benchmarks/sampling.py
 
-from ranke.algo.grpo import group_advantages
-from ranke.backbone import Backbone
-from ranke.config import PosttrainConfig, SamplingConfig
+from ranke.backbones import Backbone
+from ranke.config import PosttrainConfig, RunConfig, SamplingConfig
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import VQ_PRESETS, VQModel
-from ranke.rewards.build import build_reward
-from ranke.train import state as state_lib
 from ranke.parallel import Shard
+from ranke.rewards.build import build_reward
 from ranke.runtime import autocast
-from ranke.train.posttrain import Models, Optimizers, collect_rollout, decoder_stage, policy_stage
+from ranke.train import state as state_lib
+from ranke.train.posttrain import Models, Optimizers, PosttrainRun, collect_rollout, decoder_stage, policy_stage
 
 
 class RandomCaptions:
@@ -120,21 +119,21 @@ def main() -> None:
     shard = Shard(0, pcfg.prompts_per_step, pcfg.prompts_per_step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    cfg = RunConfig(posttrain=pcfg, sampling=sampling)
+    run = PosttrainRun(cfg, None, backbone, models, optimizers, policy, reward, None, {}, accelerator, shard, precision, "ddp")
     for step in range(2):  # the second step is timed
         timings: dict[str, float] = {}
         synchronize(device)
         start = time.perf_counter()
-        rollout = collect_rollout(backbone, policy, models.reference, models.vq_ema.module, reward, prompts, pcfg,
-                                  sampling, torch.Generator(device).manual_seed(step), timings, shard, precision)  # fmt: skip
-        for phase, run in (
-            ("policy stage", lambda: policy_stage(backbone, policy, optimizers.policy, accelerator, rollout,
-                                                  group_advantages(rollout.reward, pcfg.group_size), pcfg, precision)),
-            ("decoder stage", lambda: decoder_stage(backbone, models, optimizers, rollout, real, step, pcfg, reward,
-                                                    accelerator, precision)),
-        ):  # fmt: skip
+        run.generators["rollout"] = torch.Generator(device).manual_seed(step)
+        rollout = collect_rollout(run, prompts, timings)
+        for phase, stage in (
+            ("policy stage", lambda: policy_stage(run, rollout, step)),
+            ("decoder stage", lambda: decoder_stage(run, rollout, real, step)),
+        ):
             synchronize(device)
             phase_start = time.perf_counter()
-            run()
+            stage()
             synchronize(device)
             timings[phase] = time.perf_counter() - phase_start
         synchronize(device)

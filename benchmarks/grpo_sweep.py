@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ranke import config as config_lib  # noqa: E402
-from ranke.backbone import load_toy_backbone  # noqa: E402
+from ranke.backbones import load_toy_backbone  # noqa: E402
 from ranke.config import RunConfig  # noqa: E402
 from ranke.eval.evaluate import Evaluator  # noqa: E402
 from ranke.runtime import autocast, select_device  # noqa: E402

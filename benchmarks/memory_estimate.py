@@ -66,7 +66,7 @@ from ranke.rewards.base import DualEncoderReward
 from ranke.rewards.clip import CLIPReward
 from ranke.rewards.combine import CombinedReward
 from ranke.sampling import token_logprobs
-from ranke.train.posttrain import decoder_loss
+from ranke.train.posttrain import RankSelection, consistency_span, decoder_loss
 
 GIB = 2**30
 BF16_BYTES = 2
@@ -439,8 +439,11 @@ def decoder_stage_activations(models: RunModels, pcfg, prompts: int, setting: Se
     reward = CombinedReward([(models.reward, 1.0)])
     holder = SimpleNamespace(vq=models.vq, vq_ema=SimpleNamespace(module=models.vq_ema), disc=models.disc,
                              perceptual=models.perceptual, policy=models.policy)  # fmt: skip
+    # no backbone, rollout or selection indices: they serve only the soft-token term (off)
+    run = SimpleNamespace(pcfg=pcfg, models=holder, reward=reward, backbone=None)
+    selection = RankSelection(None, weights, None, 1.0, tokens, ["a prompt"] * selected)
     models.disc.requires_grad_(False)  # as during the decoder step
-    step = max(pcfg.disc_start, pcfg.consistency_end_step) + 1
+    step = max(pcfg.disc_start, consistency_span(pcfg)[1]) + 1
 
     def run_forward():
         with setting.autocast():
@@ -448,11 +451,7 @@ def decoder_stage_activations(models: RunModels, pcfg, prompts: int, setting: Se
             with torch.no_grad():
                 real_codes = models.vq.encode_codes(target)
             recon = models.vq.decode_codes(real_codes)
-            # no backbone, rollout or selection indices: they serve only the soft-token term (off)
-            return decoder_loss(
-                None, holder, None, target, recon, tokens, ["a prompt"] * selected, None, weights, step, 1.0,
-                pcfg, reward,
-            )  # fmt: skip
+            return decoder_loss(run, None, selection, target, recon, step, 1.0)
 
     modules = [models.vq, models.vq_ema, models.disc, models.perceptual, models.reward.model]
     return measure_with_checkpointing(

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ranke.backbone import build_text_encoder, load_tokenizer
+from ranke.backbones.base import build_text_encoder
+from ranke.backbones.toy import load_tokenizer
 from ranke.config import RunConfig
 from ranke.models.gpt import Transformer, key_padding, padded_causal_mask
 from ranke.models.vq import to_model_range

@@ -1,6 +1,7 @@
 """`ranke <command>`: argument parsing only; every command calls into the library.
 
-Bad input raises `UserError`, printed as one line with exit code 2 (`--debug` shows the traceback).
+Bad input raises `UserError` (or, from the pure library code, `ValueError`), printed as one line
+with exit code 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+from pathlib import Path
 
 from ranke.runtime import UserError
 
@@ -51,7 +54,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_check_checkpoint(args) -> None:
-    from ranke.backbone import GPT_IGNORED_KEYS
+    from ranke.backbones.llamagen import GPT_IGNORED_KEYS
     from ranke.models.gpt import GPT_PRESETS, Transformer
     from ranke.models.load import check_checkpoint_report
     from ranke.models.vq import VQ_PRESETS, VQModel
@@ -292,14 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raised_at(err: BaseException) -> str:
+    """`file:line` of the statement that raised `err`, relative to the package when inside it."""
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    path = Path(frame.filename)
+    root = Path(__file__).resolve().parent.parent
+    return f"{path.relative_to(root) if path.is_relative_to(root) else path}:{frame.lineno}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except UserError as err:
+    except (UserError, ValueError) as err:
+        # the library's pure code (ranke/algo) raises ValueError for values it cannot use; the
+        # line names where, so a ValueError from a bug is not mistaken for bad input
         if args.debug:
             raise
-        print(f"ranke: error: {err}", file=sys.stderr)
+        where = "" if isinstance(err, UserError) else f" (ValueError at {_raised_at(err)}; --debug shows the traceback)"
+        print(f"ranke: error: {err}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("ranke: interrupted", file=sys.stderr)

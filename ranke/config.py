@@ -20,8 +20,8 @@ import yaml
 
 from ranke.models.gpt import GPT_PRESETS, GPTArgs
 from ranke.models.vq import VQ_PRESETS, VQArgs
-from ranke.eval.toy_features import ToyFeatureArgs
 from ranke.rewards.toy_clip import ToyCLIPArgs
+from ranke.rewards.toy_features import ToyFeatureArgs
 from ranke.runtime import UserError
 from ranke.toy.data import ToyConfig
 from ranke.toy.text import ENCODING_VERSION
@@ -344,11 +344,11 @@ class PosttrainConfig:
     lpips_lin_path: str | None = None
     rank_gan_weight: float = 1.0
     disc_weight: float = 0.5
-    consistency_weight: float = 10.0
-    consistency_schedule: str = "none"  # none | linear | cosine
+    consistency_weight: float = 10.0  # lambda_c: constant (schedule none) or where the ramp ends
+    consistency_schedule: str = "none"  # none | linear | cosine: ramp from start weight to lambda_c
+    consistency_start_weight: float = 0.0  # the ramp's weight up to consistency_start_step
     consistency_start_step: int = 0
-    consistency_end_step: int = 0
-    consistency_start_weight: float = 10.0
+    consistency_end_step: int | None = None  # the ramp reaches lambda_c here; None: steps // 4
     reward_backprop_weight: float = 0.01
     soft_token_weight: float = 0.0  # off in the released runs
     soft_token_top_k: int = 20

@@ -37,8 +37,37 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ranke.generate import read_prompts
 from ranke.runtime import UserError, progress
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl (`caption` or `prompt` key) or .csv (`caption`/`prompt` column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file '{path}' not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompts.append(record.get("caption") or record["prompt"])
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise UserError(f"{path}:{number}: expected a JSON object with a 'caption' or 'prompt'") from None
+    elif path.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        column = next((c for c in ("caption", "prompt") if rows and c in rows[0]), None)
+        if column is None:
+            raise UserError(f"{path}: a CSV prompt file needs a 'caption' or 'prompt' column")
+        prompts = [row[column] for row in rows]
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise UserError(f"prompt file '{path}' holds no prompts")
+    return prompts
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
 CAPTION_KEYS = ("caption", "prompt", "text")  # looked up in this order in json records and csv columns
@@ -418,7 +447,7 @@ def read_coco_captions(path: str | Path, n: int | None = None, one_per_image: bo
 
 def read_eval_prompts(path: str | Path, n: int | None = None, one_per_image: bool = True, seed: int = 0) -> list[str]:
     """Evaluation prompts: COCO captions (.json, see `read_coco_captions`) or a prompt file
-    (.txt/.csv/.jsonl, `ranke.generate.read_prompts`; the first `n` in file order, no shuffle)."""
+    (.txt/.csv/.jsonl, `read_prompts`; the first `n` in file order, no shuffle)."""
     if Path(path).suffix == ".json":
         return read_coco_captions(path, n, one_per_image, seed)
     return first_n(read_prompts(path), n, Path(path))

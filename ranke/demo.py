@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from ranke import config as config_lib  # noqa: E402
 from ranke.assets import save_asset  # noqa: E402
-from ranke.backbone import load_toy_backbone  # noqa: E402
+from ranke.backbones import load_toy_backbone  # noqa: E402
+from ranke.checkpoint import MANIFEST, latest_checkpoint  # noqa: E402
 from ranke.config import RunConfig  # noqa: E402
 from ranke.eval.evaluate import Evaluator  # noqa: E402
 from ranke.eval.report import (  # noqa: E402
@@ -44,9 +45,8 @@ from ranke.eval.report import (  # noqa: E402
     write_report,
 )
 from ranke.generate import load_backbone  # noqa: E402
+from ranke.images import save_image_grid  # noqa: E402
 from ranke.runtime import UserError, autocast, select_device  # noqa: E402
-from ranke.train.logging import save_image_grid  # noqa: E402
-from ranke.train import state as state_lib  # noqa: E402
 from ranke.workers import Job, run_jobs  # noqa: E402
 
 
@@ -140,8 +140,8 @@ def _run_unfinished(jobs: list[Job], config: str, workers: int, threads: int, st
 
 
 def _checkpoint_step(run: Path) -> int:
-    latest = state_lib.latest_checkpoint(run)
-    return 0 if latest is None else json.loads((latest / state_lib.MANIFEST).read_text())["step"]
+    latest = latest_checkpoint(run)
+    return 0 if latest is None else json.loads((latest / MANIFEST).read_text())["step"]
 
 
 def _method_jobs(out: Path, studied, settings, per_seed: dict[int, list[str]] | None = None) -> tuple[list[Method], list[Job]]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -13,43 +12,13 @@ import torch
 import yaml
 from PIL import Image
 
+from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
-from ranke.backbone import Backbone, load_configured_backbone, load_toy_backbone
+from ranke.backbones import Backbone, load_configured_backbone, load_toy_backbone
 from ranke.config import BackboneConfig, RunConfig
+from ranke.data import read_prompts
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.tools import CAPTIONS_FILE
-from ranke.train import state as state_lib
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a .txt (one per line), .jsonl (`caption` or `prompt` key) or .csv (`caption`/`prompt` column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file '{path}' not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                prompts.append(record.get("caption") or record["prompt"])
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                raise UserError(f"{path}:{number}: expected a JSON object with a 'caption' or 'prompt'") from None
-    elif path.suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        column = next((c for c in ("caption", "prompt") if rows and c in rows[0]), None)
-        if column is None:
-            raise UserError(f"{path}: a CSV prompt file needs a 'caption' or 'prompt' column")
-        prompts = [row[column] for row in rows]
-    else:
-        prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    if not prompts:
-        raise UserError(f"prompt file '{path}' holds no prompts")
-    return prompts
-
 
 POLICY_CHOICES = ("online", "ema")
 DECODER_CHOICES = ("online", "ema", "base")
@@ -59,13 +28,13 @@ DECODER_STEMS = {"online": "vq", "ema": "vq_ema", "base": None}
 
 
 def _checkpoint_backbone(directory: Path, device: torch.device, policy: str, decoder: str) -> tuple[Backbone, RunConfig]:
-    """The backbone of one post-training checkpoint directory (ranke.train.state layout).
+    """The backbone of one post-training checkpoint directory (ranke.checkpoint layout).
 
     Its config.yaml names the starting models (`backbone`, and for the toy world the
     `posttrain.policy` / `posttrain.tokenizer` assets): they are built, and the chosen policy and
     decoder weights of the checkpoint replace theirs (`base` keeps the starting decoder).
     """
-    tensors, _, config_text = state_lib.load_checkpoint(directory)
+    tensors, _, config_text = checkpoint_lib.load_checkpoint(directory)
     cfg = config_lib.build(RunConfig, yaml.safe_load(config_text) or {})
     wanted = [POLICY_STEMS[policy]] + ([DECODER_STEMS[decoder]] if DECODER_STEMS[decoder] else [])
     missing = [stem for stem in wanted if stem not in tensors]
@@ -107,7 +76,7 @@ def load_backbone(
         return load_configured_backbone(RunConfig(backbone=backbone), device)
     path = None if ckpt is None else Path(ckpt)
     if path is not None and path.is_dir():
-        checkpoint = path if (path / state_lib.MANIFEST).is_file() else state_lib.latest_checkpoint(path)
+        checkpoint = path if (path / checkpoint_lib.MANIFEST).is_file() else checkpoint_lib.latest_checkpoint(path)
         if checkpoint is not None and (checkpoint / f"{DECODER_STEMS['online']}.safetensors").is_file():
             return _checkpoint_backbone(checkpoint, device, policy, decoder)
     if policy != "online" or decoder == "ema":

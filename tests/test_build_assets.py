@@ -8,7 +8,7 @@ from test_recipes import TINY_TOKENIZER
 from test_reward_train import tiny
 
 from ranke.assets import ASSET_FILES
-from ranke.backbone import load_toy_backbone
+from ranke.backbones import load_toy_backbone
 from ranke.cli import main
 
 TINY_SFT = ["gpt.vocab_size=64", "gpt.dim=32", "gpt.n_layer=1", "gpt.n_head=2", "sft.steps=2", "sft.batch_size=4",

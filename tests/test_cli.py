@@ -126,3 +126,15 @@ def test_ema_of_committed_assets_is_one_line(tmp_path, capsys):
     assert code == 2 and "no EMA copies" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "train-reward", "--out", str(tmp_path / "r"), "reward.models=[clip]")
     assert code == 2 and "reward.models must list some of reward_clip, eval_clip, features" in err
+
+
+def test_a_value_error_from_the_library_is_one_line_naming_where_and_debug_shows_it(tmp_path, capsys):
+    """tau = 0 reaches the pure rank weights (ranke/algo), which raise ValueError: one line with
+    exit 2 that names the raising line; with --debug the exception itself propagates."""
+    tiny = ["mode=decoder", "steps=1", "prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0"]
+    argv = ["posttrain", "--out", str(tmp_path / "run"), *tiny, "tau_start=0", "tau_end=0"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "rank temperature tau must be > 0" in err and "ValueError at ranke/algo/decoder.py:" in err
+    with pytest.raises(ValueError, match="rank temperature tau must be > 0"):
+        main(["--debug", "posttrain", "--out", str(tmp_path / "debug"), *tiny, "tau_start=0", "tau_end=0"])

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from ranke.algo.decoder import (
+    DecoderTerms,
+    DecoderWeights,
     consistency_weight,
     cosine_tau,
     decoder_consistency_loss,
+    decoder_objective,
     optional_reward_backprop_loss,
     rank_gan_loss,
     rank_weights,
@@ -18,7 +21,6 @@ from ranke.algo.decoder import (
     soft_codes,
     soft_token_consistency_loss,
 )
-from ranke.runtime import UserError
 
 
 def test_select_top_k_orders_best_first_with_stable_ties():
@@ -140,8 +142,14 @@ def test_consistency_weight_schedules():
     # cosine at t = 1/4: 10 * (1 - cos(pi / 4)) / 2 = 1.4644661
     assert consistency_weight(125, "cosine", **ramp) == pytest.approx(5 * (1 - math.cos(math.pi / 4)))
     assert consistency_weight(150, "cosine", **ramp) == pytest.approx(5.0)
-    with pytest.raises(UserError, match="none, linear, cosine"):
+    with pytest.raises(ValueError, match="none, linear, cosine"):
         consistency_weight(0, "step")
+    # an empty ramp span is refused rather than silently meaning "no ramp"
+    with pytest.raises(ValueError, match="start_step < end_step"):
+        consistency_weight(0, "linear", start_step=0, end_step=0)
+    # from 0 to lambda_c = 5 (the Janus preset) over steps 0..40: a ramp up, never above 5
+    janus = dict(start_step=0, end_step=40, start_value=0.0, end_value=5.0)
+    assert [consistency_weight(step, "linear", **janus) for step in (0, 10, 20, 40, 99)] == [0.0, 1.25, 2.5, 5.0, 5.0]
 
 
 def test_reconstruction_anchor_loss_composition():
@@ -153,3 +161,29 @@ def test_reconstruction_anchor_loss_composition():
     # perceptual weight 2: 0.2 + 0.6
     value = reconstruction_anchor_loss(pixel, perceptual, generator, 2.0, perceptual_weight=2.0, disc_factor=0.0)
     assert value.item() == pytest.approx(0.8)
+
+
+def test_decoder_objective_by_hand():
+    """Every term with its own weight, so dropping or reweighting any one changes the total."""
+    terms = DecoderTerms(
+        recon_anchor=torch.tensor(0.5), rank_gan=torch.tensor(-2.0), consistency=torch.tensor(0.3),
+        reward=torch.tensor(-0.7), soft=torch.tensor(0.11),
+    )  # fmt: skip
+    weights = DecoderWeights(recon=2.0, rank_gan=3.0, disc_weight=0.5, disc_factor=1.0, consistency=7.0, reward=0.1, soft=0.25)
+    total, parts = decoder_objective(terms, weights)
+    # 2 * 0.5 = 1; 3 * 0.5 * 1 * -2 = -3; 7 * 0.3 = 2.1; 0.1 * -0.7 = -0.07; 0.25 * 0.11 = 0.0275
+    expected = {"recon_anchor": 1.0, "rank_gan": -3.0, "consistency": 2.1, "reward": -0.07, "soft": 0.0275}
+    assert {name: value.item() for name, value in parts.items()} == pytest.approx(expected, abs=1e-6)
+    assert total.item() == pytest.approx(0.0575, abs=1e-6)
+    # before the discriminator starts (disc_factor 0) the rank-GAN term contributes nothing
+    total, parts = decoder_objective(terms, DecoderWeights(recon=2.0, rank_gan=3.0, disc_factor=0.0, consistency=7.0))
+    assert parts["rank_gan"].item() == 0.0
+    assert total.item() == pytest.approx(3.093, abs=1e-6)  # 1 + 2.1 - 0.007: reward 0.01 * -0.7, soft off (weight 0)
+
+
+def test_decoder_objective_passes_gradients_to_each_term_with_its_weight():
+    leaves = [torch.tensor(1.0, requires_grad=True) for _ in range(5)]
+    weights = DecoderWeights(recon=2.0, rank_gan=3.0, disc_weight=0.5, disc_factor=1.0, consistency=7.0, reward=0.1, soft=0.25)
+    total, _ = decoder_objective(DecoderTerms(*leaves), weights)
+    total.backward()
+    assert [leaf.grad.item() for leaf in leaves] == pytest.approx([2.0, 1.5, 7.0, 0.1, 0.25])

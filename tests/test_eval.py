@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from ranke.assets import asset_path
-from ranke.backbone import load_toy_backbone
+from ranke.backbones import load_toy_backbone
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator, metrics_table, quantize
 from ranke.eval.fid import frechet_distance_from_features
 from ranke.eval.shift import code_histogram, token_entropy_bits, token_kl
-from ranke.eval.toy_features import load_toy_features
 from ranke.generate import batch_seed
 from ranke.models.vq import to_model_range
 from ranke.rewards.toy_clip import load_toy_clip
+from ranke.rewards.toy_features import load_toy_features
 from ranke.runtime import UserError
 from ranke.toy.captions import CaptionSpec, parse_caption
 from ranke.toy.data import heldout_scenes, split_scenes_and_prompts

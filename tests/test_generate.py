@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
 from ranke.assets import save_asset
 from ranke.config import RunConfig
@@ -18,7 +19,6 @@ from ranke.generate import batch_seed, load_backbone, sample_prompts_to_dir
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel
 from ranke.runtime import UserError
-from ranke.train import state as state_lib
 
 CPU = torch.device("cpu")
 
@@ -50,7 +50,7 @@ def posttrain_run(tmp_path_factory):
             "vq_ema": _seeded(VQModel, cfg.vq, seed + 3).state_dict(),
             "discriminator": {"weight": torch.zeros(2)},
         }
-        state_lib.save_checkpoint(run, step, states[step], {"step": step}, config_yaml)
+        checkpoint_lib.save_checkpoint(run, step, states[step], {"step": step}, config_yaml)
     return run, states, base.state_dict()
 
 
@@ -83,9 +83,9 @@ def test_checkpoint_dir_loads_that_step(posttrain_run):
 
 def test_checkpoint_without_ema_names_what_it_has(posttrain_run, tmp_path):
     run, states, _ = posttrain_run
-    _, _, config_yaml = state_lib.load_checkpoint(run / "checkpoints" / "step_000005")
+    _, _, config_yaml = checkpoint_lib.load_checkpoint(run / "checkpoints" / "step_000005")
     online_only = {"policy": states[5]["policy"], "vq": states[5]["vq"]}
-    state_lib.save_checkpoint(tmp_path, 1, online_only, {"step": 1}, config_yaml)
+    checkpoint_lib.save_checkpoint(tmp_path, 1, online_only, {"step": 1}, config_yaml)
     load_backbone(str(tmp_path), CPU)  # online weights are there
     with pytest.raises(UserError, match="no policy_ema weights .*it has: policy, vq"):
         load_backbone(str(tmp_path), CPU, policy="ema")

@@ -17,8 +17,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ranke.backbones.janus import JanusBackbone, load_janus_backbone
 from ranke.config import SamplingConfig
-from ranke.models.janus import JanusBackbone, load_janus_backbone
 from ranke.runtime import UserError
 from ranke.sampling import sample_next_tokens
 
@@ -275,9 +275,9 @@ def test_load_refuses_missing_or_non_janus_directories(tmp_path):
 def test_cli_sample_and_one_ranke_step_on_janus(janus_dir, tmp_path, capsys):
     from safetensors.torch import load_file
 
+    from ranke.checkpoint import latest_checkpoint
     from ranke.cli import main
     from ranke.toy.tools import write_samples
-    from ranke.train.state import latest_checkpoint
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ngreen circle\n")

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from test_text import tiny_t5_directory
 
+from ranke.checkpoint import latest_checkpoint
 from ranke.cli import main
 from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.vq import VQ_PRESETS, VQModel
 from ranke.toy.tools import write_samples
-from ranke.train.state import latest_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ isolation between the stages, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,14 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from ranke import config as config_lib
+from ranke.algo.decoder import DecoderWeights
 from ranke.assets import asset_path
+from ranke.checkpoint import latest_checkpoint, load_checkpoint
 from ranke.cli import main
-from ranke.train.posttrain import train_posttrain
-from ranke.train.state import latest_checkpoint, load_checkpoint
+from ranke.config import RunConfig
+from ranke.toy.verifier import score_image
+from ranke.train.posttrain import build_prompt_source, consistency_span, decoder_weights, train_posttrain
 
 TINY = ["prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0", "deterministic=true", "seed=3"]
 
@@ -65,6 +72,47 @@ def test_every_term_and_timing_is_logged_and_finite(both_run):
     assert rows[-1]["decoder/rank_gan"] != 0.0 and rows[-1]["decoder/soft_token"] > 0.0
     assert list((both_run / "tensorboard").glob("events.out.tfevents.*"))
     assert (both_run / "samples_000003.png").is_file()
+
+
+def test_logged_decoder_loss_is_the_weighted_sum_of_its_logged_terms(both_run):
+    """The recipe wires every term into the objective with its configured weight (toy defaults:
+    recon 1, rank-GAN 1 x disc_weight 0.5 once the discriminator starts at step 1, lambda_c 10,
+    reward 0.01; the run sets the soft-token weight to 0.5)."""
+    rows = records(both_run)
+    for row in rows:
+        disc_factor = 1.0 if row["step"] - 1 >= 1 else 0.0
+        expected = (
+            row["decoder/recon_anchor"] + 0.5 * disc_factor * row["decoder/rank_gan"]
+            + 10.0 * row["decoder/consistency"] + 0.01 * row["decoder/reward_backprop"] + 0.5 * row["decoder/soft_token"]
+        )  # fmt: skip
+        assert row["decoder/consistency_weight"] == 10.0
+        assert row["decoder/loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # every term is live by the last step (the online decoder has moved away from its EMA)
+    terms = ("recon_anchor", "rank_gan", "consistency", "reward_backprop", "soft_token")
+    assert all(rows[-1][f"decoder/{term}"] != 0.0 for term in terms)
+
+
+def test_consistency_ramps_from_zero_to_lambda_c_by_default():
+    """`linear` / `cosine` ramp from 0 to lambda_c over the first quarter of the steps unless told
+    otherwise; the Janus preset (lambda_c 5) ramps up to 5."""
+    cfg = config_lib.load(RunConfig, "toy", ["posttrain.steps=200", "posttrain.consistency_schedule=linear"])
+    pcfg = cfg.posttrain
+    assert consistency_span(pcfg) == (0, 50)
+    assert [decoder_weights(pcfg, step, 1.0).consistency for step in (0, 10, 25, 50, 199)] == [0.0, 2.0, 5.0, 10.0, 10.0]
+    cosine = dataclasses.replace(pcfg, consistency_schedule="cosine")
+    assert decoder_weights(cosine, 25, 1.0).consistency == pytest.approx(5.0)  # half way: 10 * (1 - cos(pi / 2)) / 2
+    assert decoder_weights(cosine, 10, 1.0).consistency == pytest.approx(5 * (1 - math.cos(math.pi / 5)))  # t = 1/5
+    janus = config_lib.load(RunConfig, "janus_pro_1b_clip", ["posttrain.consistency_schedule=linear"]).posttrain
+    end = janus.steps // 4
+    ramp = [decoder_weights(janus, step, 1.0).consistency for step in (0, end // 2, end, janus.steps - 1)]
+    assert ramp == [0.0, 2.5, 5.0, 5.0]
+    # the preset's own schedule: constant lambda_c
+    assert decoder_weights(config_lib.load(RunConfig, "janus_pro_1b_clip").posttrain, 0, 1.0).consistency == 5.0
+    # and every other weight is the config's
+    weights = decoder_weights(dataclasses.replace(pcfg, recon_weight=2.0, rank_gan_weight=3.0, disc_weight=0.25,
+                                                  reward_backprop_weight=0.5, soft_token_weight=0.125), 60, 0.0)  # fmt: skip
+    assert weights == DecoderWeights(recon=2.0, rank_gan=3.0, disc_weight=0.25, disc_factor=0.0, consistency=10.0,
+                                     reward=0.5, soft=0.125)  # fmt: skip
 
 
 def test_decoder_stage_moves_only_decoder_and_post_quant_conv(both_run):
@@ -135,6 +183,15 @@ def test_existing_run_needs_resume(both_run, capsys):
         (["group_size=1"], "group_size=1: GRPO and rank selection need at least 2 rollouts per prompt"),
         (["mode=decoders"], "unknown mode 'decoders'"),
         (["rewards={toy_clip: 1.0, clipp: 1.0}"], "unknown reward 'clipp'"),
+        (["kl_kind=k4"], "unknown kl_kind 'k4'"),
+        (["consistency_schedule=ramp"], "posttrain.consistency_schedule='ramp' is not one of: none, linear, cosine"),
+        (["consistency_schedule=linear", "consistency_end_step=0"],
+         "posttrain.consistency_start_step=0 must be below consistency_end_step=0"),
+        (["consistency_schedule=cosine", "steps=8", "consistency_start_step=2"],
+         "posttrain.consistency_start_step=2 must be below consistency_end_step=2"),  # end: steps // 4
+        (["consistency_schedule=linear", "consistency_end_step=300"], "posttrain.consistency_end_step=300 must be <= steps=100"),
+        (["consistency_schedule=linear", "consistency_start_weight=-1"],
+         "posttrain.consistency_start_weight=-1.0 must be >= 0"),
     ],
 )
 def test_bad_settings_give_one_line_and_exit_2(tmp_path, capsys, overrides, message):
@@ -163,6 +220,17 @@ def test_prompt_file_drives_the_rollouts(tmp_path):
     prompts.write_text("a large red circle\na small blue square\n")
     run(tmp_path / "run", f"prompts={prompts}", "mode=policy", "steps=1", "grid_every=100")
     assert records(tmp_path / "run")[0]["step"] == 1
+    # the same run from another prompt file rolls out other prompts: its rewards differ
+    other = tmp_path / "other.txt"
+    other.write_text("a small green triangle above a large yellow square\n")
+    run(tmp_path / "other", f"prompts={other}", "mode=policy", "steps=1", "grid_every=100")
+    assert records(tmp_path / "other")[0]["reward"] != records(tmp_path / "run")[0]["reward"]
+    # the configured source draws only the file's prompts, each with a real image that shows it
+    cfg = config_lib.load(RunConfig, "toy", [f"posttrain.prompts={prompts}"])
+    drawn, images = build_prompt_source(cfg, 64, np.random.default_rng(0)).next_batch(8)
+    assert set(drawn) == {"a large red circle", "a small blue square"}
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert all(score_image(image, prompt).correct for image, prompt in zip(pixels, drawn))
 
 
 def test_image_caption_folder_drives_the_rollouts_and_is_checkpointed(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ranke.backbone import load_tokenizer
+from ranke.backbones.toy import load_tokenizer
 from ranke.models.gpt import GPTArgs, Transformer
 from ranke.models.vq import VQ_PRESETS, VQModel, to_model_range
 from ranke.runtime import UserError, autocast

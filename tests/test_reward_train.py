@@ -11,8 +11,8 @@ from ranke import config as config_lib
 from ranke.assets import ASSET_FILES, asset_path
 from ranke.cli import main
 from ranke.config import RunConfig
-from ranke.eval.toy_features import load_toy_features
 from ranke.rewards.toy_clip import load_toy_clip
+from ranke.rewards.toy_features import load_toy_features
 
 
 def tiny(name: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""EMA, RNG snapshots and atomic checkpoints (ranke/train/state.py)."""
+"""EMA, RNG snapshots (ranke/train/state.py) and atomic checkpoints (ranke/checkpoint.py)."""
 
 import random
 
@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from ranke import checkpoint as checkpoint_lib
+from ranke.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ranke.runtime import UserError
-from ranke.train import state as state_lib
-from ranke.train.state import (
-    EMA,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
+from ranke.train.state import EMA, restore_rng_state, rng_state
 
 
 class Tiny(torch.nn.Module):
@@ -176,7 +170,7 @@ def test_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash after the safetensors files were written")
 
-    monkeypatch.setattr(state_lib.torch, "save", crash)
+    monkeypatch.setattr(checkpoint_lib.torch, "save", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_checkpoint(tmp_path, 2, _tensors(), {"step": 2}, "a: 2\n")
     monkeypatch.undo()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ranke.assets import asset_path
 from ranke.eval.fid import extract_features, frechet_distance_from_features
-from ranke.eval.toy_features import (
+from ranke.rewards.toy_features import (
     ATTRIBUTES,
     OBJECT_TYPES,
     ToyFeatureArgs,

@@ -65,7 +65,8 @@ def test_too_small_sizes_are_user_errors():
 
 def test_policy_asset_from_an_older_toy_encoding_fails_clearly(tmp_path):
     from ranke.assets import save_asset
-    from ranke.backbone import build_text_encoder, load_policy
+    from ranke.backbones.base import build_text_encoder
+    from ranke.backbones.toy import load_policy
     from ranke.config import TextConfig
     from ranke.models.gpt import Transformer, preset_args
 

@@ -9,12 +9,11 @@ have the k rank-selected rollouts of every prompt flattened to B*k in prompt-maj
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from ranke.runtime import UserError
 
 
 def select_top_k(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -136,10 +135,15 @@ def consistency_weight(
     "none": the constant `end_value` (the nominal lambda_c: 10 LlamaGen, 5 Janus).
     "linear" / "cosine": `start_value` up to `start_step`, a ramp to `end_value` at
     `end_step`, then `end_value`; the cosine ramp is start + (end - start) * (1 - cos(pi t)) / 2.
+    A ramp needs start_step < end_step: an empty span would silently mean no ramp.
     """
     if schedule not in CONSISTENCY_SCHEDULES:
-        raise UserError(f"unknown consistency schedule '{schedule}'; choose one of {', '.join(CONSISTENCY_SCHEDULES)}")
-    if schedule == "none" or step >= end_step:
+        raise ValueError(f"unknown consistency schedule '{schedule}'; choose one of {', '.join(CONSISTENCY_SCHEDULES)}")
+    if schedule == "none":
+        return end_value
+    if not 0 <= start_step < end_step:
+        raise ValueError(f"a {schedule} consistency ramp needs 0 <= start_step < end_step, got {start_step}, {end_step}")
+    if step >= end_step:
         return end_value
     if step <= start_step:
         return start_value
@@ -172,3 +176,46 @@ def reconstruction_anchor_loss(
     """
     nll = pixel_loss + perceptual_weight * perceptual_loss
     return nll + disc_weight * disc_factor * generator_weight * generator_loss
+
+
+@dataclass(frozen=True)
+class DecoderTerms:
+    """The decoder step's loss terms (scalars), unweighted: METHOD.md "Decoder stage"."""
+
+    recon_anchor: torch.Tensor  # L_recon, `reconstruction_anchor_loss` (its GAN part weighted inside)
+    rank_gan: torch.Tensor  # L_rankgan, `rank_gan_loss`
+    consistency: torch.Tensor  # L_consist, `decoder_consistency_loss`
+    reward: torch.Tensor  # L_reward, `optional_reward_backprop_loss`
+    soft: torch.Tensor  # L_soft, `soft_token_consistency_loss`
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    """The weights of the decoder objective at one step (defaults: the released LlamaGen values)."""
+
+    recon: float = 1.0  # on L_recon
+    rank_gan: float = 1.0  # on L_rankgan, times the GAN weight and factor below
+    disc_weight: float = 0.5  # the GAN weight lambda_d (also inside L_recon)
+    disc_factor: float = 1.0  # `vqgan.adopt_weight`: 0 before the discriminator starts, then 1
+    consistency: float = 10.0  # lambda_c at this step (`consistency_weight`)
+    reward: float = 0.01  # on L_reward
+    soft: float = 0.0  # on L_soft (off in the released runs)
+
+
+def decoder_objective(terms: DecoderTerms, weights: DecoderWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """METHOD.md decoder objective, and its five weighted terms by name:
+
+        L = w_recon L_recon + w_rankgan lambda_d f_disc L_rankgan + lambda_c L_consist
+            + w_reward L_reward + w_soft L_soft
+
+    summed in that order; the parts are the five weighted terms.
+    """
+    parts = {
+        "recon_anchor": weights.recon * terms.recon_anchor,
+        "rank_gan": weights.rank_gan * weights.disc_weight * weights.disc_factor * terms.rank_gan,
+        "consistency": weights.consistency * terms.consistency,
+        "reward": weights.reward * terms.reward,
+        "soft": weights.soft * terms.soft,
+    }
+    total = parts["recon_anchor"] + parts["rank_gan"] + parts["consistency"] + parts["reward"] + parts["soft"]
+    return total, parts

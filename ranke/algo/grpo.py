@@ -15,8 +15,6 @@ from typing import Callable
 
 import torch
 
-from ranke.runtime import UserError
-
 
 def sequence_token_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the valid tokens of each sequence [N, L], then mean over sequences -> scalar.
@@ -116,7 +114,7 @@ KL_ANCHORS: dict[str, Callable[..., torch.Tensor]] = {"squared": kl_anchor_squar
 def kl_anchor(kind: str) -> Callable[..., torch.Tensor]:
     """The KL anchor function named `kind`: "squared" (released RankE) or "k3"."""
     if kind not in KL_ANCHORS:
-        raise UserError(f"unknown KL anchor '{kind}'; choose one of {', '.join(KL_ANCHORS)}")
+        raise ValueError(f"unknown KL anchor '{kind}'; choose one of {', '.join(KL_ANCHORS)}")
     return KL_ANCHORS[kind]
 
 

@@ -36,21 +36,22 @@ import numpy as np
 import torch
 
 from ranke.assets import asset_path
-from ranke.backbone import Backbone, load_tokenizer
+from ranke.backbones.base import Backbone
+from ranke.backbones.toy import load_tokenizer
 from ranke.config import RunConfig, SamplingConfig
 from ranke.eval.fid import frechet_distance_from_features
 from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits, token_kl
-from ranke.eval.toy_features import load_toy_features
 from ranke.generate import batch_seed, load_backbone, process_rows
+from ranke.images import save_image_grid
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
 from ranke.rewards.toy_clip import load_toy_clip
+from ranke.rewards.toy_features import load_toy_features
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.captions import parse_caption
 from ranke.toy.data import split_scenes_and_prompts
 from ranke.toy.render import render_scenes
 from ranke.toy.verifier import score_image, summarize
-from ranke.train.logging import save_image_grid
 
 # The metrics of the one-row markdown table, in order, with their number formats.
 TABLE_COLUMNS = {

@@ -125,7 +125,7 @@ def build_feature_extractor(
     """`toy`: the committed toy feature network; `inception`: clean-fid's Inception-v3 (local weights)."""
     if kind == "toy":
         from ranke.assets import asset_path
-        from ranke.eval.toy_features import load_toy_features
+        from ranke.rewards.toy_features import load_toy_features
 
         return load_toy_features(asset_path("features"), device)
     if kind == "inception":

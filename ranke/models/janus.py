@@ -1,4 +1,4 @@
-"""Janus-Pro behind RankE's backbone interface, on transformers' native Janus classes.
+"""Janus-Pro's text-to-image parts, on transformers' native Janus classes.
 
 A Janus-Pro checkpoint (`JanusForConditionalGeneration`) holds a SigLIP understanding tower, a
 Llama language model, a VQ tokenizer (`JanusVQVAE`, LlamaGen VQ-16 layout) and the image
@@ -18,7 +18,8 @@ parts and drops the understanding tower and the text LM head:
   aligner, head); its `forward(input_ids, tokens, attention_mask)` gives teacher-forced
   image-token logits, so `ranke.sampling.token_logprobs` scores it like the toy policy;
 * `JanusDecoder` wraps the VQ model with the `VQModel` interface the decoder stage uses;
-* `JanusBackbone` is `ranke.backbone.Backbone` with Janus' own sampler.
+
+`ranke.backbones.janus` puts them behind the backbone interface with Janus' own sampler.
 
 Unconditional CFG rows are built as transformers' Janus `generate` builds them: every prompt
 token except BOS and the image-start token is replaced by the pad token, with the same attention
@@ -28,9 +29,7 @@ have unpadded.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -38,10 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, JanusForConditionalGeneration, JanusProcessor, JanusVQVAE
 
-from ranke.backbone import Backbone
-from ranke.config import SamplingConfig
 from ranke.runtime import UserError
-from ranke.sampling import SampleOutput, check_sampling_settings, guided_sampling_step
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -141,55 +137,6 @@ class JanusPolicy(nn.Module):
         return self.image_logits(hidden[:, input_ids.shape[1] - 1 :])
 
 
-@torch.no_grad()
-def generate_janus(
-    policy: JanusPolicy,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    uncond_input_ids: torch.Tensor,
-    *,
-    cfg_scale: float,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator,
-    return_logprobs: bool = False,
-    row_offset: int = 0,
-    total_rows: int | None = None,
-) -> SampleOutput:
-    """Sample `policy.num_image_tokens` image tokens per prompt, the contract of `ranke.sampling.generate`.
-
-    Conditional and unconditional rows run as one batch through a KV cache; each step draws from
-    l_u + s * (l_c - l_u) (no unconditional rows when cfg_scale == 1) divided by temperature,
-    top-k then top-p filtered, drawn with `generator` (rows [row_offset, row_offset + B) of
-    `total_rows` uniforms per step, as `ranke.sampling.generate`). Recorded `logprobs` are those of the conditional
-    policy at temperature 1 without guidance or filtering, as `JanusPolicy.forward` recomputes them.
-    """
-    check_sampling_settings(temperature, top_k, top_p)
-    batch, num_tokens = input_ids.shape[0], policy.num_image_tokens
-    use_cfg = cfg_scale != 1.0
-    rows = torch.cat([input_ids, uncond_input_ids]) if use_cfg else input_ids
-    mask = torch.cat([attention_mask, attention_mask]) if use_cfg else attention_mask
-    positions = positions_from_mask(mask)
-    cache = DynamicCache(config=policy.language_model.config)
-    hidden = policy.hidden_states(policy.embed_prompt(rows), mask, positions, cache)[:, -1]
-    tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=input_ids.device)
-    logprobs = torch.empty(batch, num_tokens, device=input_ids.device) if return_logprobs else None
-    for t in range(num_tokens):
-        next_token, next_logprob = guided_sampling_step(
-            policy.image_logits(hidden), batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows
-        )
-        tokens[:, t] = next_token
-        if logprobs is not None:
-            logprobs[:, t] = next_logprob
-        if t + 1 < num_tokens:
-            row_tokens = torch.cat([next_token, next_token]) if use_cfg else next_token
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            step_embeds = policy.embed_image_tokens(row_tokens[:, None])
-            hidden = policy.hidden_states(step_embeds, mask, positions[:, -1:] + t + 1, cache)[:, -1]
-    return SampleOutput(tokens, logprobs)
-
-
 @dataclass
 class JanusDecoderArgs:
     """Sizes of a Janus VQ model (`codebook_size` is what evaluation reads, like `VQArgs`)."""
@@ -270,91 +217,3 @@ class JanusDecoder(nn.Module):
         """Stop gradients into the encoder, `quant_conv` and codebook, so codes keep their meaning."""
         for module in (self.vq.encoder, self.vq.quant_conv, self.vq.quantize):
             module.requires_grad_(False)
-
-
-@dataclass
-class JanusBackbone(Backbone):
-    """`Backbone` over Janus-Pro: prompt encoding, teacher-forced scoring, decoding and batch
-    generation are the base class's, on `JanusPrompts`, `JanusPolicy` and `JanusDecoder`;
-    sampling is Janus' own (CFG rows from the prompt ids, KV cache of the language model)."""
-
-    text_encoder: JanusPrompts
-    policy: JanusPolicy
-    tokenizer: JanusDecoder
-
-    @property
-    def device(self) -> torch.device:
-        return self.policy.generation_head.vision_head.weight.device
-
-    @property
-    def image_size(self) -> int:
-        return self.tokenizer.args.image_size
-
-    def sample(
-        self,
-        text_emb: torch.Tensor,
-        text_mask: torch.Tensor,
-        sampling: SamplingConfig,
-        generator: torch.Generator,
-        policy: JanusPolicy | None = None,
-        return_logprobs: bool = False,
-        row_offset: int = 0,
-        total_rows: int | None = None,
-    ) -> SampleOutput:
-        """Image tokens for prompt ids `text_emb` [B, T] with mask `text_mask` (from `encode_prompts`)."""
-        return generate_janus(
-            policy or self.policy,
-            text_emb,
-            text_mask,
-            self.text_encoder.unconditional(text_emb),
-            cfg_scale=sampling.cfg_scale,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            generator=generator,
-            return_logprobs=return_logprobs,
-            row_offset=row_offset,
-            total_rows=total_rows,
-        )
-
-
-def _check_janus_directory(path: Path) -> None:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(
-            f"no Janus model at '{path}' (no config.json): pass a local directory written by save_pretrained "
-            "or downloaded from the hub (e.g. deepseek-community/Janus-Pro-1B)"
-        )
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != "janus":
-        raise UserError(
-            f"'{path}' holds a '{model_type}' model, not a transformers Janus model (model_type 'janus'): "
-            "use the transformers-format Janus-Pro checkpoint (e.g. deepseek-community/Janus-Pro-1B)"
-        )
-    if not (path / "tokenizer_config.json").is_file():
-        raise UserError(f"'{path}' has no tokenizer: save the JanusProcessor next to the model (save_pretrained)")
-
-
-def load_janus_backbone(
-    model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> JanusBackbone:
-    """A `JanusBackbone` from a local transformers Janus directory (model + processor), in eval mode.
-
-    Only the language model, the generation embeddings/aligner/head and the VQ model are kept
-    and moved to `device`; the understanding tower and the text LM head are dropped.
-    """
-    path = Path(model_path)
-    _check_janus_directory(path)
-    processor = JanusProcessor.from_pretrained(path)
-    if not processor.chat_template:
-        raise UserError(f"the Janus processor in '{path}' has no chat template (chat_template.jinja/.json)")
-    model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    image_tokens = model.config.vision_config.num_image_tokens
-    if image_tokens != model.config.vq_config.num_patches**2:
-        raise UserError(
-            f"'{path}': vision_config.num_image_tokens={image_tokens} does not match the VQ grid "
-            f"{model.config.vq_config.num_patches}x{model.config.vq_config.num_patches}"
-        )
-    policy = JanusPolicy(model).to(device).eval()
-    decoder = JanusDecoder(model.model.vqmodel).to(device).eval()
-    return JanusBackbone(JanusPrompts(processor), policy, decoder)

@@ -1,4 +1,6 @@
-"""Rewards: the `Reward` protocol, CLIP and HPSv2 scorers, and their normalised combination.
+"""Rewards: the `Reward` protocol, CLIP and HPSv2 scorers, and their normalised combination; the
+toy world's judges (`toy_clip`, the verifier, and `toy_features`, the Frechet-distance network,
+which scores no reward but is trained beside the toy CLIPs by `ranke train-reward`).
 
 Heavy dependencies (transformers, open_clip) are imported only when a scorer is constructed.
 """

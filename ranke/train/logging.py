@@ -1,14 +1,11 @@
-"""Run directories shared by the recipes: set-up, metrics.jsonl and image grids."""
+"""Run directories shared by the recipes: set-up and metrics.jsonl."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ranke import config as config_lib
 from ranke.config import RunConfig
@@ -44,22 +41,3 @@ class MetricsWriter:
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
-
-
-def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
-    """[N,3,H,W] floats in [0,1] -> uint8 HxWx3 grid with `nrow` images per row."""
-    images = images.detach().float().clamp(0, 1).cpu()
-    n, _, h, w = images.shape
-    ncol = min(nrow, n)
-    nrows = math.ceil(n / ncol)
-    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, 3), 255, dtype=np.uint8)
-    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        top, left = padding + r * (h + padding), padding + c * (w + padding)
-        grid[top : top + h, left : left + w] = pixels[i]
-    return grid
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
-    Image.fromarray(image_grid(images, nrow=nrow)).save(path)

@@ -17,11 +17,12 @@ One step, for B prompts with their real images:
 Written on accelerate (single process by default; several processes split the prompts, with the
 policy in DDP or sharded by FSDP, `ranke.parallel`); `precision=bf16` runs the forward passes under
 autocast. Every step appends to `metrics.jsonl` and TensorBoard; checkpoints are atomic
-(`ranke.train.state`) and `--resume` continues bit-exactly.
+(`ranke.checkpoint`) and `--resume` continues bit-exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -32,11 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
 from ranke.algo.decoder import (
+    CONSISTENCY_SCHEDULES,
+    DecoderTerms,
+    DecoderWeights,
     consistency_weight,
     cosine_tau,
     decoder_consistency_loss,
+    decoder_objective,
     optional_reward_backprop_loss,
     rank_gan_loss,
     rank_weights,
@@ -45,7 +51,7 @@ from ranke.algo.decoder import (
     soft_codes,
     soft_token_consistency_loss,
 )
-from ranke.algo.grpo import group_advantages, grpo_policy_loss
+from ranke.algo.grpo import KL_ANCHORS, group_advantages, grpo_policy_loss
 from ranke.algo.vqgan import (
     adaptive_generator_weight,
     adopt_weight,
@@ -53,13 +59,13 @@ from ranke.algo.vqgan import (
     hinge_generator_loss,
     reconstruction_loss,
 )
-from ranke.backbone import Backbone, load_configured_backbone
+from ranke.backbones import Backbone, load_configured_backbone
 from ranke.config import PosttrainConfig, RunConfig
-from ranke.generate import read_prompts
+from ranke.data import read_prompts
+from ranke.images import save_image_grid
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import to_model_range, to_unit_range
-from ranke.rewards.build import build_reward
 from ranke.parallel import (
     Shard,
     average_gradients,
@@ -74,10 +80,12 @@ from ranke.parallel import (
     uses_fsdp,
     whole_weights,
 )
+from ranke.rewards.build import build_reward
+from ranke.rewards.combine import CombinedReward
 from ranke.runtime import UserError, autocast, progress, set_deterministic
 from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, save_image_grid, start_run
+from ranke.train.logging import MetricsWriter, start_run
 
 MODES = ("policy", "decoder", "both")
 REFERENCES = ("frozen", "ema")
@@ -97,6 +105,39 @@ def check_posttrain_config(pcfg: PosttrainConfig) -> None:
         raise UserError(f"unknown reference '{pcfg.reference}' (one of: {', '.join(REFERENCES)})")
     if pcfg.micro_batch_size < 0 or pcfg.grpo_epochs < 1:
         raise UserError("micro_batch_size must be >= 0 and grpo_epochs >= 1")
+    if pcfg.kl_kind not in KL_ANCHORS:
+        raise UserError(f"unknown kl_kind '{pcfg.kl_kind}' (one of: {', '.join(KL_ANCHORS)})")
+    check_consistency_schedule(pcfg)
+
+
+def consistency_span(pcfg: PosttrainConfig) -> tuple[int, int]:
+    """The steps over which a linear / cosine lambda_c ramps: `consistency_start_step` to
+    `consistency_end_step`, which defaults to a quarter of `steps`."""
+    end = pcfg.steps // 4 if pcfg.consistency_end_step is None else pcfg.consistency_end_step
+    return pcfg.consistency_start_step, end
+
+
+def check_consistency_schedule(pcfg: PosttrainConfig) -> None:
+    """One line naming the key when the lambda_c schedule cannot ramp as asked."""
+    if pcfg.consistency_schedule not in CONSISTENCY_SCHEDULES:
+        choices = ", ".join(CONSISTENCY_SCHEDULES)
+        raise UserError(f"posttrain.consistency_schedule='{pcfg.consistency_schedule}' is not one of: {choices}")
+    if pcfg.consistency_weight < 0:
+        raise UserError(f"posttrain.consistency_weight={pcfg.consistency_weight} must be >= 0")
+    if pcfg.consistency_schedule == "none":
+        return
+    start, end = consistency_span(pcfg)
+    if pcfg.consistency_start_weight < 0:
+        raise UserError(f"posttrain.consistency_start_weight={pcfg.consistency_start_weight} must be >= 0")
+    if start < 0:
+        raise UserError(f"posttrain.consistency_start_step={start} must be >= 0")
+    if end > pcfg.steps:
+        raise UserError(f"posttrain.consistency_end_step={end} must be <= steps={pcfg.steps}")
+    if start >= end:
+        raise UserError(
+            f"posttrain.consistency_start_step={start} must be below consistency_end_step={end} "
+            f"(the end of the ramp; by default steps // 4)"
+        )
 
 
 class ToyPromptSource:
@@ -165,48 +206,95 @@ def rank_weight_entropy(weights: torch.Tensor) -> float:
     return max(0.0, float(-(distribution * distribution.clamp_min(1e-12).log()).sum(dim=-1).mean()))
 
 
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str):
+    """Record the seconds the block takes as `timings[name]`."""
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+@dataclass
+class PosttrainRun:
+    """A post-training run as the stages of its steps see it (built once by `start_posttrain`)."""
+
+    cfg: RunConfig
+    run_dir: Path
+    backbone: Backbone
+    models: Models
+    optimizers: Optimizers
+    policy_for_loss: torch.nn.Module  # the policy whose forward the GRPO loss runs (DDP-wrapped unless sharded)
+    reward: CombinedReward
+    prompt_source: object  # ToyPromptSource or ranke.data.ImageCaptionSource
+    generators: dict  # the run's random streams ("data": numpy, "rollout": torch), checkpointed
+    accelerator: object
+    shard: Shard  # this process's share of every step's prompts
+    precision: str
+    sharding: str  # how the policy is spread over processes: ddp | fsdp
+
+    @property
+    def pcfg(self) -> PosttrainConfig:
+        return self.cfg.posttrain
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def next_prompts(run: PosttrainRun) -> tuple[list[str], torch.Tensor]:
+    """This process's share of the step's (prompts, real images): every process draws the whole
+    batch from the shared stream and keeps its rows."""
+    prompts, real_images = run.prompt_source.next_batch(run.pcfg.prompts_per_step)
+    shard = run.shard
+    return prompts[shard.start : shard.end], real_images[shard.start : shard.end].to(run.device)
+
+
 @torch.no_grad()
-def collect_rollout(
-    backbone, policy, reference, vq_ema, reward, prompts, pcfg, sampling, generator, timings, shard: Shard,
-    precision: str = "fp32",
-) -> Rollout:
+def collect_rollout(run: PosttrainRun, prompts: list[str], timings: dict[str, float]) -> Rollout:
     """METHOD.md "Rollout": sample, record old/ref log-probs, decode with the EMA decoder, reward.
 
-    The policy and decoder run under `precision` (ranke.runtime.autocast); log-probs, pixels and
-    rewards are float32 either way. `prompts` are this process's share of the step's prompts; its
-    rows of the global batch's random draws are used, so the tokens do not depend on the number
-    of processes."""
+    The policy and decoder run under the run's precision (ranke.runtime.autocast); log-probs,
+    pixels and rewards are float32 either way. `prompts` are this process's share of the step's
+    prompts; its rows of the global batch's random draws are used, so the tokens do not depend
+    on the number of processes."""
+    backbone, models, pcfg, shard = run.backbone, run.models, run.pcfg, run.shard
     group_prompts = [prompt for prompt in prompts for _ in range(pcfg.group_size)]
-    t = time.perf_counter()
-    text_emb, text_mask = backbone.encode_prompts(group_prompts)
-    with autocast(backbone.device, precision), whole_weights(policy):
-        sample = backbone.sample(
-            text_emb, text_mask, sampling, generator, policy=policy, return_logprobs=True,
-            row_offset=shard.start * pcfg.group_size, total_rows=shard.total * pcfg.group_size,
-        )  # fmt: skip
-    timings["rollout"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with autocast(backbone.device, precision):
-        logp_ref = backbone.token_logprobs(reference, text_emb, text_mask, sample.tokens)
-    timings["logprobs"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with autocast(backbone.device, precision):
-        images = backbone.decode(sample.tokens, decoder=vq_ema)
-    timings["decode"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scored = reward(images, group_prompts)
-    timings["reward"] = time.perf_counter() - t
+    with timed(timings, "rollout"):
+        text_emb, text_mask = backbone.encode_prompts(group_prompts)
+        with autocast(backbone.device, run.precision), whole_weights(models.policy):
+            sample = backbone.sample(
+                text_emb, text_mask, run.cfg.sampling, run.generators["rollout"], policy=models.policy,
+                return_logprobs=True, row_offset=shard.start * pcfg.group_size, total_rows=shard.total * pcfg.group_size,
+            )  # fmt: skip
+    with timed(timings, "logprobs"), autocast(backbone.device, run.precision):
+        logp_ref = backbone.token_logprobs(models.reference, text_emb, text_mask, sample.tokens)
+    with timed(timings, "decode"), autocast(backbone.device, run.precision):
+        images = backbone.decode(sample.tokens, decoder=models.vq_ema.module)
+    with timed(timings, "reward"):
+        scored = run.reward(images, group_prompts)
     return Rollout(
         group_prompts, text_emb, text_mask, sample.tokens, sample.logprobs, logp_ref, images, scored.total, scored.components
     )
 
 
-def policy_stage(
-    backbone, policy, optimizer, accelerator, rollout: Rollout, advantages: torch.Tensor, pcfg: PosttrainConfig,
-    precision: str = "fp32",
-) -> dict:
-    """METHOD.md "Policy stage": `grpo_epochs` passes of clipped GRPO with the KL anchor, each
-    one optimizer step over all rollouts (micro-batched forward/backward)."""
+def reward_statistics(rollout: Rollout, group_size: int) -> dict[str, float]:
+    """The step's reward: its mean, each component's mean and spread, and the share of groups
+    whose rollouts all scored alike (they carry no GRPO signal)."""
+    record = {"reward": float(rollout.reward.mean())}
+    for name, values in rollout.components.items():
+        record[f"reward/{name}_mean"] = float(values.float().nanmean())
+        record[f"reward/{name}_std"] = float(values.float().std())
+    grouped = rollout.reward.view(-1, group_size)
+    record["reward/zero_std_groups"] = float((grouped.std(dim=1) < 1e-4).float().mean())
+    return record
+
+
+def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
+    """METHOD.md "Policy stage": `grpo_epochs` passes of clipped GRPO with the KL anchor on the
+    group-relative advantages, each one optimizer step over all rollouts (micro-batched
+    forward/backward); then the EMA policy follows every `policy_ema_every` steps."""
+    pcfg, models, optimizer = run.pcfg, run.models, run.optimizers.policy
+    advantages = group_advantages(rollout.reward, pcfg.group_size)
     count = rollout.tokens.shape[0]
     micro = pcfg.micro_batch_size or count
     totals: dict[str, float] = {}
@@ -215,10 +303,11 @@ def policy_stage(
         for start in range(0, count, micro):
             part = slice(start, start + micro)
             share = (min(start + micro, count) - start) / count
-            with autocast(backbone.device, precision):
-                logp_new, entropy = backbone.token_logprobs(
-                    policy, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part], return_entropy=True
-                )
+            with autocast(run.backbone.device, run.precision):
+                logp_new, entropy = run.backbone.token_logprobs(
+                    run.policy_for_loss, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part],
+                    return_entropy=True,
+                )  # fmt: skip
             loss, stats = grpo_policy_loss(
                 logp_new,
                 rollout.logp_old[part],
@@ -228,123 +317,149 @@ def policy_stage(
                 beta=pcfg.kl_coef,
                 kl_kind=pcfg.kl_kind,
             )
-            accelerator.backward(loss * share)
+            run.accelerator.backward(loss * share)
             stats = {**stats, "loss": loss.detach(), "entropy": entropy.detach().mean()}
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0.0) + float(value) * share / pcfg.grpo_epochs
-        totals["grad_norm"] = clip_gradients(policy.parameters(), pcfg.grad_clip)
+        totals["grad_norm"] = clip_gradients(run.policy_for_loss.parameters(), pcfg.grad_clip)
         optimizer.step()
-    return {f"policy/{name}": value for name, value in totals.items()}
+    if (step + 1) % pcfg.policy_ema_every == 0:
+        models.policy_ema.update(models.policy)
+    return {**{f"policy/{name}": value for name, value in totals.items()}, "lr/policy": optimizer.param_groups[0]["lr"]}
 
 
-def decoder_stage(
-    backbone, models, optimizers, rollout: Rollout, real_images: torch.Tensor, step: int, pcfg, reward, accelerator,
-    precision: str = "fp32",
-) -> dict:
-    """METHOD.md "Decoder stage": rank selection, one discriminator step, one decoder step.
+@dataclass
+class RankSelection:
+    """The top-k rollouts of every prompt (METHOD.md "Rank selection"), flattened prompt-major."""
 
-    Forward passes run under `precision`; decoded pixels, discriminator logits and every loss
-    term are float32."""
-    vq, disc = models.vq, models.disc
-    batch = real_images.shape[0]
+    indices: torch.Tensor  # [B*k] rows of the rollout
+    weights: torch.Tensor  # [B*k] rank weights, mean 1
+    weights_grid: torch.Tensor  # [B, k] the same, per prompt
+    tau: float  # the rank temperature of this step
+    tokens: torch.Tensor  # [B*k, N]
+    prompts: list[str]  # B*k
 
+
+def select_rollouts(rollout: Rollout, batch: int, pcfg: PosttrainConfig, step: int) -> RankSelection:
     grouped = rollout.reward.view(batch, pcfg.group_size)
     top = select_top_k(grouped, pcfg.rank_top_k)  # [B, k]
     tau = cosine_tau(step, pcfg.steps, pcfg.tau_start, pcfg.tau_end, pcfg.tau_anneal_ratio)
     weights_grid = rank_weights(grouped.gather(1, top), tau, uniform=pcfg.uniform_weights)
-    selected = (top + torch.arange(batch, device=top.device)[:, None] * pcfg.group_size).flatten()
-    weights = weights_grid.flatten()
-    tokens = rollout.tokens[selected]
-    prompts = [rollout.prompts[i] for i in selected.tolist()]
+    indices = (top + torch.arange(batch, device=top.device)[:, None] * pcfg.group_size).flatten()
+    prompts = [rollout.prompts[i] for i in indices.tolist()]
+    return RankSelection(indices, weights_grid.flatten(), weights_grid, tau, rollout.tokens[indices], prompts)
 
-    real = to_model_range(real_images)
-    disc_factor = adopt_weight(step, pcfg.disc_start)
-    zero = torch.zeros((), device=real.device)
-    with autocast(backbone.device, precision):
-        with torch.no_grad():
-            real_codes = vq.encode_codes(real)
-        # one decode of the real codes serves both steps: the discriminator step sees it detached
-        recon = vq.decode_codes(real_codes)
+
+def discriminator_step(run: PosttrainRun, real: torch.Tensor, recon: torch.Tensor, disc_factor: float) -> dict:
+    """One hinge step of the discriminator on real images vs reconstructions of their codes
+    (none before `disc_start`); the discriminator is left frozen for the decoder step."""
+    disc, zero = run.models.disc, torch.zeros((), device=real.device)
     disc_loss, logits_real, logits_fake = zero, zero, zero
     if disc_factor > 0:
         disc.requires_grad_(True)
-        with autocast(backbone.device, precision):
+        with autocast(run.backbone.device, run.precision):
             logits_real, logits_fake = disc(real).float(), disc(recon.detach()).float()
         disc_loss = hinge_discriminator_loss(logits_real, logits_fake)
-        optimizers.disc.zero_grad(set_to_none=True)
-        accelerator.backward(disc_loss)
-        average_gradients(disc.parameters(), accelerator)
-        optimizers.disc.step()
+        run.optimizers.disc.zero_grad(set_to_none=True)
+        run.accelerator.backward(disc_loss)
+        average_gradients(disc.parameters(), run.accelerator)
+        run.optimizers.disc.step()
     disc.requires_grad_(False)
+    return {"disc/loss": disc_loss, "disc/logits_real": logits_real.mean(), "disc/logits_fake": logits_fake.mean()}
 
-    with autocast(backbone.device, precision):
-        loss, logged = decoder_loss(
-            backbone, models, rollout, real, recon, tokens, prompts, selected, weights, step, disc_factor, pcfg, reward
-        )
-    optimizers.decoder.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    average_gradients(vq.decoder_parameters(), accelerator)
-    grad_norm = clip_gradients(vq.decoder_parameters(), pcfg.grad_clip)
-    optimizers.decoder.step()
+
+def decoder_stage(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor, step: int) -> dict:
+    """METHOD.md "Decoder stage": rank selection, one discriminator step, one decoder step; then
+    the EMA decoder follows every `decoder_ema_every` steps.
+
+    Forward passes run under the run's precision; decoded pixels, discriminator logits and every
+    loss term are float32."""
+    pcfg, models, optimizer = run.pcfg, run.models, run.optimizers.decoder
+    selection = select_rollouts(rollout, real_images.shape[0], pcfg, step)
+    real = to_model_range(real_images)
+    disc_factor = adopt_weight(step, pcfg.disc_start)
+    with autocast(run.backbone.device, run.precision):
+        with torch.no_grad():
+            real_codes = models.vq.encode_codes(real)
+        # one decode of the real codes serves both steps: the discriminator step sees it detached
+        recon = models.vq.decode_codes(real_codes)
+    disc_logged = discriminator_step(run, real, recon, disc_factor)
+    with autocast(run.backbone.device, run.precision):
+        loss, logged = decoder_loss(run, rollout, selection, real, recon, step, disc_factor)
+    optimizer.zero_grad(set_to_none=True)
+    run.accelerator.backward(loss)
+    average_gradients(models.vq.decoder_parameters(), run.accelerator)
+    grad_norm = clip_gradients(models.vq.decoder_parameters(), pcfg.grad_clip)
+    optimizer.step()
     logged = {
         **logged,
         "decoder/grad_norm": grad_norm,
-        "decoder/tau": tau,
-        "decoder/weights_entropy": rank_weight_entropy(weights_grid),
-        "decoder/weights_max": weights.max(),
-        "disc/loss": disc_loss,
-        "disc/logits_real": logits_real.mean(),
-        "disc/logits_fake": logits_fake.mean(),
+        "decoder/tau": selection.tau,
+        "decoder/weights_entropy": rank_weight_entropy(selection.weights_grid),
+        "decoder/weights_max": selection.weights.max(),
+        **disc_logged,
     }
-    return {name: float(value.detach()) if torch.is_tensor(value) else value for name, value in logged.items()}
+    logged = {name: float(value.detach()) if torch.is_tensor(value) else value for name, value in logged.items()}
+    if (step + 1) % pcfg.decoder_ema_every == 0:
+        models.vq_ema.update(models.vq)
+    return {**logged, "lr/decoder": optimizer.param_groups[0]["lr"]}
+
+
+def decoder_weights(pcfg: PosttrainConfig, step: int, disc_factor: float) -> DecoderWeights:
+    """The decoder objective's weights at `step`: the config's, lambda_c on its schedule."""
+    start, end = consistency_span(pcfg)
+    lambda_c = consistency_weight(
+        step, pcfg.consistency_schedule, start, end, pcfg.consistency_start_weight, pcfg.consistency_weight
+    )
+    return DecoderWeights(
+        recon=pcfg.recon_weight,
+        rank_gan=pcfg.rank_gan_weight,
+        disc_weight=pcfg.disc_weight,
+        disc_factor=disc_factor,
+        consistency=lambda_c,
+        reward=pcfg.reward_backprop_weight,
+        soft=pcfg.soft_token_weight,
+    )
 
 
 def decoder_loss(
-    backbone, models, rollout, real, recon, tokens, prompts, selected, weights, step, disc_factor, pcfg, reward
+    run: PosttrainRun, rollout: Rollout | None, selection: RankSelection, real, recon, step: int, disc_factor: float
 ) -> tuple[torch.Tensor, dict]:
-    """The decoder step's objective (METHOD.md): L_recon + L_rankgan + L_consist + L_reward (+ L_soft)."""
+    """The decoder step's terms, weighted by `ranke.algo.decoder.decoder_objective` (METHOD.md):
+    L_recon + L_rankgan + L_consist + L_reward (+ L_soft; the only term that reads `rollout`)."""
+    pcfg, models = run.pcfg, run.models
     vq, vq_ema, disc, perceptual = models.vq, models.vq_ema.module, models.disc, models.perceptual
     zero = torch.zeros((), device=real.device)
     pixel = reconstruction_loss(real, recon, kind=pcfg.recon_kind)
     perceptual_recon = perceptual(real, recon).mean()
     generator, generator_weight, rank_gan = zero, zero, zero
-    decoded = vq.decode_codes(tokens)
+    decoded = vq.decode_codes(selection.tokens)
     if disc_factor > 0:
         generator = hinge_generator_loss(disc(recon).float())
         generator_weight = adaptive_generator_weight(
             pixel + pcfg.perceptual_weight * perceptual_recon, generator, vq.last_layer
         )
-        rank_gan = rank_gan_loss(disc(decoded).float(), weights)
+        rank_gan = rank_gan_loss(disc(decoded).float(), selection.weights)
     recon_anchor = reconstruction_anchor_loss(
         pixel, perceptual_recon, generator, generator_weight, pcfg.perceptual_weight, pcfg.disc_weight, disc_factor
     )
     with torch.no_grad():
-        decoded_ema = vq_ema.decode_codes(tokens)
+        decoded_ema = vq_ema.decode_codes(selection.tokens)
     consistency = decoder_consistency_loss(perceptual, decoded, decoded_ema)
-    lambda_c = consistency_weight(
-        step,
-        pcfg.consistency_schedule,
-        pcfg.consistency_start_step,
-        pcfg.consistency_end_step,
-        pcfg.consistency_start_weight,
-        pcfg.consistency_weight,
-    )
-    reward_values = reward.differentiable_score(to_unit_range(decoded), prompts)
+    reward_values = run.reward.differentiable_score(to_unit_range(decoded), selection.prompts)
     reward_term = (
-        zero if reward_values is None else optional_reward_backprop_loss(reward_values, weights.to(reward_values.device))
+        zero
+        if reward_values is None
+        else optional_reward_backprop_loss(reward_values, selection.weights.to(reward_values.device))
     )
     soft = zero
     if pcfg.soft_token_weight > 0:
-        soft_decoded = soft_decode(backbone, models.policy, vq, rollout, selected, pcfg.soft_token_top_k)
+        soft_decoded = soft_decode(run.backbone, models.policy, vq, rollout, selection.indices, pcfg.soft_token_top_k)
         soft = soft_token_consistency_loss(soft_decoded, decoded)
 
-    loss = (
-        pcfg.recon_weight * recon_anchor
-        + pcfg.rank_gan_weight * pcfg.disc_weight * disc_factor * rank_gan
-        + lambda_c * consistency
-        + pcfg.reward_backprop_weight * reward_term
-        + pcfg.soft_token_weight * soft
-    )
+    weights = decoder_weights(pcfg, step, disc_factor)
+    terms = DecoderTerms(recon_anchor, rank_gan, consistency, reward_term, soft)
+    loss, _ = decoder_objective(terms, weights)
     return loss, {
         "decoder/loss": loss,
         "decoder/recon_anchor": recon_anchor,
@@ -354,7 +469,7 @@ def decoder_loss(
         "decoder/generator_weight": generator_weight,
         "decoder/rank_gan": rank_gan,
         "decoder/consistency": consistency,
-        "decoder/consistency_weight": lambda_c,
+        "decoder/consistency_weight": weights.consistency,
         "decoder/reward_backprop": reward_term,
         "decoder/soft_token": soft,
     }
@@ -455,40 +570,39 @@ def restore_weights(models: Models, tensors: dict) -> None:
         models.disc.load_state_dict(tensors["discriminator"])
 
 
-def trainer_state_of(models: Models, optimizers: Optimizers, step: int, reward, generators, prompt_source, sharding):
+def trainer_state_of(run: PosttrainRun, step: int) -> dict:
     """Everything but the weights that resuming needs (a collective when the policy is sharded)."""
+    models = run.models
     states = {
         name: optimizer_state_dict(models.policy, optimizer) if name == "policy" else optimizer.state_dict()
-        for name, optimizer in optimizers.present().items()
+        for name, optimizer in run.optimizers.present().items()
     }
     return {
         "step": step,
         "optimizers": states,
-        "policy_sharding": sharding,
-        "reward_stats": reward.state_dict(),
-        "rng": state_lib.rng_state(generators),
-        "data": prompt_source.state_dict(),
+        "policy_sharding": run.sharding,
+        "reward_stats": run.reward.state_dict(),
+        "rng": state_lib.rng_state(run.generators),
+        "data": run.prompt_source.state_dict(),
     }
 
 
-def restore_trainer_state(
-    models: Models, optimizers: Optimizers, trainer_state: dict, reward, generators, prompt_source, sharding
-) -> int:
+def restore_trainer_state(run: PosttrainRun, trainer_state: dict) -> int:
     """Load optimizer, reward, RNG and data state (after sharding); returns the step to continue from."""
     saved_sharding = trainer_state.get("policy_sharding", "ddp")
-    if saved_sharding != sharding:
+    if saved_sharding != run.sharding:
         raise UserError(
             f"the checkpoint was written with policy_sharding={saved_sharding}; resume it with the same setting"
         )
-    for name, optimizer in optimizers.present().items():
+    for name, optimizer in run.optimizers.present().items():
         state = trainer_state["optimizers"][name]
         if name == "policy":
-            load_optimizer_state_dict(models.policy, optimizer, state)
+            load_optimizer_state_dict(run.models.policy, optimizer, state)
         else:
             optimizer.load_state_dict(state)
-    reward.load_state_dict(trainer_state["reward_stats"])
-    state_lib.restore_rng_state(trainer_state["rng"], generators)
-    prompt_source.load_state_dict(trainer_state["data"])
+    run.reward.load_state_dict(trainer_state["reward_stats"])
+    state_lib.restore_rng_state(trainer_state["rng"], run.generators)
+    run.prompt_source.load_state_dict(trainer_state["data"])
     return trainer_state["step"]
 
 
@@ -503,13 +617,13 @@ def sample_grid(backbone: Backbone, models: Models, prompts: list[str], sampling
     return torch.cat([backbone.decode(tokens, decoder=decoder) for decoder in decoders]).cpu()
 
 
-def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
-    """Run (or with `resume`, continue) a post-training run in `out_dir`; one process or several
-    under `accelerate launch` / `torchrun` (data parallel over the step's prompts)."""
+def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume: bool) -> tuple[PosttrainRun, int]:
+    """Resolve the config, build the models, restore a checkpoint with `resume`; returns the run
+    and the step to start from. One process or several under `accelerate launch` / `torchrun`."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    cfg, run, device = start_run(config_path, out_dir, overrides, section="posttrain")
+    cfg, run_dir, device = start_run(config_path, out_dir, overrides, section="posttrain")
     pcfg = cfg.posttrain
     check_posttrain_config(pcfg)
     if pcfg.deterministic:
@@ -519,19 +633,16 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         cpu=device.type == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     )
     device = accelerator.device
-    shard = Shard.of(accelerator, pcfg.prompts_per_step)
-    main_process = accelerator.is_main_process
     precision = recipe_precision(cfg.precision, accelerator)
 
     models, backbone, cfg = build_models(cfg, device)
-    if main_process:
-        config_lib.save(cfg, run / "config.yaml")
-    start_step = 0
-    latest = state_lib.latest_checkpoint(run)
+    if accelerator.is_main_process:
+        config_lib.save(cfg, run_dir / "config.yaml")
+    latest = checkpoint_lib.latest_checkpoint(run_dir)
     if latest is not None and not resume:
-        raise UserError(f"{run} already holds checkpoints; pass --resume to continue it, or choose a new --out")
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose a new --out")
     if latest is not None:
-        tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
+        tensors, trainer_state, _ = checkpoint_lib.load_checkpoint(latest)
         restore_weights(models, tensors)
     if pcfg.policy_grad_checkpointing:
         models.policy.enable_gradient_checkpointing()
@@ -548,111 +659,113 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     if accelerator.num_processes > 1:
         reward.reduce_sum = lambda sums: accelerator.reduce(sums, reduction="sum")
     data_rng = np.random.default_rng(cfg.seed)
-    rollout_generator = torch.Generator(device).manual_seed(cfg.seed)
-    generators = {"data": data_rng, "rollout": rollout_generator}
-    prompt_source = build_prompt_source(cfg, backbone.image_size, data_rng)
-    if latest is not None:
-        start_step = restore_trainer_state(
-            models, optimizers, trainer_state, reward, generators, prompt_source, sharding
-        )
+    generators = {"data": data_rng, "rollout": torch.Generator(device).manual_seed(cfg.seed)}
+    run = PosttrainRun(
+        cfg, run_dir, backbone, models, optimizers, policy_for_loss, reward,
+        build_prompt_source(cfg, backbone.image_size, data_rng), generators, accelerator,
+        Shard.of(accelerator, pcfg.prompts_per_step), precision, sharding,
+    )  # fmt: skip
+    start_step = 0 if latest is None else restore_trainer_state(run, trainer_state)
+    return run, start_step
+
+
+@dataclass
+class RunOutputs:
+    """What the bookkeeping stage writes to: the main process's logs, previews and evaluator."""
+
+    metrics: MetricsWriter
+    evaluations: MetricsWriter
+    tensorboard: object | None  # main process only
+    evaluator: object | None  # the toy judges; real backbones are evaluated with `ranke eval` on checkpoints
+    grid_prompts: list[str] | None  # fixed preview prompts (toy world); None: each step's first prompts
+
+
+def open_outputs(run: PosttrainRun, start_step: int) -> RunOutputs:
+    """The run's logs (records after `start_step` dropped: a resume redoes them), preview prompts and evaluator."""
+    cfg, pcfg, main_process = run.cfg, run.pcfg, run.accelerator.is_main_process
     toy_world = cfg.backbone.kind == "toy"
     grid_prompts = heldout_prompts(cfg.toy)[: pcfg.grid_prompts] if toy_world else None
-    evaluator = None  # the toy judges; real backbones are evaluated with `ranke eval` on checkpoints
+    evaluator = None
     if pcfg.eval_samples and main_process and toy_world:
         from ranke.eval.evaluate import Evaluator
 
+        decoder = run.models.vq_ema.module
         evaluator = Evaluator(
-            cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=models.vq_ema.module, split=pcfg.eval_split
+            cfg, run.device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=decoder, split=pcfg.eval_split
         )
-
-    metrics, evaluations = MetricsWriter(run / "metrics.jsonl"), MetricsWriter(run / "eval.jsonl")
+    metrics, evaluations = MetricsWriter(run.run_dir / "metrics.jsonl"), MetricsWriter(run.run_dir / "eval.jsonl")
     if main_process:
         for writer in (metrics, evaluations):
             writer.drop_after(start_step)
-    tensorboard = _tensorboard_writer(run) if main_process else None
+    tensorboard = _tensorboard_writer(run.run_dir) if main_process else None
+    return RunOutputs(metrics, evaluations, tensorboard, evaluator, grid_prompts)
+
+
+def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: dict, prompts: list[str]) -> None:
+    """After a step: the record averaged over processes (replicas checked when asked) to
+    metrics.jsonl and TensorBoard, the preview grid, the evaluation, the checkpoint, a barrier."""
+    pcfg, models, main_process = run.pcfg, run.models, run.accelerator.is_main_process
+    record = mean_over_processes(record, run.accelerator)
+    if pcfg.check_replicas_every and (step + 1) % pcfg.check_replicas_every == 0:
+        check_replicas({"policy": models.policy, "decoder": models.vq}, run.accelerator, step + 1)
+    last = step + 1 == pcfg.steps
+    grid_due = (step + 1) % pcfg.grid_every == 0 or last
+    eval_due = outputs.evaluator is not None and ((pcfg.eval_every and (step + 1) % pcfg.eval_every == 0) or last)
+    save_due = (step + 1) % pcfg.save_every == 0 or last
+    if main_process:
+        if (step + 1) % pcfg.log_every == 0 or last:
+            outputs.metrics.write(record)
+            for name, value in record.items():
+                if name != "step":
+                    outputs.tensorboard.add_scalar(name, value, step + 1)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
+    # whole weights and checkpoint states are collectives with a sharded policy: every process joins
+    if grid_due or eval_due:
+        with whole_weights(models.policy), autocast(run.device, run.precision):
+            if main_process and grid_due:
+                shown = outputs.grid_prompts or prompts[: pcfg.grid_prompts]  # real data: this step's first prompts
+                grid = sample_grid(run.backbone, models, shown, run.cfg.sampling, run.cfg.seed)
+                save_image_grid(grid, run.run_dir / f"samples_{step + 1:06d}.png", nrow=len(shown))
+            if main_process and eval_due:
+                evaluate_step(outputs.evaluator, run.backbone, models, step + 1, outputs.evaluations)
+    if save_due:
+        tensors = checkpoint_tensors(models)
+        trainer_state = trainer_state_of(run, step + 1)
+        if main_process:
+            checkpoint_lib.save_checkpoint(
+                run.run_dir, step + 1, tensors, trainer_state, (run.run_dir / "config.yaml").read_text(),
+                keep_last=pcfg.keep_checkpoints or None,
+            )  # fmt: skip
+    run.accelerator.wait_for_everyone()
+
+
+def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
+    """Run (or with `resume`, continue) a post-training run in `out_dir`; one process or several
+    under `accelerate launch` / `torchrun` (data parallel over the step's prompts)."""
+    run, start_step = start_posttrain(config_path, out_dir, overrides, resume)
+    pcfg, main_process = run.pcfg, run.accelerator.is_main_process
+    outputs = open_outputs(run, start_step)
     bar = progress(
         range(start_step, pcfg.steps), total=pcfg.steps, initial=start_step, desc=f"posttrain[{pcfg.mode}]",
         disable_on_workers=not main_process,
     )  # fmt: skip
     for step in bar:
         timings: dict[str, float] = {}
-        step_start = time.perf_counter()
-        # every process draws the step's whole batch from the shared stream and keeps its share
-        prompts, real_images = prompt_source.next_batch(pcfg.prompts_per_step)
-        prompts, real_images = prompts[shard.start : shard.end], real_images[shard.start : shard.end]
-        rollout = collect_rollout(
-            backbone, models.policy, models.reference, models.vq_ema.module, reward, prompts, pcfg, cfg.sampling,
-            rollout_generator, timings, shard, precision,
-        )
-        advantages = group_advantages(rollout.reward, pcfg.group_size)
-        record: dict[str, float] = {"step": step + 1, "reward": float(rollout.reward.mean())}
-        for name, values in rollout.components.items():
-            record[f"reward/{name}_mean"] = float(values.float().nanmean())
-            record[f"reward/{name}_std"] = float(values.float().std())
-        grouped = rollout.reward.view(-1, pcfg.group_size)
-        record["reward/zero_std_groups"] = float((grouped.std(dim=1) < 1e-4).float().mean())
-
-        if pcfg.mode != "decoder":
-            t = time.perf_counter()
-            record.update(
-                policy_stage(
-                    backbone, policy_for_loss, optimizers.policy, accelerator, rollout, advantages, pcfg, precision
-                )
-            )
-            if (step + 1) % pcfg.policy_ema_every == 0:
-                models.policy_ema.update(models.policy)
-            record["lr/policy"] = optimizers.policy.param_groups[0]["lr"]
-            timings["update"] = time.perf_counter() - t
-        if pcfg.mode != "policy":
-            t = time.perf_counter()
-            record.update(
-                decoder_stage(
-                    backbone, models, optimizers, rollout, real_images.to(device), step, pcfg, reward, accelerator,
-                    precision,
-                )
-            )
-            if (step + 1) % pcfg.decoder_ema_every == 0:
-                models.vq_ema.update(models.vq)
-            record["lr/decoder"] = optimizers.decoder.param_groups[0]["lr"]
-            timings["decoder"] = time.perf_counter() - t
-        timings["step"] = time.perf_counter() - step_start
+        with timed(timings, "step"):
+            prompts, real_images = next_prompts(run)
+            rollout = collect_rollout(run, prompts, timings)
+            record = {"step": step + 1, **reward_statistics(rollout, pcfg.group_size)}
+            if pcfg.mode != "decoder":
+                with timed(timings, "update"):
+                    record.update(policy_stage(run, rollout, step))
+            if pcfg.mode != "policy":
+                with timed(timings, "decoder"):
+                    record.update(decoder_stage(run, rollout, real_images, step))
         record.update({f"time/{name}": round(seconds, 4) for name, seconds in timings.items()})
-        record = mean_over_processes(record, accelerator)
-        if pcfg.check_replicas_every and (step + 1) % pcfg.check_replicas_every == 0:
-            check_replicas({"policy": models.policy, "decoder": models.vq}, accelerator, step + 1)
-
-        last = step + 1 == pcfg.steps
-        grid_due = (step + 1) % pcfg.grid_every == 0 or last
-        eval_due = evaluator is not None and ((pcfg.eval_every and (step + 1) % pcfg.eval_every == 0) or last)
-        save_due = (step + 1) % pcfg.save_every == 0 or last
-        if main_process:
-            if (step + 1) % pcfg.log_every == 0 or last:
-                metrics.write(record)
-                for name, value in record.items():
-                    if name != "step":
-                        tensorboard.add_scalar(name, value, step + 1)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
-        # whole weights and checkpoint states are collectives with a sharded policy: every process joins
-        if grid_due or eval_due:
-            with whole_weights(models.policy), autocast(device, precision):
-                if main_process and grid_due:
-                    shown = grid_prompts or prompts[: pcfg.grid_prompts]  # real data: this step's first prompts
-                    grid = sample_grid(backbone, models, shown, cfg.sampling, cfg.seed)
-                    save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=len(shown))
-                if main_process and eval_due:
-                    evaluate_step(evaluator, backbone, models, step + 1, evaluations)
-        if save_due:
-            tensors = checkpoint_tensors(models)
-            trainer_state = trainer_state_of(models, optimizers, step + 1, reward, generators, prompt_source, sharding)
-            if main_process:
-                state_lib.save_checkpoint(
-                    run, step + 1, tensors, trainer_state, (run / "config.yaml").read_text(),
-                    keep_last=pcfg.keep_checkpoints or None,
-                )  # fmt: skip
-        accelerator.wait_for_everyone()
-    if tensorboard is not None:
-        tensorboard.close()
-    final = state_lib.latest_checkpoint(run)
+        bookkeeping(run, outputs, bar, step, record, prompts)
+    if outputs.tensorboard is not None:
+        outputs.tensorboard.close()
+    final = checkpoint_lib.latest_checkpoint(run.run_dir)
     if main_process:
         print(f"posttrain: {pcfg.steps} steps (mode={pcfg.mode}) -> {final}")
     return {"checkpoint": str(final), "steps": pcfg.steps}

@@ -15,7 +15,7 @@ temperature. It is evaluated on held-out prompts rendered by `render_caption` (n
 samples) and written as `RUN/toy_clip.safetensors`.
 
 Toy features (`train_toy_features`): the Frechet distance network, trained on a different
-objective (scene attributes from pixels, `ranke.eval.toy_features.scene_targets`), evaluated on
+objective (scene attributes from pixels, `ranke.rewards.toy_features.scene_targets`), evaluated on
 held-out scenes and by Frechet distances between reference sets, real and degraded, and written
 as `RUN/toy_features.safetensors`.
 """
@@ -32,12 +32,12 @@ import torch.nn.functional as F
 
 from ranke.assets import ASSET_FILES, save_asset
 from ranke.config import ToyCLIPConfig, ToyFeatureConfig
-from ranke.eval import toy_features as features_lib
 from ranke.eval.fid import extract_features, frechet_distance_from_features
-from ranke.eval.toy_features import ToyFeatureExtractor, ToyFeatureNet, scene_targets
 from ranke.rewards import toy_clip as clip_lib
+from ranke.rewards import toy_features as features_lib
 from ranke.rewards.base import normalize_pixels
 from ranke.rewards.toy_clip import HARD_NEGATIVE_KINDS, ToyCLIP, ToyCLIPReward, perturb_spec
+from ranke.rewards.toy_features import ToyFeatureExtractor, ToyFeatureNet, scene_targets
 from ranke.runtime import UserError, progress, seed_everything, select_device
 from ranke.toy.captions import NUM_PHRASINGS, CaptionSpec, describe, parse_caption
 from ranke.toy.data import ToyConfig, heldout_prompts, heldout_scenes, reference_images, render_caption, train_batch

@@ -22,9 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ranke import checkpoint as checkpoint_lib
 from ranke.assets import save_asset
-from ranke.backbone import Backbone, build_text_encoder, check_compatible, load_tokenizer
+from ranke.backbones.base import Backbone, build_text_encoder, check_compatible
+from ranke.backbones.toy import load_tokenizer
 from ranke.config import RunConfig
+from ranke.images import save_image_grid
 from ranke.models.gpt import Transformer
 from ranke.models.vq import to_model_range
 from ranke.parallel import Shard, mean_over_processes, recipe_precision
@@ -32,7 +35,7 @@ from ranke.runtime import autocast, progress
 from ranke.toy.data import heldout_prompts, train_batch
 from ranke.toy.verifier import score_image, summarize
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, save_image_grid, start_run
+from ranke.train.logging import MetricsWriter, start_run
 from ranke.train.schedule import warmup_cosine
 
 
@@ -78,9 +81,9 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
     preview_prompts = heldout_prompts(cfg.toy)[: scfg.eval_prompts]
 
     start_step = 0
-    latest = state_lib.latest_checkpoint(run) if resume else None
+    latest = checkpoint_lib.latest_checkpoint(run) if resume else None
     if latest is not None:
-        tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
+        tensors, trainer_state, _ = checkpoint_lib.load_checkpoint(latest)
         policy.load_state_dict(tensors["policy"])
         opt.load_state_dict(trainer_state["optimizer"])
         schedule.load_state_dict(trainer_state["schedule"])
@@ -121,7 +124,7 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
             grid = sample_images(backbone, preview_prompts, cfg, seed=cfg.seed)
             save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=8)
         if main_process and ((step + 1) % scfg.save_every == 0 or step + 1 == scfg.steps):
-            state_lib.save_checkpoint(
+            checkpoint_lib.save_checkpoint(
                 run,
                 step + 1,
                 {"policy": policy.state_dict()},

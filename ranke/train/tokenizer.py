@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from ranke import checkpoint as checkpoint_lib
 from ranke.algo.vqgan import (
     adaptive_generator_weight,
     adopt_weight,
@@ -27,6 +28,7 @@ from ranke.algo.vqgan import (
     reconstruction_loss,
 )
 from ranke.assets import save_asset
+from ranke.images import save_image_grid
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
@@ -34,7 +36,7 @@ from ranke.parallel import Shard, average_gradients, mean_over_processes, recipe
 from ranke.runtime import autocast, progress
 from ranke.toy.data import reference_images, train_batch
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, save_image_grid, start_run
+from ranke.train.logging import MetricsWriter, start_run
 from ranke.train.schedule import warmup_cosine
 
 
@@ -85,9 +87,9 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
     preview = torch.from_numpy(eval_images[:16].copy()).permute(0, 3, 1, 2).float().div(255).to(device)
 
     start_step = 0
-    latest = state_lib.latest_checkpoint(run) if resume else None
+    latest = checkpoint_lib.latest_checkpoint(run) if resume else None
     if latest is not None:
-        tensors, trainer_state, _ = state_lib.load_checkpoint(latest)
+        tensors, trainer_state, _ = checkpoint_lib.load_checkpoint(latest)
         model.load_state_dict(tensors["vq"])
         disc.load_state_dict(tensors["discriminator"])
         opt.load_state_dict(trainer_state["optimizer"])
@@ -163,7 +165,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
                 shown = to_unit_range(model.decode(model.encode(to_model_range(preview))[0]))
             save_image_grid(torch.cat([preview, shown]), run / f"reconstructions_{step + 1:06d}.png", nrow=16)
         if main_process and ((step + 1) % tcfg.save_every == 0 or step + 1 == tcfg.steps):
-            state_lib.save_checkpoint(
+            checkpoint_lib.save_checkpoint(
                 run,
                 step + 1,
                 {"vq": model.state_dict(), "discriminator": disc.state_dict()},

@@ -1,0 +1,29 @@
+"""Image grids: a batch of images as one PNG (training previews, evaluation samples, reports)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """[N,3,H,W] floats in [0,1] -> uint8 HxWx3 grid with `nrow` images per row."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, _, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, 3), 255, dtype=np.uint8)
+    pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[top : top + h, left : left + w] = pixels[i]
+    return grid
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
+    Image.fromarray(image_grid(images, nrow=nrow)).save(path)
