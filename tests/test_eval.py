@@ -12,8 +12,8 @@ import torch
 from ranke.assets import asset_path
 from ranke.backbones import load_toy_backbone
 from ranke.config import RunConfig
-from ranke.eval.evaluate import Evaluator, metrics_table, quantize
-from ranke.eval.fid import frechet_distance_from_features
+from ranke.eval.evaluate import Evaluator, kid_subsets, metrics_table, quantize
+from ranke.eval.fid import frechet_distance_from_features, kernel_distance
 from ranke.eval.shift import code_histogram, token_entropy_bits, token_kl
 from ranke.generate import batch_seed
 from ranke.models.vq import to_model_range
@@ -21,7 +21,7 @@ from ranke.rewards.toy_clip import load_toy_clip
 from ranke.rewards.toy_features import load_toy_features
 from ranke.runtime import UserError
 from ranke.toy.captions import CaptionSpec, parse_caption
-from ranke.toy.data import heldout_scenes, split_scenes_and_prompts
+from ranke.toy.data import heldout_scenes, scene_for_caption, split_scenes_and_prompts
 from ranke.toy.render import render_scenes
 from ranke.toy.verifier import score_image, summarize
 
@@ -59,7 +59,11 @@ def test_metrics_are_the_judges_applied_to_the_samples(backbone_and_evaluator, m
     assert result["reward"] != pytest.approx(result["clip_score"], rel=1e-3)  # two different judges
     features = load_toy_features(asset_path("features"))(images)
     assert result["fd"] == pytest.approx(frechet_distance_from_features(features, evaluator.real_features), rel=1e-6)
-    verdicts = summarize([score_image(image.permute(1, 2, 0).numpy(), prompt) for image, prompt in zip(images, prompts)])
+    kid = kernel_distance(features, evaluator.real_features, num_subsets=1, seed=4)  # N = 12: one subset
+    assert kid_subsets(N) == 1 and result["kid"] == pytest.approx(kid[0], rel=1e-6)
+    per_image = [score_image(image.permute(1, 2, 0).numpy(), prompt) for image, prompt in zip(images, prompts)]
+    assert result["preview_correct"] == [bool(verdict.correct) for verdict in per_image]
+    verdicts = summarize(per_image)
     assert result["verifier_accuracy"] == verdicts["accuracy"]
     assert result["verifier_by_num_objects"] == verdicts["by_num_objects"]
     assert result["token_entropy_real"] == pytest.approx(token_entropy_bits(evaluator.real_histogram))
@@ -77,6 +81,23 @@ def test_real_side_is_the_heldout_scenes_of_the_prompts(backbone_and_evaluator):
         codes = backbone.tokenizer.encode_codes(to_model_range(real.float() / 255.0)).flatten(1)
     assert torch.equal(evaluator.real_codes, codes)
     assert evaluator.real_histogram.sum() == N * codes.shape[1]
+
+
+def test_real_reference_scores_another_real_image_of_each_prompt(backbone_and_evaluator):
+    """The noise floor: a second real set (another scene per caption, seeded) scored like samples."""
+    _, evaluator = backbone_and_evaluator
+    cfg = RunConfig()
+    rng = np.random.default_rng(1)
+    scenes = [scene_for_caption(prompt, rng) for prompt in evaluator.prompts]
+    second = torch.from_numpy(render_scenes(scenes, cfg.toy.image_size, cfg.toy.supersample)).permute(0, 3, 1, 2)
+    features = load_toy_features(asset_path("features"))(second)
+    reference = evaluator.real_reference(seed=1)
+    assert reference["n"] == N
+    assert reference["fd"] == pytest.approx(frechet_distance_from_features(features, evaluator.real_features), rel=1e-6)
+    reward = load_toy_clip(asset_path("reward_clip"))(second.float() / 255.0, evaluator.prompts).mean().item()
+    assert reference["reward"] == pytest.approx(reward, rel=1e-5)
+    assert reference["verifier_accuracy"] >= 0.75  # real images of the captions: the verifier mostly agrees
+    assert reference["fd"] != evaluator.real_reference(seed=2)["fd"]
 
 
 def test_token_kl_of_the_policy_tokens(backbone_and_evaluator, metrics):

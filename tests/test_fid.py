@@ -1,5 +1,5 @@
-"""Frechet distance: agreement with clean-fid and an independent formula, hand-computed cases, image
-folders, and the Inception extractor against clean-fid's own feature pipeline."""
+"""Frechet distance and KID: agreement with clean-fid and an independent formula, hand-computed cases,
+image folders, and the Inception extractor against clean-fid's own feature pipeline."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ranke.eval.fid import (
     feature_statistics,
     frechet_distance,
     frechet_distance_from_features,
+    kernel_distance,
     load_image_folder,
 )
 from ranke.runtime import UserError
@@ -49,18 +50,18 @@ def test_matches_independent_eigenvalue_formula():
     assert frechet_distance_from_features(f1, f2) == pytest.approx(expected, rel=1e-6)
 
 
-def _clean_fid_frechet_distance():
-    """clean-fid's own `frechet_distance`.
+def _clean_fid_function(name: str):
+    """clean-fid's own function `name` of cleanfid/fid.py (`frechet_distance`, `kernel_distance`).
 
     `cleanfid.fid` imports torchvision at module level (for extractors we do not use), and no
     torchvision on the package registry loads beside the CPU-only torch. Then the function is
     compiled from the installed cleanfid/fid.py itself, unchanged, in a namespace holding the two
-    module-level names it uses (`np`, `linalg`): the code under comparison is clean-fid's.
+    module-level names they use (`np`, `linalg`): the code under comparison is clean-fid's.
     """
     try:
-        from cleanfid.fid import frechet_distance
+        import cleanfid.fid
 
-        return frechet_distance
+        return getattr(cleanfid.fid, name)
     except ModuleNotFoundError as err:
         if err.name != "torchvision":
             raise
@@ -68,16 +69,16 @@ def _clean_fid_frechet_distance():
 
     source = Path(importlib.util.find_spec("cleanfid").origin).with_name("fid.py").read_text()
     tree = ast.parse(source)
-    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "frechet_distance")
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
     namespace = {"np": np, "linalg": linalg}
     exec(compile(ast.Module(body=[function], type_ignores=[]), "cleanfid/fid.py", "exec"), namespace)
-    return namespace["frechet_distance"]
+    return namespace[name]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # clean-fid passes sqrtm's deprecated `disp`
 def test_matches_clean_fid():
     pytest.importorskip("cleanfid", reason="clean-fid is not installed (pip install --no-deps clean-fid requests)")
-    clean_fid_distance = _clean_fid_frechet_distance()
+    clean_fid_distance = _clean_fid_function("frechet_distance")
     stats1, stats2 = feature_statistics(_features(0)), feature_statistics(_features(1))
     expected = clean_fid_distance(stats1[0], stats1[1], stats2[0], stats2[1])
     assert frechet_distance(*stats1, *stats2) == pytest.approx(expected, rel=1e-6)
@@ -242,3 +243,48 @@ def test_inception_rejects_a_file_that_is_not_torchscript(tmp_path):
     path.write_text("not a network")
     with pytest.raises(UserError, match="not a TorchScript Inception network"):
         InceptionExtractor(path)
+
+
+def test_kid_hand_computed():
+    # D = 1, X = {0, 1}, Y = {1, 2}, k(x, y) = (x y + 1)^3:
+    # XX off-diagonal 2 * 1 / 2 = 1; YY 2 * 27 / 2 = 27; XY (1 + 1 + 8 + 27) * 2 / 4 = 18.5 -> 9.5
+    kid, se = kernel_distance(np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]]), num_subsets=1)
+    assert kid == pytest.approx(9.5) and se is None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_kid_matches_clean_fid_on_the_full_sets():
+    pytest.importorskip("cleanfid", reason="clean-fid is not installed (pip install --no-deps clean-fid requests)")
+    clean_fid_kid = _clean_fid_function("kernel_distance")
+    f1, f2 = _features(0, n=120), _features(1, n=120) * 0.9 + 0.3
+    # one subset of all 120 features: clean-fid's random choice is then a permutation, and its value exact
+    expected = clean_fid_kid(f1, f2, num_subsets=1, max_subset_size=500)
+    assert kernel_distance(f1, f2, num_subsets=1, max_subset_size=500)[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_kid_subsets_are_disjoint_random_splits_with_a_standard_error():
+    f1, f2 = _features(0, n=103), _features(1, n=100)
+    kid, se = kernel_distance(f1, f2, num_subsets=4, seed=7)
+    assert (kid, se) == kernel_distance(f1, f2, num_subsets=4, seed=7)  # deterministic given the seed
+    assert kid != kernel_distance(f1, f2, num_subsets=4, seed=8)[0]
+    rng = np.random.default_rng(7)
+    order1, order2 = rng.permutation(103), rng.permutation(100)  # 25 per subset, the 3 left over unused
+    values = [kernel_distance(f1[order1[i * 25 : (i + 1) * 25]], f2[order2[i * 25 : (i + 1) * 25]], 1)[0] for i in range(4)]
+    assert kid == pytest.approx(np.mean(values)) and se == pytest.approx(np.std(values, ddof=1) / 2)
+    assert kernel_distance(f1, f2, num_subsets=4, max_subset_size=10, seed=7)[0] != pytest.approx(kid)
+
+
+def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(5)
+    same = [kernel_distance(rng.normal(size=(50, 8)), rng.normal(size=(50, 8)), num_subsets=1)[0] for _ in range(200)]
+    shifted = kernel_distance(rng.normal(size=(50, 8)), rng.normal(size=(50, 8)) + 1.0, num_subsets=1)[0]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(200)  # unbiased: the mean is 0 within its error
+    assert min(same) < 0 < shifted  # an unbiased estimate can fall below 0
+    assert shifted > 10 * np.std(same)
+
+
+def test_kid_refuses_too_few_features():
+    with pytest.raises(ValueError, match="at least 2 features per subset"):
+        kernel_distance(np.zeros((5, 3)), np.zeros((5, 3)), num_subsets=3)
+    with pytest.raises(ValueError, match="shapes"):
+        kernel_distance(np.zeros((5, 3)), np.zeros((5, 4)))

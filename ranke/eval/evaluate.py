@@ -8,13 +8,22 @@ decoded, rounded to 8-bit pixels (as they would be saved) and scored:
 * fd: Frechet distance in the toy feature network's space between the generated images and the
   real images of the same prompts, i.e. the renders of the held-out scenes the captions were
   written for (COCO's protocol: generated images vs the val images of the captions);
+* kid, kid_se: KID (unbiased MMD^2, cubic kernel) between the same two feature sets and its
+  standard error over `kid_subsets(n)` disjoint subsets (`ranke.eval.fid.kernel_distance`);
 * verifier_accuracy: the toy verifier's whole-prompt accuracy (GenEval's overall score), with
   verifier_object_accuracy and verifier_by_num_objects;
 * token_kl: KL(policy || real) in nats between the codebook histogram of the sampled tokens and
   that of the ground-truth tokens Q(E(x)) of those same real images, both with add-one smoothing
   over the K codes (`ranke.eval.shift`); token_kl_per_position is the mean of per-position KLs;
 * token_entropy: entropy in bits of the sampled tokens' histogram (token_entropy_real: of the
-  ground-truth tokens).
+  ground-truth tokens);
+* preview_correct: the verifier's verdict on each of the first `preview` images (kept in
+  `Evaluator.preview`), so sample grids can mark them.
+
+How much of each metric is the evaluation's own sampling noise, and where real images stand:
+`Evaluator.real_reference` scores a second real image of each prompt (another random scene
+satisfying its caption) exactly like a generator's samples, so its FD / KID are those of two
+real image sets of the evaluation's size, the floor a perfect generator would reach.
 
 `Evaluator` does the fixed work once (loads the three judges, renders the real images, computes
 their features and codes) and is then called on any backbone, policy and decoder, e.g. from a
@@ -39,7 +48,7 @@ from ranke.assets import asset_path
 from ranke.backbones.base import Backbone
 from ranke.backbones.toy import load_tokenizer
 from ranke.config import RunConfig, SamplingConfig
-from ranke.eval.fid import frechet_distance_from_features
+from ranke.eval.fid import frechet_distance_from_features, kernel_distance
 from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits, token_kl
 from ranke.generate import batch_seed, load_backbone, process_rows
 from ranke.images import save_image_grid
@@ -49,7 +58,7 @@ from ranke.rewards.toy_clip import load_toy_clip
 from ranke.rewards.toy_features import load_toy_features
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.captions import parse_caption
-from ranke.toy.data import split_scenes_and_prompts
+from ranke.toy.data import scene_for_caption, split_scenes_and_prompts
 from ranke.toy.render import render_scenes
 from ranke.toy.verifier import score_image, summarize
 
@@ -63,6 +72,11 @@ TABLE_COLUMNS = {
     "token_kl": "{:.4f}",
     "token_entropy": "{:.2f}",
 }
+
+
+def kid_subsets(n: int) -> int:
+    """Disjoint KID subsets for n images per side: about 25+ images each, at most 10 subsets."""
+    return max(1, min(10, n // 25))
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
@@ -108,8 +122,9 @@ class Evaluator:
         self.reward = load_toy_clip(asset_path("reward_clip"), self.device, name="reward")
         self.clip = load_toy_clip(asset_path("eval_clip"), self.device, name="clip_score")
         self.features = load_toy_features(asset_path("features"), self.device)
-        tokenizer = tokenizer or load_tokenizer(cfg.posttrain.tokenizer, self.device)
-        self.codebook_size = tokenizer.args.codebook_size
+        self.tokenizer = tokenizer or load_tokenizer(cfg.posttrain.tokenizer, self.device)
+        self.codebook_size = self.tokenizer.args.codebook_size
+        self.toy = cfg.toy
 
         real = torch.from_numpy(render_scenes(scenes[:n], cfg.toy.image_size, cfg.toy.supersample))
         real = real.permute(0, 3, 1, 2)
@@ -118,8 +133,8 @@ class Evaluator:
             for chunk in progress(real.split(batch_size), desc="eval: real images"):
                 feature_chunks.append(self.features(chunk))
                 pixels = to_model_range(chunk.float().div(255.0).to(self.device))
-                code_chunks.append(tokenizer.encode_codes(pixels).flatten(1).cpu())
-        self.real_images = real  # uint8 [n, 3, H, W]
+                code_chunks.append(self.tokenizer.encode_codes(pixels).flatten(1).cpu())
+        self.real_images = real  # uint8 [n, 3, H, W], the real image of each prompt
         self.real_features = np.concatenate(feature_chunks)
         self.real_codes = torch.cat(code_chunks)
         self.real_histogram = code_histogram(self.real_codes, self.codebook_size)
@@ -153,13 +168,50 @@ class Evaluator:
         features = np.concatenate([chunk["features"] for chunk in chunks])
         codes = torch.cat([chunk["codes"] for chunk in chunks])
         verdicts = [verdict for chunk in chunks for verdict in chunk["verdicts"]]
-        histogram = code_histogram(codes, self.codebook_size)
-        verifier = summarize(verdicts)
         return {
             "n": self.n,
+            **self._metrics(rewards, clip_scores, features, codes, verdicts),
+            "preview_correct": [bool(verdict.correct) for verdict in verdicts[: len(self.preview)]],
+            "cfg_scale": self.sampling.cfg_scale,
+            "seed": self.seed,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+
+    @torch.no_grad()
+    def real_reference(self, seed: int = 1) -> dict:
+        """The metrics of real images: for each prompt another random scene satisfying its caption
+        (drawn from `seed`), rendered and scored like samples. FD / KID are then those of two
+        real image sets of size n, the evaluation's own noise floor."""
+        rng = np.random.default_rng(seed)
+        scenes = [scene_for_caption(spec, rng) for spec in self.specs]
+        real = torch.from_numpy(render_scenes(scenes, self.toy.image_size, self.toy.supersample)).permute(0, 3, 1, 2)
+        scores = {key: [] for key in ("reward", "clip_score", "features", "codes", "verdicts")}
+        for begin in range(0, self.n, self.batch_size):
+            images = real[begin : begin + self.batch_size].float().div(255.0).to(self.device)
+            prompts = self.prompts[begin : begin + self.batch_size]
+            scores["reward"].append(self.reward(images, prompts).cpu())
+            scores["clip_score"].append(self.clip(images, prompts).cpu())
+            scores["features"].append(self.features(images))
+            scores["codes"].append(self.tokenizer.encode_codes(to_model_range(images)).flatten(1).cpu())
+            pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+            scores["verdicts"] += [score_image(im, spec) for im, spec in zip(pixels, self.specs[begin : begin + len(prompts)])]
+        metrics = self._metrics(
+            torch.cat(scores["reward"]), torch.cat(scores["clip_score"]), np.concatenate(scores["features"]),
+            torch.cat(scores["codes"]), scores["verdicts"],
+        )  # fmt: skip
+        return {"n": self.n, **metrics, "seed": seed}
+
+    def _metrics(self, rewards, clip_scores, features, codes, verdicts) -> dict:
+        """The metrics of n scored images against the real side (see the module docstring)."""
+        histogram = code_histogram(codes, self.codebook_size)
+        verifier = summarize(verdicts)
+        kid, kid_se = kernel_distance(features, self.real_features, kid_subsets(self.n), seed=self.seed)
+        return {
             "reward": rewards.mean().item(),
             "clip_score": clip_scores.mean().item(),
             "fd": frechet_distance_from_features(features, self.real_features),
+            "kid": kid,
+            "kid_se": kid_se,
             "verifier_accuracy": verifier["accuracy"],
             "verifier_object_accuracy": verifier["object_accuracy"],
             "verifier_by_num_objects": verifier["by_num_objects"],
@@ -167,9 +219,6 @@ class Evaluator:
             "token_kl_per_position": per_position_kl(codes, self.real_codes, self.codebook_size),
             "token_entropy": token_entropy_bits(histogram),
             "token_entropy_real": token_entropy_bits(self.real_histogram),
-            "cfg_scale": self.sampling.cfg_scale,
-            "seed": self.seed,
-            "seconds": round(time.perf_counter() - start, 1),
         }
 
     @torch.no_grad()

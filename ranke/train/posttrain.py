@@ -718,7 +718,8 @@ def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: 
             for name, value in record.items():
                 if name != "step":
                     outputs.tensorboard.add_scalar(name, value, step + 1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('policy/kl', 0.0):.4f}")
+        scores = {key[len("reward/") : -len("_mean")]: f"{value:.2f}" for key, value in record.items() if key.startswith("reward/") and key.endswith("_mean")}
+        bar.set_postfix(scores | {"kl": f"{record.get('policy/kl', 0.0):.4f}"})  # the raw reward scores, not the normalised total
     # whole weights and checkpoint states are collectives with a sharded policy: every process joins
     if grid_due or eval_due:
         with whole_weights(models.policy), autocast(run.device, run.precision):
