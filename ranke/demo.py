@@ -20,34 +20,38 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from ranke import config as config_lib  # noqa: E402
-from ranke.assets import save_asset  # noqa: E402
-from ranke.backbones import load_toy_backbone  # noqa: E402
-from ranke.checkpoint import MANIFEST, latest_checkpoint  # noqa: E402
-from ranke.config import RunConfig  # noqa: E402
-from ranke.eval.evaluate import Evaluator  # noqa: E402
-from ranke.eval.report import (  # noqa: E402
+from ranke import config as config_lib
+from ranke.assets import save_asset
+from ranke.backbones import load_toy_backbone
+from ranke.checkpoint import MANIFEST, latest_checkpoint
+from ranke.config import RunConfig
+from ranke.eval.evaluate import Evaluator
+from ranke.eval.report import (
     COLUMNS,
+    SHORT,
     Method,
+    RealReference,
     Report,
+    comparison_table,
+    comparisons,
+    difference_cell,
     final_metrics,
-    mean_std,
+    gain_table,
+    metric_by_seed,
     per_run_table,
-    plot_curves,
+    plot_metric,
     plot_pareto,
+    plot_samples,
     results_table,
     write_report,
 )
-from ranke.generate import load_backbone  # noqa: E402
-from ranke.images import save_image_grid  # noqa: E402
-from ranke.runtime import UserError, autocast, select_device  # noqa: E402
-from ranke.workers import Job, run_jobs  # noqa: E402
+from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, gain_interval, paired_interval, verdict
+from ranke.generate import load_backbone
+from ranke.images import save_image_grid
+from ranke.runtime import UserError, autocast, select_device
+from ranke.workers import Job, run_jobs
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ def run_demo(
         sft = {**evaluator(backbone, preview=32), **evaluator.reconstruction(backbone.tokenizer)}
     (out / "sft_metrics.json").write_text(json.dumps(sft, indent=2))
     save_image_grid(evaluator.preview, out / "sft_samples.png", nrow=8)
+    RealReference.from_evaluator(evaluator).save(out)
 
     studied = [(method, preset.seeds) for method in METHODS] + [(method, preset.ablation_seeds) for method in ABLATIONS]
     methods, jobs = _method_jobs(out, studied, settings)
@@ -184,49 +189,67 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
 
 
-def sample_panel(out: Path, methods: list[Method]) -> Path:
-    """SFT and each method's final evaluation samples (seed-0 run, same prompts and sampling seed)."""
-    panels = [("SFT (start)", out / "sft_samples.png")]
-    for method in methods:
-        finals = sorted(method.runs[0].glob(f"eval_samples_*_{method.decoder}.png"))
-        if finals:
-            panels.append((f"{method.name} ({method.decoder} decoder)", finals[-1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 2.9))
-    for axis, (title, path) in zip(axes if len(panels) > 1 else [axes], panels):
-        axis.imshow(plt.imread(path), interpolation="nearest")
-        axis.set_title(title, fontsize=10)
-        axis.axis("off")
-    fig.tight_layout()
-    target = out / "samples_side_by_side.png"
-    fig.savefig(target, dpi=120)
-    plt.close(fig)
-    return target
-
-
-def describe(sft: dict, methods: list[Method]) -> str:
-    """Plain sentences of what the numbers say (computed, not written in advance)."""
+def describe(sft: dict, methods: list[Method], real: dict | None = None) -> str:
+    """Plain sentences of what the numbers say, computed from the intervals: a difference is
+    called better or worse only when its 95% interval over seeds excludes 0."""
     lines = []
+    seeds = min((len(final_metrics(m, m.decoder)) for m in methods), default=0)
+    if real is not None:
+        kid_se = f" (standard error {real['kid_se']:.3f})" if real.get("kid_se") else ""
+        lines.append(
+            f"The evaluation's own noise: a second real image of each of the same {real['n']} prompts is FD "
+            f"{real['fd']:.1f} and KID {real['kid']:.3f}{kid_se} from the first, about what a perfect generator "
+            "would score; FD or KID differences well inside that are sampling noise of the evaluation."
+        )
+    if seeds < 2:
+        lines.append(
+            "One seed per method: each figure is one training run evaluated once, so there is no interval and "
+            "nothing here is called better or worse. One seed shows what a run does to each metric, to set "
+            "against the noise floor above; it cannot show whether RankE and GRPO differ, because the spread "
+            "between training seeds is not measured. That needs paired seeds (`ranke demo --full`)."
+        )
+    else:
+        lines.append(
+            f"{seeds} paired seeds: each seed gives every method the same start, prompts and rollout stream. A "
+            "difference is called only where its 95% interval excludes 0; elsewhere it is not separated."
+        )
+    lines.append("")
+    for a, b in comparisons(methods):
+        differences = {key: paired_interval(metric_by_seed(a, key), metric_by_seed(b, key)) for key, *_ in COLUMNS}
+        lines.append(_summary(f"{a.name} ({a.decoder} decoder) vs {b.name} ({b.decoder} decoder)", a.name, differences))
     for method in methods:
         finals = final_metrics(method, method.decoder)
-        if not finals:
-            continue
-        parts = []
-        for key, title, fmt, better in COLUMNS:
-            mean, _ = mean_std([row[key] for row in finals])
-            before, after = fmt.format(sft[key]), fmt.format(mean)
-            if before == after:  # equal as printed: calling it better or worse would contradict the figures
-                verdict = "unchanged"
-            else:
-                verdict = "better" if (mean > sft[key]) == (better == "higher") else "worse"
-            parts.append(f"{title} {before} -> {after} ({verdict})")
-        lines.append(f"* {method.name} ({method.decoder} decoder, {len(finals)} seed(s)): " + "; ".join(parts) + ".")
+        if finals:
+            gains = {key: gain_interval([row[key] for row in finals], sft[key]) for key, *_ in COLUMNS}
+            lines.append(_summary(f"{method.name} ({method.decoder} decoder) vs the SFT start", method.name, gains))
     return "\n".join(lines)
 
 
+def _summary(title: str, subject: str, differences: dict) -> str:
+    """One list item: the differences an interval separates, then those it does not."""
+    n = next(iter(differences.values())).n
+    cells = {key: difference_cell(differences[key], fmt) for key, _, fmt, _ in COLUMNS}
+    if n < 2:
+        values = ", ".join(f"{SHORT[key]} {cells[key]}" for key in cells)
+        return f"* {title}, one seed: {values} ({ONE_SEED})."
+    called = [f"{verdict(differences[key], better, subject, SHORT[key])}, {cells[key]}"
+              for key, _, _, better in COLUMNS if differences[key].excludes_zero()]  # fmt: skip
+    unseparated = [f"{SHORT[key]} {cells[key]}" for key in cells if not differences[key].excludes_zero()]
+    text = f"* {title}, {n} seeds: " + ("; ".join(called) if called else "no metric separated")
+    if unseparated:
+        text += f". {NOT_SEPARATED.capitalize()}: " + "; ".join(unseparated)
+    return text + "."
+
+
 def build_report(out: Path, sft: dict, methods: list[Method], preset_name, pcfg, seeds, commands, minutes) -> tuple[Path, Path]:
-    plot_curves(sft, methods, out / "curves.png")
-    plot_pareto(sft, methods, out / "pareto.png")
-    sample_panel(out, methods)
+    """`report.md` / `report.html` in `out` from the SFT metrics, the saved `RealReference` and the runs."""
+    reference = RealReference.load(out)
+    real = reference.metrics
+    curve_figures = [
+        f"![{plot_metric(sft, methods, key, out / f'curve_{key}.png', real)}](curve_{key}.png)" for key, *_ in COLUMNS
+    ]
+    pareto = plot_pareto(sft, methods, out / "pareto.png")
+    samples = plot_samples(out, sft, methods, reference, out / "samples.png")
     method_lines = "\n".join(f"* {m.name}: {m.note}." for m in methods)
     intro = (
         f"The toy world's version of the paper's experiment (preset `{preset_name}`, {minutes:.1f} min). "
@@ -235,21 +258,28 @@ def build_report(out: Path, sft: dict, methods: list[Method], preset_name, pcfg,
         f"seeds {', '.join(map(str, seeds))}. Every evaluation samples the same {pcfg.eval_samples} "
         f"held-out prompts with the same sampling seed ({pcfg.eval_seed})."
     )
+    arrows = ", ".join(f"{SHORT[key]} {better}" for key, _, _, better in COLUMNS)
+    results = (
+        results_table(sft, methods, real)
+        + "\nMean over seeds at the last evaluation; ± is the half-width of the 95% interval (Student t over "
+        "seeds), absent with one seed. Better is: " + arrows + ". real images: a second real image of every "
+        "prompt scored like a sample (for FD and KID, the evaluation's noise floor). reward: the training reward "
+        "model; CLIP score: a second toy CLIP never used in training (reward hacking of the first shows as a "
+        "gap); FD and KID: Frechet and kernel distances of toy features to the real images of the same "
+        "prompts; verifier accuracy: exact object/attribute/relation check; token KL: KL between the codebook "
+        "histograms of the sampled tokens and of the real images' tokens.\n"
+    )
+    for a, b in comparisons(methods):
+        results += f"\n{a.name} - {b.name}, paired by seed ({a.decoder} vs {b.decoder} decoder):\n\n" + comparison_table(a, b)
+    results += "\nGain over the SFT start (mean [95% interval] over seeds):\n\n" + gain_table(sft, methods)
     sections = [
         ("Methods", method_lines),
-        (
-            "Results",
-            results_table(sft, methods)
-            + "\nreward: the training reward model; CLIP score: a second toy CLIP never used in training "
-            "(reward hacking of the first shows as a gap); FD: Frechet distance of toy features to the real "
-            "images of the same prompts; verifier accuracy: exact object/attribute/relation check; token KL: "
-            "KL between the codebook histograms of the sampled tokens and of the real images' tokens.",
-        ),
-        ("What the numbers say", describe(sft, methods)),
-        ("Every run", per_run_table(methods)),
-        ("Curves", "![metrics against post-training steps (mean, band: ± std over seeds)](curves.png)"),
-        ("Alignment vs fidelity", "![reward vs FD along each trajectory](pareto.png)"),
-        ("Samples", "![same held-out prompts and sampling seed, final checkpoints](samples_side_by_side.png)"),
+        ("Results", results),
+        ("What the numbers say", describe(sft, methods, real)),
+        ("Curves", "\n".join(curve_figures)),
+        ("Alignment vs fidelity", f"![{pareto}](pareto.png)"),
+        ("Samples", f"![{samples}](samples.png)"),
+        ("Every run", per_run_table(methods) + "\nKID ± its standard error over disjoint subsets of the images."),
         ("Exact commands", "```\n" + "\n".join(commands) + "\n```\nEach run's resolved config is `runs/<run>/config.yaml`."),
     ]
     return write_report(Report("RankE in the toy world: GRPO vs RankE", intro, sections), out)

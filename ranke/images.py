@@ -27,3 +27,18 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndar
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
     Image.fromarray(image_grid(images, nrow=nrow)).save(path)
+
+
+def grid_tiles(grid: np.ndarray, count: int, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """The `count` images [count, h, w, 3] of a grid `image_grid(images, nrow, padding)` made."""
+    ncol = min(nrow, count)
+    nrows = math.ceil(count / ncol)
+    h, w = (grid.shape[0] - padding) // nrows - padding, (grid.shape[1] - padding) // ncol - padding
+    if (h + padding) * nrows + padding != grid.shape[0] or (w + padding) * ncol + padding != grid.shape[1]:
+        raise ValueError(f"a {grid.shape[1]}x{grid.shape[0]} grid does not hold {count} images {nrow} per row")
+    tiles = []
+    for i in range(count):
+        r, c = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        tiles.append(grid[top : top + h, left : left + w])
+    return np.stack(tiles)

@@ -1,4 +1,4 @@
-"""`ranke demo --quick` end to end: the report, its table, plots and sample grids."""
+"""`ranke demo --quick` end to end: the report, its table, plots and sample grids; `describe` with one seed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 from ranke.cli import main
 from ranke.demo import describe
-from ranke.eval.report import Method, read_eval
+from ranke.eval.report import COLUMNS, Method, read_eval
 
 
 def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
@@ -16,16 +16,20 @@ def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
     assert "report.md" in capsys.readouterr().out
 
     report = (out / "report.md").read_text()
-    rows = [line for line in report.splitlines() if re.match(r"\| (SFT|GRPO|RankE)", line)]
-    assert [row.split("|")[1].strip() for row in rows] == ["SFT (start)", "GRPO", "RankE", "RankE"]
+    results = report.split("## Results\n", 1)[1].split("\n\n", 2)[1]  # the first table of the section
+    rows = results.splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["real images", "SFT (start)", "GRPO", "RankE", "RankE"]
     for row in rows:
         numbers = [cell.strip() for cell in row.strip("|").split("|")[4:]]
-        assert len(numbers) == 5 and all(re.fullmatch(r"-?\d+\.\d+", n) for n in numbers), row
+        assert len(numbers) == len(COLUMNS) and all(re.fullmatch(r"-?\d+\.\d+", n) for n in numbers), row
+    assert "| FD (toy features) |" in report and "one seed: no interval" in report  # the paired comparison
 
-    for image in ("curves.png", "pareto.png", "samples_side_by_side.png", "sft_samples.png"):
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert sorted(figures) == sorted([f"curve_{key}.png" for key, *_ in COLUMNS] + ["pareto.png", "samples.png"])
+    for image in [*figures, "sft_samples.png", "real_samples.png"]:
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,iVBOR") == 3  # the three figures, inlined
+    assert html.count("data:image/png;base64,iVBOR") == len(figures)  # every figure, inlined
 
     sft = json.loads((out / "sft_metrics.json").read_text())
     grpo = read_eval(out / "runs" / "grpo_seed0")
@@ -39,14 +43,18 @@ def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
     assert [row["step"] for row in read_eval(out / "runs" / "grpo_seed0")] == [4, 8]
 
 
-def test_describe_calls_changes_by_direction_and_equal_figures_unchanged(tmp_path):
-    sft = {"reward": 89.05, "clip_score": 89.26, "fd": 38.2, "verifier_accuracy": 0.487, "token_kl": 0.032}
-    final = {"step": 100, "decoder": "ema", "reward": 89.41, "clip_score": 89.11, "fd": 46.0,
+def test_describe_with_one_seed_gives_figures_and_calls_nothing(tmp_path):
+    sft = {"reward": 89.05, "clip_score": 89.26, "fd": 38.2, "kid": 1.25, "verifier_accuracy": 0.487, "token_kl": 0.032}
+    final = {"step": 100, "decoder": "ema", "reward": 89.41, "clip_score": 89.11, "fd": 46.0, "kid": 2.5,
              "verifier_accuracy": 0.4871, "token_kl": 0.103}  # fmt: skip
     (tmp_path / "eval.jsonl").write_text(json.dumps(final) + "\n")
-    text = describe(sft, [Method("RankE", "ema", [tmp_path])])
-    assert text == (
-        "* RankE (ema decoder, 1 seed(s)): reward (toy CLIP, train) 89.05 -> 89.41 (better); "
-        "CLIP score (eval toy CLIP) 89.26 -> 89.11 (worse); FD (toy features) 38.2 -> 46.0 (worse); "
-        "verifier accuracy 0.487 -> 0.487 (unchanged); token KL (nats) 0.032 -> 0.103 (worse)."
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    real = {"n": 300, "fd": 6.1, "kid": 0.021, "kid_se": 0.015}
+    lines = describe(sft, [Method("RankE", "ema", [tmp_path])], real).splitlines()
+    assert lines[0].startswith("The evaluation's own noise: a second real image of each of the same 300 prompts is "
+                               "FD 6.1 and KID 0.021 (standard error 0.015) from the first")  # fmt: skip
+    assert lines[1].startswith("One seed per method:") and "nothing here is called better or worse" in lines[1]
+    assert lines[-1] == (
+        "* RankE (ema decoder) vs the SFT start, one seed: reward +0.36, CLIP score -0.15, FD +7.8, KID +1.250, "
+        "verifier accuracy +0.000, token KL +0.071 (one seed: no interval)."
     )

@@ -59,7 +59,7 @@ def test_metrics_are_the_judges_applied_to_the_samples(backbone_and_evaluator, m
     assert result["reward"] != pytest.approx(result["clip_score"], rel=1e-3)  # two different judges
     features = load_toy_features(asset_path("features"))(images)
     assert result["fd"] == pytest.approx(frechet_distance_from_features(features, evaluator.real_features), rel=1e-6)
-    kid = kernel_distance(features, evaluator.real_features, num_subsets=1, seed=4)  # N = 12: one subset
+    kid = kernel_distance(features, evaluator.real_features, num_subsets=1, paired=True)  # N = 12: one subset
     assert kid_subsets(N) == 1 and result["kid"] == pytest.approx(kid[0], rel=1e-6)
     per_image = [score_image(image.permute(1, 2, 0).numpy(), prompt) for image, prompt in zip(images, prompts)]
     assert result["preview_correct"] == [bool(verdict.correct) for verdict in per_image]

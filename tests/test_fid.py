@@ -283,6 +283,31 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift()
     assert shifted > 10 * np.std(same)
 
 
+def test_paired_kid_leaves_the_pairs_out_of_the_cross_term():
+    # X = {0, 1}, Y = {1, 2} paired row by row: cross over i != j only, k(0, 2) + k(1, 1) = 1 + 8,
+    # times 2 / (2 * 1) -> 1 + 27 - 9 = 19
+    kid, _ = kernel_distance(np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]]), num_subsets=1, paired=True)
+    assert kid == pytest.approx(19.0)
+    # pairs that share a latent (an image and the real image of its prompt), same marginals: the
+    # paired estimate is unbiased (mean 0), the unpaired one is pulled below 0 by the m close pairs
+    rng = np.random.default_rng(6)
+    paired, unpaired = [], []
+    for _ in range(300):
+        shared = rng.normal(size=(30, 4))
+        x, y = shared + 0.3 * rng.normal(size=(30, 4)), shared + 0.3 * rng.normal(size=(30, 4))
+        paired.append(kernel_distance(x, y, num_subsets=1, paired=True)[0])
+        unpaired.append(kernel_distance(x, y, num_subsets=1)[0])
+    assert abs(np.mean(paired)) < 3 * np.std(paired) / np.sqrt(300)
+    assert np.mean(unpaired) < -3 * np.std(unpaired) / np.sqrt(300)
+    # the subsets keep the pairs together: a paired split equals the paired estimate of its subsets
+    x, y = _features(0, n=60), _features(0, n=60) + 0.1
+    order = np.random.default_rng(2).permutation(60)
+    values = [kernel_distance(x[order[i * 20 : (i + 1) * 20]], y[order[i * 20 : (i + 1) * 20]], 1, paired=True)[0] for i in range(3)]
+    assert kernel_distance(x, y, num_subsets=3, seed=2, paired=True)[0] == pytest.approx(np.mean(values))
+    with pytest.raises(ValueError, match="one row each per pair"):
+        kernel_distance(x, y[:50], paired=True)
+
+
 def test_kid_refuses_too_few_features():
     with pytest.raises(ValueError, match="at least 2 features per subset"):
         kernel_distance(np.zeros((5, 3)), np.zeros((5, 3)), num_subsets=3)

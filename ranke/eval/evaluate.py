@@ -9,7 +9,8 @@ decoded, rounded to 8-bit pixels (as they would be saved) and scored:
   real images of the same prompts, i.e. the renders of the held-out scenes the captions were
   written for (COCO's protocol: generated images vs the val images of the captions);
 * kid, kid_se: KID (unbiased MMD^2, cubic kernel) between the same two feature sets and its
-  standard error over `kid_subsets(n)` disjoint subsets (`ranke.eval.fid.kernel_distance`);
+  standard error over `kid_subsets(n)` disjoint subsets (`ranke.eval.fid.kernel_distance`),
+  paired: image i and real image i share a prompt, so their pair is left out of the cross term;
 * verifier_accuracy: the toy verifier's whole-prompt accuracy (GenEval's overall score), with
   verifier_object_accuracy and verifier_by_num_objects;
 * token_kl: KL(policy || real) in nats between the codebook histogram of the sampled tokens and
@@ -205,7 +206,7 @@ class Evaluator:
         """The metrics of n scored images against the real side (see the module docstring)."""
         histogram = code_histogram(codes, self.codebook_size)
         verifier = summarize(verdicts)
-        kid, kid_se = kernel_distance(features, self.real_features, kid_subsets(self.n), seed=self.seed)
+        kid, kid_se = kernel_distance(features, self.real_features, kid_subsets(self.n), seed=self.seed, paired=True)
         return {
             "reward": rewards.mean().item(),
             "clip_score": clip_scores.mean().item(),

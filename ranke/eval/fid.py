@@ -96,23 +96,36 @@ def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray)
 
 
 def kernel_distance(
-    features1: np.ndarray, features2: np.ndarray, num_subsets: int = 10, max_subset_size: int = 1000, seed: int = 0
+    features1: np.ndarray,
+    features2: np.ndarray,
+    num_subsets: int = 10,
+    max_subset_size: int = 1000,
+    seed: int = 0,
+    paired: bool = False,
 ) -> tuple[float, float | None]:
     """KID between feature sets [N1, D] and [N2, D] -> (kid, standard error).
 
-    With the kernel k(x, y) = (x.y / D + 1)^3, the unbiased MMD^2 of sets X, Y of m each is
+    With the kernel k(x, y) = (x.y / D + 1)^3, the unbiased MMD^2 of independent sets X, Y of m
+    each is (clean-fid's estimator)
 
-        sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2
+        sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2.
 
-    (clean-fid's estimator). Each set is split at random (a generator seeded with `seed`) into
-    `num_subsets` disjoint subsets of m = min(N1 // num_subsets, N2 // num_subsets,
-    max_subset_size) features; KID is the mean of the subsets' MMD^2 and, the subsets being
-    independent draws, its standard error is their std / sqrt(num_subsets) (None for one subset: undefined).
-    One subset of the whole sets gives the full-set unbiased MMD^2.
+    `paired`: row i of both sets belongs together (e.g. an image and the real image of the same
+    prompt), so x_i and y_i are not independent and the m pairs (x_i, y_i) would bias the cross
+    term; they are left out of it (Gretton et al.'s MMD^2_u, the cross sum over i != j divided
+    by m (m - 1)), and the subsets keep the pairs together.
+
+    Each set is split at random (a generator seeded with `seed`) into `num_subsets` disjoint
+    subsets of m = min(N1 // num_subsets, N2 // num_subsets, max_subset_size) features; KID is
+    the mean of the subsets' MMD^2 and, the subsets being independent draws, its standard error
+    is their std / sqrt(num_subsets) (None for one subset: undefined). One subset of the whole
+    sets gives the full-set estimate.
     """
     features1, features2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     if features1.ndim != 2 or features2.ndim != 2 or features1.shape[1] != features2.shape[1]:
         raise ValueError(f"need features [N1, D] and [N2, D], got shapes {features1.shape} and {features2.shape}")
+    if paired and len(features1) != len(features2):
+        raise ValueError(f"paired feature sets must have one row each per pair, got {len(features1)} and {len(features2)}")
     if num_subsets < 1:
         raise ValueError(f"num_subsets must be positive, got {num_subsets}")
     m = min(len(features1) // num_subsets, len(features2) // num_subsets, max_subset_size)
@@ -121,14 +134,19 @@ def kernel_distance(
                          f"features in {num_subsets} subsets")  # fmt: skip
     dim = features1.shape[1]
     rng = np.random.default_rng(seed)
-    order1, order2 = rng.permutation(len(features1)), rng.permutation(len(features2))
+    order1 = rng.permutation(len(features1))
+    order2 = order1 if paired else rng.permutation(len(features2))
     values = []
     for subset in range(num_subsets):
         x = features1[order1[subset * m : (subset + 1) * m]]
         y = features2[order2[subset * m : (subset + 1) * m]]
         within = (x @ x.T / dim + 1) ** 3 + (y @ y.T / dim + 1) ** 3
         across = (x @ y.T / dim + 1) ** 3
-        values.append((within.sum() - np.trace(within)) / (m * (m - 1)) - 2 * across.sum() / m**2)
+        if paired:
+            cross = (across.sum() - np.trace(across)) / (m * (m - 1))
+        else:
+            cross = across.sum() / m**2
+        values.append((within.sum() - np.trace(within)) / (m * (m - 1)) - 2 * cross)
     standard_error = float(np.std(values, ddof=1) / np.sqrt(num_subsets)) if num_subsets > 1 else None
     return float(np.mean(values)), standard_error
 

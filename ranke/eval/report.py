@@ -1,9 +1,11 @@
-"""The experiment report: a results table shaped like the paper's, curves against steps, a
-reward-vs-FD Pareto plot and side-by-side sample grids, as `report.md` and a self-contained
-`report.html` (images inlined) that opens in a browser.
+"""The experiment report: results with 95% intervals over seeds, paired differences between
+methods, one figure per metric against steps, a reward-vs-FD plot and a captioned sample grid,
+as `report.md` and a self-contained, responsive `report.html` (images inlined).
 
-Input: the SFT starting point's metrics and, per method, the post-training runs (one per seed)
-whose `eval.jsonl` files `ranke posttrain` wrote (`ranke.train.posttrain.evaluate_step`).
+Input: the SFT starting point's metrics, the evaluation's real-image reference (`RealReference`,
+saved beside the report) and, per method, the post-training runs (one per seed) whose
+`eval.jsonl` files `ranke posttrain` wrote (`ranke.train.posttrain.evaluate_step`). Runs of two
+methods are paired by their training seed (`seed` in the run's config.yaml).
 """
 
 from __future__ import annotations
@@ -11,24 +13,43 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
+import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import yaml
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# (metrics key, column title, format, which way is better)
+from ranke.eval.stats import Interval, gain_interval, mean_interval, paired_interval, verdict  # noqa: E402
+from ranke.images import grid_tiles, save_image_grid  # noqa: E402
+
+# (metrics key, title, format, which way is better)
 COLUMNS = (
     ("reward", "reward (toy CLIP, train)", "{:.2f}", "higher"),
     ("clip_score", "CLIP score (eval toy CLIP)", "{:.2f}", "higher"),
     ("fd", "FD (toy features)", "{:.1f}", "lower"),
+    ("kid", "KID (toy features)", "{:.3f}", "lower"),
     ("verifier_accuracy", "verifier accuracy", "{:.3f}", "higher"),
     ("token_kl", "token KL (nats)", "{:.3f}", "lower"),
 )
-CURVES = ("reward", "clip_score", "fd", "token_kl", "verifier_accuracy")
+SHORT = {"reward": "reward", "clip_score": "CLIP score", "fd": "FD", "kid": "KID",
+         "verifier_accuracy": "verifier accuracy", "token_kl": "token KL"}  # fmt: skip
+# The comparisons the report makes when both methods are present: (A, B) gives A - B.
+COMPARISONS = (
+    ("RankE", "GRPO"),
+    ("RankE, top-4 rank-weighted", "RankE, top-4 uniform GAN"),
+    ("RankE", "RankE, no EMA anchor"),
+    ("RankE", "decoder only"),
+)
+SAMPLE_METHODS = ("GRPO", "RankE")  # the columns of the sample grid beside the real image and SFT
+SAMPLE_PROMPTS = 8
+PREVIEW_NROW = 8  # the evaluation grids hold their images 8 per row (ranke.train.posttrain.evaluate_step)
 
 
 @dataclass
@@ -42,6 +63,37 @@ class Method:
     extra_decoders: list[str] = field(default_factory=list)  # further rows, e.g. RankE's online decoder
 
 
+@dataclass
+class RealReference:
+    """What every evaluation of a report shares: its first prompts with their real images, and
+    the metrics of a second real image of every prompt (`Evaluator.real_reference`: where real
+    images stand, and FD / KID of two real sets of the evaluation's size, its noise floor)."""
+
+    prompts: list[str]
+    images: np.ndarray  # uint8 [k, H, W, 3], the real image of each of `prompts`
+    metrics: dict
+
+    @classmethod
+    def from_evaluator(cls, evaluator, count: int = 32) -> RealReference:
+        images = evaluator.real_images[:count].permute(0, 2, 3, 1).numpy()
+        return cls(evaluator.prompts[:count], images, evaluator.real_reference())
+
+    def save(self, out: Path) -> None:
+        """`real_reference.json` and `real_samples.png` in `out`."""
+        record = {"prompts": self.prompts, "metrics": self.metrics}
+        (Path(out) / "real_reference.json").write_text(json.dumps(record, indent=2))
+        import torch
+
+        save_image_grid(torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 255.0,
+                        Path(out) / "real_samples.png", nrow=PREVIEW_NROW)  # fmt: skip
+
+    @classmethod
+    def load(cls, out: Path) -> RealReference:
+        record = json.loads((Path(out) / "real_reference.json").read_text())
+        grid = np.asarray(Image.open(Path(out) / "real_samples.png").convert("RGB"))
+        return cls(record["prompts"], grid_tiles(grid, len(record["prompts"]), PREVIEW_NROW), record["metrics"])
+
+
 def read_eval(run: Path) -> list[dict]:
     path = Path(run) / "eval.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -52,110 +104,273 @@ def trajectory(run: Path, decoder: str) -> list[dict]:
     return sorted((row for row in read_eval(run) if row["decoder"] == decoder), key=lambda row: row["step"])
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+def run_seed(run: Path) -> int:
+    """The training seed of a run (its config.yaml): what pairs runs of two methods."""
+    return int(yaml.safe_load((Path(run) / "config.yaml").read_text())["seed"])
 
 
-def cell(values: list[float], fmt: str) -> str:
-    mean, std = mean_std(values)
-    return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(values) > 1 else "")
+def finals_by_seed(method: Method, decoder: str) -> dict[int, dict]:
+    """The last evaluation of every run of `method` with `decoder`, by training seed (runs
+    without one are skipped)."""
+    finals = {}
+    for run in method.runs:
+        rows = trajectory(run, decoder)
+        if rows:
+            finals[run_seed(run)] = rows[-1]
+    return finals
 
 
 def final_metrics(method: Method, decoder: str) -> list[dict]:
-    """The last evaluation of every run of `method` with `decoder` (runs without one are skipped)."""
-    finals = [trajectory(run, decoder) for run in method.runs]
-    return [rows[-1] for rows in finals if rows]
+    """The last evaluation of every run of `method` with `decoder`, in seed order."""
+    finals = finals_by_seed(method, decoder)
+    return [finals[seed] for seed in sorted(finals)]
 
 
-def results_table(sft: dict, methods: list[Method]) -> str:
-    """Markdown table: method x decoder x metrics (mean ± std over seeds), SFT first."""
+def _signed(fmt: str, value: float) -> str:
+    return ("+" if value >= 0 else "") + fmt.format(value)
+
+
+def interval_cell(interval: Interval, fmt: str) -> str:
+    """"mean ± half-width" of a 95% interval; the mean alone for one seed."""
+    if not interval.defined:
+        return fmt.format(interval.mean)
+    return f"{fmt.format(interval.mean)} ± {fmt.format(interval.half_width())}"
+
+
+def difference_cell(interval: Interval, fmt: str) -> str:
+    """A signed difference with its interval: "+0.42 [-0.10, +0.94]"; "+0.42" for one seed."""
+    text = _signed(fmt, interval.mean)
+    if interval.defined:
+        text += f" [{_signed(fmt, interval.low)}, {_signed(fmt, interval.high)}]"
+    return text
+
+
+def results_table(sft: dict, methods: list[Method], real: dict | None = None) -> str:
+    """Markdown table: method x decoder x metrics (mean ± half-width of the 95% interval over
+    seeds), SFT first; with `real`, a row for a second real image of every prompt."""
     header = "| method | decoder | steps | seeds | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |"
     lines = [header, "|---" * (4 + len(COLUMNS)) + "|"]
+    if real is not None:
+        lines.append("| real images | - | - | - | " + " | ".join(fmt.format(real[key]) for key, _, fmt, _ in COLUMNS) + " |")
     lines.append("| SFT (start) | base | 0 | - | " + " | ".join(fmt.format(sft[key]) for key, _, fmt, _ in COLUMNS) + " |")
     for method in methods:
         for decoder in [method.decoder, *method.extra_decoders]:
             finals = final_metrics(method, decoder)
             if not finals:
                 continue
-            values = " | ".join(cell([row[key] for row in finals], fmt) for key, _, fmt, _ in COLUMNS)
+            values = " | ".join(interval_cell(mean_interval([row[key] for row in finals]), fmt) for key, _, fmt, _ in COLUMNS)
             lines.append(f"| {method.name} | {decoder} | {finals[0]['step']} | {len(finals)} | {values} |")
-    arrows = ", ".join(f"{title}: {better} is better" for _, title, _, better in COLUMNS)
-    return "\n".join(lines) + f"\n\n{arrows}.\n"
+    return "\n".join(lines) + "\n"
+
+
+def metric_by_seed(method: Method, key: str) -> dict[int, float]:
+    """A method's final value of metric `key` by training seed (its table row's decoder)."""
+    return {seed: row[key] for seed, row in finals_by_seed(method, method.decoder).items()}
+
+
+def comparison_table(a: Method, b: Method) -> str:
+    """Markdown table of the paired difference A - B per metric: means, the mean difference
+    over common seeds, its 95% interval and the verdict the interval allows."""
+    lines = [f"| metric | {a.name} | {b.name} | {a.name} - {b.name} [95% interval] | seeds | verdict |", "|---" * 6 + "|"]
+    for key, title, fmt, better in COLUMNS:
+        a_values, b_values = metric_by_seed(a, key), metric_by_seed(b, key)
+        if not set(a_values) & set(b_values):
+            continue
+        difference = paired_interval(a_values, b_values)
+        lines.append(
+            f"| {title} | {fmt.format(np.mean(list(a_values.values())))} | {fmt.format(np.mean(list(b_values.values())))} "
+            f"| {difference_cell(difference, fmt)} | {difference.n} | {verdict(difference, better, a.name, SHORT[key])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def gain_table(sft: dict, methods: list[Method]) -> str:
+    """Markdown table of each method's gain over the SFT start per metric, with its 95% interval."""
+    lines = ["| method | seeds | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |", "|---" * (2 + len(COLUMNS)) + "|"]
+    for method in methods:
+        finals = final_metrics(method, method.decoder)
+        if finals:
+            cells = [difference_cell(gain_interval([row[key] for row in finals], sft[key]), fmt) for key, _, fmt, _ in COLUMNS]
+            lines.append(f"| {method.name} ({method.decoder}) | {len(finals)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparisons(methods: list[Method]) -> list[tuple[Method, Method]]:
+    """The pairs of `COMPARISONS` whose two methods are both in `methods`."""
+    by_name = {method.name: method for method in methods}
+    return [(by_name[a], by_name[b]) for a, b in COMPARISONS if a in by_name and b in by_name]
 
 
 def per_run_table(methods: list[Method]) -> str:
-    """Markdown table of every run's last evaluation (one row per method, seed and decoder)."""
-    lines = ["| run | decoder | step | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |"]
-    lines.append("|---" * (3 + len(COLUMNS)) + "|")
+    """Markdown table of every run's last evaluation (one row per method, seed and decoder); KID
+    with its standard error over subsets."""
+    lines = ["| run | seed | decoder | step | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |"]
+    lines.append("|---" * (4 + len(COLUMNS)) + "|")
     for method in methods:
         for run in method.runs:
             for decoder in [method.decoder, *method.extra_decoders]:
                 rows = trajectory(run, decoder)
                 if rows:
-                    values = " | ".join(fmt.format(rows[-1][key]) for key, _, fmt, _ in COLUMNS)
-                    lines.append(f"| {run.name} | {decoder} | {rows[-1]['step']} | {values} |")
+                    last = rows[-1]
+                    values = [
+                        fmt.format(last[key]) + (f" ± {fmt.format(last['kid_se'])}" if key == "kid" and last.get("kid_se") else "")
+                        for key, _, fmt, _ in COLUMNS
+                    ]
+                    lines.append(f"| {run.name} | {run_seed(run)} | {decoder} | {last['step']} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _mean_curve(method: Method, decoder: str, key: str, sft: dict) -> tuple[list[int], list[float], list[float]]:
-    """Steps, mean and std over seeds of one metric (SFT at step 0 as the common start)."""
+def _curve(method: Method, key: str, sft: dict) -> tuple[list[int], list[Interval]]:
+    """Steps and, per step, the mean over seeds with its 95% interval (SFT at step 0, the common start)."""
     by_step: dict[int, list[float]] = {0: [sft[key]]}
     for run in method.runs:
-        for row in trajectory(run, decoder):
+        for row in trajectory(run, method.decoder):
             by_step.setdefault(row["step"], []).append(row[key])
     steps = sorted(by_step)
-    stats = [mean_std(by_step[step]) for step in steps]
-    return steps, [m for m, _ in stats], [s for _, s in stats]
+    return steps, [mean_interval(by_step[step]) for step in steps]
 
 
-def plot_curves(sft: dict, methods: list[Method], path: Path) -> None:
-    """One panel per metric against post-training steps, a line per method (band: ± std over seeds)."""
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
-    titles = {key: title for key, title, _, _ in COLUMNS}
-    for axis, key in zip(axes, CURVES):
-        for method in methods:
-            steps, mean, std = _mean_curve(method, method.decoder, key, sft)
-            (line,) = axis.plot(steps, mean, marker="o", markersize=3, label=f"{method.name} ({method.decoder} decoder)")
-            axis.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                              color=line.get_color(), alpha=0.15)  # fmt: skip
-        axis.set_title(titles[key], fontsize=10)
-        axis.set_xlabel("post-training step")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _seed_count(methods: list[Method]) -> int:
+    return max((len(final_metrics(m, m.decoder)) for m in methods), default=0)
 
 
-def plot_pareto(sft: dict, methods: list[Method], path: Path) -> None:
-    """Reward (x) against FD (y, lower is better) along each method's training trajectory."""
-    fig, axis = plt.subplots(figsize=(5.5, 4.5))
-    axis.scatter([sft["reward"]], [sft["fd"]], color="black", zorder=3, label="SFT (start)")
+def _label(method: Method) -> str:
+    return f"{method.name} ({method.decoder} decoder)"
+
+
+def _style() -> None:
+    plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
+                         "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.linewidth": 1.0})  # fmt: skip
+
+
+def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: dict | None = None) -> str:
+    """One metric against post-training steps, a line per method (mean over seeds; shaded: its 95%
+    interval where a step has 2+ seeds), the SFT start and real images as reference lines.
+    Returns the figure's caption, which says exactly what is drawn."""
+    _style()
+    title, better = next((t, b) for k, t, _, b in COLUMNS if k == key)
+    fig, axis = plt.subplots(figsize=(5.6, 3.8))
+    banded = False
     for method in methods:
-        _, rewards, _ = _mean_curve(method, method.decoder, "reward", sft)
-        steps, fds, _ = _mean_curve(method, method.decoder, "fd", sft)
-        (line,) = axis.plot(rewards, fds, marker="o", markersize=3, label=method.name)
-        axis.annotate(f"step {steps[-1]}", (rewards[-1], fds[-1]), fontsize=7, color=line.get_color(),
-                      xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        steps, intervals = _curve(method, key, sft)
+        (line,) = axis.plot(steps, [i.mean for i in intervals], marker="o", markersize=4, linewidth=1.8, label=_label(method))
+        with_band = [(s, i) for s, i in zip(steps, intervals) if i.defined]
+        if with_band:
+            banded = True
+            axis.fill_between([s for s, _ in with_band], [i.low for _, i in with_band], [i.high for _, i in with_band],
+                              color=line.get_color(), alpha=0.18, linewidth=0)  # fmt: skip
+    axis.axhline(sft[key], color="0.35", linestyle="--", linewidth=1.2, label="SFT start")
+    if real is not None and key in real:
+        axis.axhline(real[key], color="tab:green", linestyle=":", linewidth=1.6, label="real images")
+    axis.set_xlabel("post-training step")
+    axis.set_ylabel(f"{SHORT[key]} ({better} is better)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="best", framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    seeds = _seed_count(methods)
+    caption = f"{title} on the held-out prompts against post-training steps: mean over {seeds} seed(s) per method"
+    caption += "; shaded: its 95% interval (Student t) over seeds" if banded else " (one seed: no band)"
+    caption += "; dashed: the SFT start"
+    if real is not None and key in real:
+        caption += "; dotted: a second real image of every prompt scored the same way (its noise floor)"
+    return caption + "."
+
+
+def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
+    """Reward (x) against FD (y, lower is better) along each method's mean trajectory, every point
+    labelled with its step; returns the caption."""
+    _style()
+    fig, axis = plt.subplots(figsize=(6.0, 4.6))
+    axis.scatter([sft["reward"]], [sft["fd"]], marker="*", s=220, color="black", zorder=4, label="SFT start (step 0)")
+    xs, ys = [sft["reward"]], [sft["fd"]]
+    for index, method in enumerate(methods):
+        steps, rewards = _curve(method, "reward", sft)
+        _, fds = _curve(method, "fd", sft)
+        x, y = [i.mean for i in rewards], [i.mean for i in fds]
+        (line,) = axis.plot(x, y, marker="o", markersize=4, linewidth=1.6, label=_label(method), zorder=3)
+        axis.scatter([x[-1]], [y[-1]], marker="s", s=70, color=line.get_color(), edgecolor="black", zorder=5)
+        for step, px, py in list(zip(steps, x, y))[1:]:
+            axis.annotate(str(step), (px, py), xytext=(5, 5 if index % 2 == 0 else -12), textcoords="offset points",
+                          fontsize=8, color=line.get_color())  # fmt: skip
+        xs += x
+        ys += y
+    # room for the step labels inside the frame
+    x_pad, y_pad = 0.12 * (max(xs) - min(xs) or 1.0), 0.12 * (max(ys) - min(ys) or 1.0)
+    axis.set_xlim(min(xs) - x_pad, max(xs) + x_pad)
+    axis.set_ylim(min(ys) - y_pad, max(ys) + y_pad)
     axis.set_xlabel("reward (toy CLIP, higher is better)")
     axis.set_ylabel("FD (toy features, lower is better)")
-    axis.set_title("alignment vs fidelity")
+    axis.set_title("alignment vs fidelity along training")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(loc="best", framealpha=0.9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
+    return (f"Reward against FD along each method's trajectory (mean over {_seed_count(methods)} seed(s) per "
+            "evaluation step; numbers: the step; square: the last evaluation; star: the SFT start). "
+            "Down and to the right is better on both.")  # fmt: skip
+
+
+def _final_preview(method: Method) -> tuple[np.ndarray, list[bool]] | None:
+    """The seed-0 run's (else the first run's) last evaluation images and verifier verdicts."""
+    runs = sorted(method.runs, key=lambda run: (run_seed(run) != 0, run_seed(run)))
+    for run in runs:
+        rows = trajectory(run, method.decoder)
+        grid_path = Path(run) / f"eval_samples_{rows[-1]['step']:06d}_{method.decoder}.png" if rows else None
+        if grid_path is not None and grid_path.is_file() and "preview_correct" in rows[-1]:
+            correct = rows[-1]["preview_correct"]
+            grid = np.asarray(Image.open(grid_path).convert("RGB"))
+            return grid_tiles(grid, len(correct), PREVIEW_NROW), correct
+    return None
+
+
+def plot_samples(out: Path, sft: dict, methods: list[Method], reference: RealReference, path: Path) -> str:
+    """Per prompt (a row): its real image, the SFT sample and each sample method's final one
+    (seed-0 runs), each marked with the toy verifier's verdict; returns the caption."""
+    from ranke.toy.verifier import score_image
+
+    grid = np.asarray(Image.open(Path(out) / "sft_samples.png").convert("RGB"))
+    columns = [("real", reference.images, [bool(score_image(im, p).correct) for im, p in zip(reference.images, reference.prompts)])]
+    columns.append(("SFT", grid_tiles(grid, len(sft["preview_correct"]), PREVIEW_NROW), sft["preview_correct"]))
+    shown = [m for m in methods if m.name in SAMPLE_METHODS] or methods
+    for method in shown:
+        preview = _final_preview(method)
+        if preview is not None:
+            columns.append((method.name, *preview))
+    rows = min(SAMPLE_PROMPTS, len(reference.prompts), *(len(images) for _, images, _ in columns))
+    _style()
+    fig = plt.figure(figsize=(1.35 * len(columns) + 0.3, 1.95 * rows))
+    panels = fig.subfigures(rows, 1)
+    for row, panel in enumerate(np.atleast_1d(panels)):
+        prompt = textwrap.wrap(f"{row + 1}. {reference.prompts[row]}", 46)
+        panel.suptitle("\n".join(prompt), fontsize=10, x=0.02, ha="left", y=0.99, va="top")
+        axes = panel.subplots(1, len(columns))
+        for axis, (name, images, correct) in zip(np.atleast_1d(axes), columns):
+            axis.imshow(images[row], interpolation="nearest")
+            colour = "#1a7f37" if correct[row] else "#cf222e"
+            for spine in axis.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_xlabel(f"{name} {'✓' if correct[row] else '✗'}", color=colour, fontsize=10)
+        panel.subplots_adjust(left=0.03, right=0.97, top=0.8 if len(prompt) == 1 else 0.72, bottom=0.14, wspace=0.12)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    names = ", ".join(name for name, _, _ in columns[2:])
+    return (f"The first {rows} held-out prompts: their real image, the SFT sample and the final {names} samples "
+            "(seed-0 runs, the same sampling seed). Frame and mark: the toy verifier's verdict on that image "
+            "(green ✓ correct, red ✗ wrong).")  # fmt: skip
 
 
 @dataclass
 class Report:
     title: str
     intro: str
-    sections: list[tuple[str, str]]  # (heading, markdown body); images as ![alt](file.png)
+    sections: list[tuple[str, str]]  # (heading, markdown body); images as ![caption](file.png), one per line
 
 
 def write_report(report: Report, out: Path) -> tuple[Path, Path]:
@@ -169,6 +384,20 @@ def write_report(report: Report, out: Path) -> tuple[Path, Path]:
     return md_path, html_path
 
 
+def _text(text: str) -> str:
+    """Escaped text with `code` spans."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def _image_lines(lines: list[str], i: int) -> tuple[list[tuple[str, str]], int]:
+    images = []
+    while i < len(lines) and lines[i].startswith("![") and "](" in lines[i]:
+        caption, src = lines[i][2:].rsplit("](", 1)
+        images.append((caption, src.rstrip(")")))
+        i += 1
+    return images, i
+
+
 def _inline(text: str, out: Path) -> str:
     """Minimal markdown-to-HTML for what reports use: paragraphs, tables, images, code, lists."""
     blocks, lines = [], text.splitlines()
@@ -179,19 +408,26 @@ def _inline(text: str, out: Path) -> str:
             rows = []
             while i < len(lines) and lines[i].startswith("|"):
                 if not set(lines[i].replace("|", "").strip()) <= {"-", ":"}:
-                    rows.append([html.escape(c.strip()) for c in lines[i].strip().strip("|").split("|")])
+                    rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
                 i += 1
-            head = "".join(f"<th>{c}</th>" for c in rows[0])
-            body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[1:])
-            blocks.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            head = "".join(f"<th>{_text(c)}</th>" for c in rows[0])
+            body = "".join(
+                "<tr>" + "".join(f'<td data-label="{html.escape(h)}">{_text(c)}</td>' for h, c in zip(rows[0], row)) + "</tr>"
+                for row in rows[1:]
+            )
+            blocks.append(f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
             continue
         if line.startswith("![") and "](" in line:
-            alt, src = line[2:].split("](", 1)
-            src = src.rstrip(")")
-            data = base64.b64encode((out / src).read_bytes()).decode() if (out / src).is_file() else ""
-            blocks.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-                          f"<figcaption>{html.escape(alt)}</figcaption></figure>")  # fmt: skip
-        elif line.startswith("```"):
+            images, i = _image_lines(lines, i)
+            figures = []
+            for caption, src in images:
+                data = base64.b64encode((out / src).read_bytes()).decode()
+                figures.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                               f"<figcaption>{_text(caption)}</figcaption></figure>")  # fmt: skip
+            css = "figures" if len(figures) > 1 else "figures single"
+            blocks.append(f'<div class="{css}">' + "".join(figures) + "</div>")
+            continue
+        if line.startswith("```"):
             code = []
             i += 1
             while i < len(lines) and not lines[i].startswith("```"):
@@ -201,25 +437,46 @@ def _inline(text: str, out: Path) -> str:
         elif line.startswith("* "):
             items = []
             while i < len(lines) and lines[i].startswith("* "):
-                items.append(f"<li>{html.escape(lines[i][2:])}</li>")
+                items.append(f"<li>{_text(lines[i][2:])}</li>")
                 i += 1
             blocks.append("<ul>" + "".join(items) + "</ul>")
             continue
         elif line.strip():
-            blocks.append(f"<p>{html.escape(line)}</p>")
+            blocks.append(f"<p>{_text(line)}</p>")
         i += 1
     return "\n".join(blocks)
 
 
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;font-size:16px;line-height:1.5;max-width:1100px;
+margin:1.5em auto;padding:0 1em;color:#1f2328}
+h1{font-size:1.6em;line-height:1.25}h2{font-size:1.3em;margin-top:1.6em;border-bottom:1px solid #d0d7de}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;background:#f2f4f6;padding:0 .25em;border-radius:3px}
+pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.85em;white-space:pre-wrap;word-break:break-all}
+.table{overflow-x:auto;margin:1em 0}
+table{border-collapse:collapse;font-size:.9em;font-variant-numeric:tabular-nums}
+td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:right;vertical-align:top}
+th{background:#f3f4f6}td:first-child,th:first-child{text-align:left}
+.figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,460px),1fr));gap:1.2em;margin:1em 0}
+.figures.single{grid-template-columns:minmax(0,760px)}
+figure{margin:0}img{max-width:100%;height:auto;display:block}
+figcaption{font-size:.88em;color:#57606a;margin-top:.3em}
+@media (max-width:700px){
+body{margin:.8em auto;padding:0 .7em}
+table,thead,tbody,tr,td{display:block}thead{display:none}
+tr{border:1px solid #d0d7de;border-radius:6px;margin:0 0 .8em;padding:.3em .5em}
+td{border:none;border-bottom:1px solid #eef0f2;text-align:right;padding:3px 0 3px 45%;position:relative;min-height:1.3em}
+td:last-child{border-bottom:none}
+td::before{content:attr(data-label);position:absolute;left:0;width:43%;text-align:left;font-weight:600;color:#57606a}
+td:first-child{text-align:right}
+}
+"""
+
+
 def _html(report: Report, out: Path) -> str:
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;image-rendering:pixelated}"
-        "figure{margin:1em 0}figcaption{font-size:.85em;color:#555}pre{background:#f6f6f6;padding:.8em;overflow:auto}"
-    )
-    parts = [f"<h1>{html.escape(report.title)}</h1>", _inline(report.intro, out)]
+    parts = [f"<h1>{_text(report.title)}</h1>", _inline(report.intro, out)]
     for heading, body in report.sections:
-        parts += [f"<h2>{html.escape(heading)}</h2>", _inline(body, out)]
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>" \
-           f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"  # fmt: skip
+        parts += [f"<h2>{_text(heading)}</h2>", _inline(body, out)]
+    head = ('<meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(report.title)}</title><style>{STYLE}</style>")  # fmt: skip
+    return f"<!doctype html><html lang=\"en\"><head>{head}</head><body>{''.join(parts)}</body></html>"

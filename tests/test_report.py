@@ -1,0 +1,114 @@
+"""The report built from fake but structurally real runs: paired intervals in its tables and text,
+figures that exist, responsive HTML; and the grid tiles the sample grid reads back."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ranke.config import RunConfig
+from ranke.demo import build_report
+from ranke.eval.report import COLUMNS, Method, RealReference
+from ranke.toy.data import heldout_prompts
+from ranke.images import grid_tiles, image_grid, save_image_grid
+
+PREVIEW = 8
+SFT = {"reward": 89.0, "clip_score": 89.5, "fd": 45.0, "kid": 1.5, "kid_se": 0.4, "verifier_accuracy": 0.55,
+       "token_kl": 0.05, "preview_correct": [True, False] * 4}  # fmt: skip
+# per seed: (GRPO, RankE) final values; RankE - GRPO FD: -2, -3, -4 -> mean -3, half 4.302653 / sqrt(3) = 2.484
+FINAL_FD = {0: (48.0, 46.0), 1: (47.0, 44.0), 2: (49.0, 45.0)}
+FINAL_REWARD = {0: (90.0, 91.0), 1: (91.0, 90.0), 2: (90.5, 91.0)}  # differences +1, -1, +0.5: not separated
+
+
+def _images(seed: int) -> torch.Tensor:
+    return torch.rand(PREVIEW, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _write_run(run, seed: int, decoders: list[str], fd: float, reward: float) -> None:
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"seed: {seed}\ndevice: cpu\n")
+    records = []
+    for step, fraction in ((4, 0.5), (8, 1.0)):
+        for decoder in decoders:
+            values = {key: SFT[key] for key, *_ in COLUMNS}
+            values.update(fd=SFT["fd"] + fraction * (fd - SFT["fd"]), reward=SFT["reward"] + fraction * (reward - SFT["reward"]))
+            records.append({"step": step, "policy": "online", "decoder": decoder, "n": 64, **values, "kid_se": 0.3,
+                            "preview_correct": [bool((i + seed) % 3) for i in range(PREVIEW)]})  # fmt: skip
+            save_image_grid(_images(seed * 10 + step), run / f"eval_samples_{step:06d}_{decoder}.png", nrow=8)
+    (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _build(out, seeds):
+    out.mkdir()
+    save_image_grid(_images(99), out / "sft_samples.png", nrow=8)
+    real = {key: SFT[key] - 5 for key, *_ in COLUMNS} | {"n": 64, "kid_se": 0.2}
+    images = (_images(98).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    RealReference(heldout_prompts()[:PREVIEW], images, real).save(out)
+    grpo, ranke = [], []
+    for seed in seeds:
+        _write_run(out / "runs" / f"grpo_seed{seed}", seed, ["base"], FINAL_FD[seed][0], FINAL_REWARD[seed][0])
+        _write_run(out / "runs" / f"ranke_seed{seed}", seed, ["ema", "online"], FINAL_FD[seed][1], FINAL_REWARD[seed][1])
+        grpo.append(out / "runs" / f"grpo_seed{seed}")
+        ranke.append(out / "runs" / f"ranke_seed{seed}")
+    methods = [Method("GRPO", "base", grpo, "frozen decoder"), Method("RankE", "ema", ranke, "co-evolved", ["online"])]
+    md, html = build_report(out, SFT, methods, "test", RunConfig().posttrain, seeds, ["ranke posttrain ..."], 0.5)
+    return md.read_text(), html.read_text()
+
+
+def _section(markdown: str, heading: str) -> str:
+    return markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_multi_seed_report_tables_intervals_and_verdicts(tmp_path):
+    markdown, html = _build(tmp_path / "report", [0, 1, 2])
+    fd_row = next(line for line in markdown.splitlines() if line.startswith("| FD (toy features) |"))
+    assert "| 45.0 | 48.0 | -3.0 [-5.5, -0.5] | 3 | RankE lower FD (better) |" in fd_row
+    reward_row = next(line for line in markdown.splitlines() if line.startswith("| reward (toy CLIP, train) |"))
+    assert reward_row.endswith("| 3 | not separated |")
+    said = _section(markdown, "What the numbers say")
+    assert "RankE lower FD (better), -3.0 [-5.5, -0.5]" in said and "Not separated: reward +0.17" in said
+    assert "3 paired seeds" in said and "one seed" not in said.lower()
+    # GRPO's final FD minus SFT's: +3, +2, +4 -> +3.0 [+0.5, +5.5]: worse
+    assert "GRPO higher FD (worse), +3.0 [+0.5, +5.5]" in said
+    results = _section(markdown, "Results")
+    assert "| GRPO | base | 8 | 3 | 90.50 ± 1.24 |" in results  # mean 90.5, s 0.5 -> half 4.302653 * 0.5 / sqrt(3)
+    curves = _section(markdown, "Curves")
+    assert curves.count("shaded: its 95% interval (Student t) over seeds") == len(COLUMNS)
+    _check_figures_and_html(tmp_path / "report", markdown, html)
+
+
+def test_one_seed_report_calls_nothing(tmp_path):
+    markdown, html = _build(tmp_path / "report", [0])
+    said = _section(markdown, "What the numbers say")
+    assert "One seed per method" in said and "one seed: no interval" in said
+    assert "(better)" not in said and "(worse)" not in said
+    assert "one seed: no interval" in _section(markdown, "Results")  # the comparison table's verdicts
+    assert "(better)" not in _section(markdown, "Results") and "(worse)" not in _section(markdown, "Results")
+    curves = _section(markdown, "Curves")
+    assert "shaded" not in curves and curves.count("(one seed: no band)") == len(COLUMNS)
+    _check_figures_and_html(tmp_path / "report", markdown, html)
+
+
+def _check_figures_and_html(out, markdown: str, html: str) -> None:
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(figures) == len(COLUMNS) + 2  # a figure per metric, the Pareto plot, the samples
+    for name in figures:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert html.count("data:image/png;base64,iVBOR") == len(figures)
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in html
+    assert "`" not in html and "<code>test</code>" in html
+    assert "image-rendering" not in html
+
+
+def test_grid_tiles_read_back_the_images_of_a_grid():
+    images = torch.rand(11, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    grid = image_grid(images, nrow=4)
+    tiles = grid_tiles(grid, 11, nrow=4)
+    assert tiles.shape == (11, 5, 7, 3)
+    np.testing.assert_array_equal(tiles, (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    with pytest.raises(ValueError, match="does not hold"):
+        grid_tiles(grid, 12, nrow=5)
