@@ -4,7 +4,7 @@ From the committed toy SFT policy and tokenizer, it evaluates the starting point
 GRPO (`mode=policy`, frozen decoder) and RankE (`mode=both`) for the same number of steps from
 the same start with the same seeds, evaluating every `eval_every` steps on the same held-out
 prompts with the same sampling seed, and writes `report.md` / `report.html` with the results
-table, curves, a reward-vs-FD plot and side-by-side samples. The runs go to worker processes
+table, curves, a reward-vs-FD plot and a captioned sample grid. The runs go to worker processes
 (`ranke.workers`, two at a time on two cores); a rerun reuses finished runs and continues the
 others. `--full` runs five paired seeds of GRPO and RankE, three seeds of each ablation (rank-
 weighted vs uniform GAN at K = 4, no EMA-consistency anchor, decoder stage only) and of the
@@ -36,6 +36,7 @@ from ranke.eval.report import (
     Report,
     comparison_table,
     comparisons,
+    curves_caption,
     difference_cell,
     final_metrics,
     gain_table,
@@ -45,6 +46,7 @@ from ranke.eval.report import (
     plot_pareto,
     plot_samples,
     results_table,
+    values_of,
     write_report,
 )
 from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, gain_interval, paired_interval, verdict
@@ -215,25 +217,29 @@ def describe(sft: dict, methods: list[Method], real: dict | None = None) -> str:
         )
     lines.append("")
     for a, b in comparisons(methods):
-        differences = {key: paired_interval(metric_by_seed(a, key), metric_by_seed(b, key)) for key, *_ in COLUMNS}
+        differences = {
+            key: paired_interval(metric_by_seed(a, key), metric_by_seed(b, key))
+            for key, *_ in COLUMNS
+            if set(metric_by_seed(a, key)) & set(metric_by_seed(b, key))
+        }
         lines.append(_summary(f"{a.name} ({a.decoder} decoder) vs {b.name} ({b.decoder} decoder)", a.name, differences))
     for method in methods:
         finals = final_metrics(method, method.decoder)
         if finals:
-            gains = {key: gain_interval([row[key] for row in finals], sft[key]) for key, *_ in COLUMNS}
+            gains = {key: gain_interval(values_of(finals, key), sft[key]) for key, *_ in COLUMNS if values_of(finals, key)}
             lines.append(_summary(f"{method.name} ({method.decoder} decoder) vs the SFT start", method.name, gains))
     return "\n".join(lines)
 
 
 def _summary(title: str, subject: str, differences: dict) -> str:
     """One list item: the differences an interval separates, then those it does not."""
-    n = next(iter(differences.values())).n
-    cells = {key: difference_cell(differences[key], fmt) for key, _, fmt, _ in COLUMNS}
+    n = min(difference.n for difference in differences.values())
+    cells = {key: difference_cell(differences[key], fmt) for key, _, fmt, _ in COLUMNS if key in differences}
     if n < 2:
         values = ", ".join(f"{SHORT[key]} {cells[key]}" for key in cells)
         return f"* {title}, one seed: {values} ({ONE_SEED})."
     called = [f"{verdict(differences[key], better, subject, SHORT[key])}, {cells[key]}"
-              for key, _, _, better in COLUMNS if differences[key].excludes_zero()]  # fmt: skip
+              for key, _, _, better in COLUMNS if key in differences and differences[key].excludes_zero()]  # fmt: skip
     unseparated = [f"{SHORT[key]} {cells[key]}" for key in cells if not differences[key].excludes_zero()]
     text = f"* {title}, {n} seeds: " + ("; ".join(called) if called else "no metric separated")
     if unseparated:
@@ -245,17 +251,18 @@ def build_report(out: Path, sft: dict, methods: list[Method], preset_name, pcfg,
     """`report.md` / `report.html` in `out` from the SFT metrics, the saved `RealReference` and the runs."""
     reference = RealReference.load(out)
     real = reference.metrics
-    curve_figures = [
-        f"![{plot_metric(sft, methods, key, out / f'curve_{key}.png', real)}](curve_{key}.png)" for key, *_ in COLUMNS
-    ]
+    banded = [plot_metric(sft, methods, key, out / f"curve_{key}.png", real) for key, *_ in COLUMNS]
+    curves = curves_caption(methods, any(banded), real is not None) + "\n\n" + "\n".join(
+        f"![{title} against post-training steps](curve_{key}.png)" for key, title, _, _ in COLUMNS
+    )
     pareto = plot_pareto(sft, methods, out / "pareto.png")
-    samples = plot_samples(out, sft, methods, reference, out / "samples.png")
+    samples, sample_files = plot_samples(out, sft, methods, reference)
     method_lines = "\n".join(f"* {m.name}: {m.note}." for m in methods)
     intro = (
         f"The toy world's version of the paper's experiment (preset `{preset_name}`, {minutes:.1f} min). "
         f"From the committed toy SFT policy and tokenizer, each method post-trains for {pcfg.steps} steps of "
         f"{pcfg.prompts_per_step} prompts x {pcfg.group_size} rollouts against the toy CLIP reward, with "
-        f"seeds {', '.join(map(str, seeds))}. Every evaluation samples the same {pcfg.eval_samples} "
+        f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}. Every evaluation samples the same {pcfg.eval_samples} "
         f"held-out prompts with the same sampling seed ({pcfg.eval_seed})."
     )
     arrows = ", ".join(f"{SHORT[key]} {better}" for key, _, _, better in COLUMNS)
@@ -276,9 +283,9 @@ def build_report(out: Path, sft: dict, methods: list[Method], preset_name, pcfg,
         ("Methods", method_lines),
         ("Results", results),
         ("What the numbers say", describe(sft, methods, real)),
-        ("Curves", "\n".join(curve_figures)),
+        ("Curves", curves),
         ("Alignment vs fidelity", f"![{pareto}](pareto.png)"),
-        ("Samples", f"![{samples}](samples.png)"),
+        ("Samples", samples + "\n\n" + "\n".join(f"![{label}]({name})" for label, name in sample_files)),
         ("Every run", per_run_table(methods) + "\nKID ± its standard error over disjoint subsets of the images."),
         ("Exact commands", "```\n" + "\n".join(commands) + "\n```\nEach run's resolved config is `runs/<run>/config.yaml`."),
     ]

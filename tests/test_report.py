@@ -77,7 +77,7 @@ def test_multi_seed_report_tables_intervals_and_verdicts(tmp_path):
     results = _section(markdown, "Results")
     assert "| GRPO | base | 8 | 3 | 90.50 ± 1.24 |" in results  # mean 90.5, s 0.5 -> half 4.302653 * 0.5 / sqrt(3)
     curves = _section(markdown, "Curves")
-    assert curves.count("shaded: its 95% interval (Student t) over seeds") == len(COLUMNS)
+    assert "3 seeds per method" in curves and "shaded: its 95% interval (Student t over seeds)" in curves
     _check_figures_and_html(tmp_path / "report", markdown, html)
 
 
@@ -89,13 +89,13 @@ def test_one_seed_report_calls_nothing(tmp_path):
     assert "one seed: no interval" in _section(markdown, "Results")  # the comparison table's verdicts
     assert "(better)" not in _section(markdown, "Results") and "(worse)" not in _section(markdown, "Results")
     curves = _section(markdown, "Curves")
-    assert "shaded" not in curves and curves.count("(one seed: no band)") == len(COLUMNS)
+    assert "shaded" not in curves and "one seed per method" in curves and "(one seed: no band)" in curves
     _check_figures_and_html(tmp_path / "report", markdown, html)
 
 
 def _check_figures_and_html(out, markdown: str, html: str) -> None:
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(figures) == len(COLUMNS) + 2  # a figure per metric, the Pareto plot, the samples
+    assert len(figures) == len(COLUMNS) + 3  # a figure per metric, the Pareto plot, the samples in two
     for name in figures:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert html.count("data:image/png;base64,iVBOR") == len(figures)
@@ -112,3 +112,17 @@ def test_grid_tiles_read_back_the_images_of_a_grid():
     np.testing.assert_array_equal(tiles, (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
     with pytest.raises(ValueError, match="does not hold"):
         grid_tiles(grid, 12, nrow=5)
+
+
+def test_runs_evaluated_before_kid_existed_show_n_a(tmp_path):
+    out = tmp_path / "report"
+    _build(out, [0, 1])
+    run = out / "runs" / "grpo_seed1"
+    records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    (run / "eval.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kid"}) + "\n" for r in records))
+    grpo = Method("GRPO", "base", [out / "runs" / "grpo_seed0", run])
+    ranke = Method("RankE", "ema", [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
+    markdown = build_report(out, SFT, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
+    assert "| GRPO | base | 8 | 2 | " in markdown and " n/a " in _section(markdown, "Results")
+    kid_row = next(line for line in markdown.splitlines() if line.startswith("| KID (toy features) |"))
+    assert kid_row.endswith("| 1 | one seed: no interval |")  # only seed 0 has KID on both sides

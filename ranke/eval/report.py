@@ -20,6 +20,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
@@ -82,8 +83,6 @@ class RealReference:
         """`real_reference.json` and `real_samples.png` in `out`."""
         record = {"prompts": self.prompts, "metrics": self.metrics}
         (Path(out) / "real_reference.json").write_text(json.dumps(record, indent=2))
-        import torch
-
         save_image_grid(torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 255.0,
                         Path(out) / "real_samples.png", nrow=PREVIEW_NROW)  # fmt: skip
 
@@ -126,6 +125,11 @@ def final_metrics(method: Method, decoder: str) -> list[dict]:
     return [finals[seed] for seed in sorted(finals)]
 
 
+def values_of(rows: list[dict], key: str) -> list[float] | None:
+    """Metric `key` of every row; None when a row lacks it (a run evaluated before the metric existed)."""
+    return [row[key] for row in rows] if all(key in row for row in rows) else None
+
+
 def _signed(fmt: str, value: float) -> str:
     return ("+" if value >= 0 else "") + fmt.format(value)
 
@@ -158,14 +162,19 @@ def results_table(sft: dict, methods: list[Method], real: dict | None = None) ->
             finals = final_metrics(method, decoder)
             if not finals:
                 continue
-            values = " | ".join(interval_cell(mean_interval([row[key] for row in finals]), fmt) for key, _, fmt, _ in COLUMNS)
+            values = " | ".join(_table_cell(values_of(finals, key), fmt) for key, _, fmt, _ in COLUMNS)
             lines.append(f"| {method.name} | {decoder} | {finals[0]['step']} | {len(finals)} | {values} |")
     return "\n".join(lines) + "\n"
 
 
+def _table_cell(values: list[float] | None, fmt: str) -> str:
+    return "n/a" if values is None else interval_cell(mean_interval(values), fmt)
+
+
 def metric_by_seed(method: Method, key: str) -> dict[int, float]:
-    """A method's final value of metric `key` by training seed (its table row's decoder)."""
-    return {seed: row[key] for seed, row in finals_by_seed(method, method.decoder).items()}
+    """A method's final value of metric `key` by training seed (its table row's decoder; seeds
+    whose run lacks the metric are left out)."""
+    return {seed: row[key] for seed, row in finals_by_seed(method, method.decoder).items() if key in row}
 
 
 def comparison_table(a: Method, b: Method) -> str:
@@ -190,7 +199,10 @@ def gain_table(sft: dict, methods: list[Method]) -> str:
     for method in methods:
         finals = final_metrics(method, method.decoder)
         if finals:
-            cells = [difference_cell(gain_interval([row[key] for row in finals], sft[key]), fmt) for key, _, fmt, _ in COLUMNS]
+            cells = [
+                "n/a" if values_of(finals, key) is None else difference_cell(gain_interval(values_of(finals, key), sft[key]), fmt)
+                for key, _, fmt, _ in COLUMNS
+            ]
             lines.append(f"| {method.name} ({method.decoder}) | {len(finals)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -213,7 +225,8 @@ def per_run_table(methods: list[Method]) -> str:
                 if rows:
                     last = rows[-1]
                     values = [
-                        fmt.format(last[key]) + (f" ± {fmt.format(last['kid_se'])}" if key == "kid" and last.get("kid_se") else "")
+                        "n/a" if key not in last
+                        else fmt.format(last[key]) + (f" ± {fmt.format(last['kid_se'])}" if key == "kid" and last.get("kid_se") else "")
                         for key, _, fmt, _ in COLUMNS
                     ]
                     lines.append(f"| {run.name} | {run_seed(run)} | {decoder} | {last['step']} | " + " | ".join(values) + " |")
@@ -225,7 +238,8 @@ def _curve(method: Method, key: str, sft: dict) -> tuple[list[int], list[Interva
     by_step: dict[int, list[float]] = {0: [sft[key]]}
     for run in method.runs:
         for row in trajectory(run, method.decoder):
-            by_step.setdefault(row["step"], []).append(row[key])
+            if key in row:
+                by_step.setdefault(row["step"], []).append(row[key])
     steps = sorted(by_step)
     return steps, [mean_interval(by_step[step]) for step in steps]
 
@@ -243,19 +257,30 @@ def _style() -> None:
                          "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.linewidth": 1.0})  # fmt: skip
 
 
-def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: dict | None = None) -> str:
+def _seeds_text(methods: list[Method]) -> str:
+    seeds = _seed_count(methods)
+    return "one seed per method" if seeds < 2 else f"{seeds} seeds per method"
+
+
+def _legend_below(axis, entries: int) -> None:
+    """The legend under the axes, so it never covers a curve."""
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2 if entries > 2 else entries, frameon=False)
+
+
+def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: dict | None = None) -> bool:
     """One metric against post-training steps, a line per method (mean over seeds; shaded: its 95%
-    interval where a step has 2+ seeds), the SFT start and real images as reference lines.
-    Returns the figure's caption, which says exactly what is drawn."""
+    interval where a step has 2+ seeds), the SFT start (dashed) and, with `real`, real images
+    (dotted) as reference lines. Returns whether a band was drawn (see `curves_caption`)."""
     _style()
     title, better = next((t, b) for k, t, _, b in COLUMNS if k == key)
-    fig, axis = plt.subplots(figsize=(5.6, 3.8))
+    fig, axis = plt.subplots(figsize=(4.4, 3.7))  # small in inches, high dpi: text stays legible on a phone
     banded = False
     for method in methods:
         steps, intervals = _curve(method, key, sft)
         (line,) = axis.plot(steps, [i.mean for i in intervals], marker="o", markersize=4, linewidth=1.8, label=_label(method))
         with_band = [(s, i) for s, i in zip(steps, intervals) if i.defined]
-        if with_band:
+        if with_band:  # from the shared start, where every seed has the same value
+            with_band.insert(0, (0, Interval(sft[key], sft[key], sft[key], len(method.runs))))
             banded = True
             axis.fill_between([s for s, _ in with_band], [i.low for _, i in with_band], [i.high for _, i in with_band],
                               color=line.get_color(), alpha=0.18, linewidth=0)  # fmt: skip
@@ -266,16 +291,22 @@ def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: di
     axis.set_ylabel(f"{SHORT[key]} ({better} is better)")
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend(loc="best", framealpha=0.9)
+    _legend_below(axis, len(methods) + 1 + (real is not None and key in real))
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=190)
     plt.close(fig)
-    seeds = _seed_count(methods)
-    caption = f"{title} on the held-out prompts against post-training steps: mean over {seeds} seed(s) per method"
-    caption += "; shaded: its 95% interval (Student t) over seeds" if banded else " (one seed: no band)"
+    return banded
+
+
+def curves_caption(methods: list[Method], banded: bool, real: bool) -> str:
+    """What the `plot_metric` figures draw, exactly."""
+    caption = (f"Each metric on the held-out prompts against post-training steps (step 0: the SFT start every run "
+               f"shares), {_seeds_text(methods)}. Lines: the mean over seeds")  # fmt: skip
+    caption += "; shaded: its 95% interval (Student t over seeds)" if banded else " (one seed: no band)"
     caption += "; dashed: the SFT start"
-    if real is not None and key in real:
-        caption += "; dotted: a second real image of every prompt scored the same way (its noise floor)"
+    if real:
+        caption += ("; dotted: a second real image of every prompt scored the same way (where real images stand; "
+                    "for FD, KID and token KL the evaluation's own noise floor)")  # fmt: skip
     return caption + "."
 
 
@@ -283,7 +314,7 @@ def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
     """Reward (x) against FD (y, lower is better) along each method's mean trajectory, every point
     labelled with its step; returns the caption."""
     _style()
-    fig, axis = plt.subplots(figsize=(6.0, 4.6))
+    fig, axis = plt.subplots(figsize=(4.4, 4.3))
     axis.scatter([sft["reward"]], [sft["fd"]], marker="*", s=220, color="black", zorder=4, label="SFT start (step 0)")
     xs, ys = [sft["reward"]], [sft["fd"]]
     for index, method in enumerate(methods):
@@ -294,7 +325,7 @@ def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
         axis.scatter([x[-1]], [y[-1]], marker="s", s=70, color=line.get_color(), edgecolor="black", zorder=5)
         for step, px, py in list(zip(steps, x, y))[1:]:
             axis.annotate(str(step), (px, py), xytext=(5, 5 if index % 2 == 0 else -12), textcoords="offset points",
-                          fontsize=8, color=line.get_color())  # fmt: skip
+                          fontsize=9, color=line.get_color())  # fmt: skip
         xs += x
         ys += y
     # room for the step labels inside the frame
@@ -305,12 +336,12 @@ def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
     axis.set_ylabel("FD (toy features, lower is better)")
     axis.set_title("alignment vs fidelity along training")
     axis.grid(alpha=0.3)
-    axis.legend(loc="best", framealpha=0.9)
+    _legend_below(axis, len(methods) + 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=180)
     plt.close(fig)
-    return (f"Reward against FD along each method's trajectory (mean over {_seed_count(methods)} seed(s) per "
-            "evaluation step; numbers: the step; square: the last evaluation; star: the SFT start). "
+    return (f"Reward against FD along each method's trajectory ({_seeds_text(methods)}: the mean over seeds at "
+            "each evaluation; numbers: the step; square: the last evaluation; star: the SFT start). "
             "Down and to the right is better on both.")  # fmt: skip
 
 
@@ -327,9 +358,11 @@ def _final_preview(method: Method) -> tuple[np.ndarray, list[bool]] | None:
     return None
 
 
-def plot_samples(out: Path, sft: dict, methods: list[Method], reference: RealReference, path: Path) -> str:
+def plot_samples(out: Path, sft: dict, methods: list[Method], reference: RealReference, figures: int = 2) -> tuple[str, list[tuple[str, str]]]:
     """Per prompt (a row): its real image, the SFT sample and each sample method's final one
-    (seed-0 runs), each marked with the toy verifier's verdict; returns the caption."""
+    (seed-0 runs), each marked with the toy verifier's verdict. The prompts are shared out over
+    `figures` files `samples_<i>.png` in `out` (side by side on a wide screen, stacked on a
+    phone). Returns the caption and, per file, (its label, its name)."""
     from ranke.toy.verifier import score_image
 
     grid = np.asarray(Image.open(Path(out) / "sft_samples.png").convert("RGB"))
@@ -341,14 +374,26 @@ def plot_samples(out: Path, sft: dict, methods: list[Method], reference: RealRef
         if preview is not None:
             columns.append((method.name, *preview))
     rows = min(SAMPLE_PROMPTS, len(reference.prompts), *(len(images) for _, images, _ in columns))
+    per_figure = -(-rows // figures)
+    files = []
+    for index, first in enumerate(range(0, rows, per_figure), start=1):
+        shown_rows = range(first, min(first + per_figure, rows))
+        _sample_figure(columns, reference.prompts, shown_rows, Path(out) / f"samples_{index}.png")
+        files.append((f"prompts {shown_rows[0] + 1}-{shown_rows[-1] + 1}", f"samples_{index}.png"))
+    names = ", ".join(name for name, _, _ in columns[2:])
+    caption = (f"The first {rows} held-out prompts, one per row: the real image of its scene, the SFT sample and the "
+            f"final {names} samples (seed-0 runs, the same sampling seed). Frame and mark: the toy verifier's "
+            "verdict on that image (green ✓ correct, red ✗ wrong).")  # fmt: skip
+    return caption, files
+
+
+def _sample_figure(columns, prompts: list[str], rows: range, path: Path) -> None:
     _style()
-    fig = plt.figure(figsize=(1.35 * len(columns) + 0.3, 1.95 * rows))
-    panels = fig.subfigures(rows, 1)
-    for row, panel in enumerate(np.atleast_1d(panels)):
-        prompt = textwrap.wrap(f"{row + 1}. {reference.prompts[row]}", 46)
-        panel.suptitle("\n".join(prompt), fontsize=10, x=0.02, ha="left", y=0.99, va="top")
-        axes = panel.subplots(1, len(columns))
-        for axis, (name, images, correct) in zip(np.atleast_1d(axes), columns):
+    fig = plt.figure(figsize=(1.15 * len(columns) + 0.25, 2.15 * len(rows)))  # room for 3 lines of prompt
+    for row, panel in zip(rows, np.atleast_1d(fig.subfigures(len(rows), 1))):
+        prompt = textwrap.wrap(f"{row + 1}. {prompts[row]}", 9 * len(columns))
+        panel.suptitle("\n".join(prompt), fontsize=12, x=0.02, ha="left", y=0.98, va="top", linespacing=1.1)
+        for axis, (name, images, correct) in zip(np.atleast_1d(panel.subplots(1, len(columns))), columns):
             axis.imshow(images[row], interpolation="nearest")
             colour = "#1a7f37" if correct[row] else "#cf222e"
             for spine in axis.spines.values():
@@ -356,14 +401,10 @@ def plot_samples(out: Path, sft: dict, methods: list[Method], reference: RealRef
                 spine.set_linewidth(3)
             axis.set_xticks([])
             axis.set_yticks([])
-            axis.set_xlabel(f"{name} {'✓' if correct[row] else '✗'}", color=colour, fontsize=10)
-        panel.subplots_adjust(left=0.03, right=0.97, top=0.8 if len(prompt) == 1 else 0.72, bottom=0.14, wspace=0.12)
-    fig.savefig(path, dpi=150)
+            axis.set_xlabel(f"{name} {'✓' if correct[row] else '✗'}", color=colour, fontsize=12, labelpad=2)
+        panel.subplots_adjust(left=0.03, right=0.97, top=0.63, bottom=0.14, wspace=0.12)
+    fig.savefig(path, dpi=180)
     plt.close(fig)
-    names = ", ".join(name for name, _, _ in columns[2:])
-    return (f"The first {rows} held-out prompts: their real image, the SFT sample and the final {names} samples "
-            "(seed-0 runs, the same sampling seed). Frame and mark: the toy verifier's verdict on that image "
-            "(green ✓ correct, red ✗ wrong).")  # fmt: skip
 
 
 @dataclass
@@ -465,10 +506,10 @@ figcaption{font-size:.88em;color:#57606a;margin-top:.3em}
 body{margin:.8em auto;padding:0 .7em}
 table,thead,tbody,tr,td{display:block}thead{display:none}
 tr{border:1px solid #d0d7de;border-radius:6px;margin:0 0 .8em;padding:.3em .5em}
-td{border:none;border-bottom:1px solid #eef0f2;text-align:right;padding:3px 0 3px 45%;position:relative;min-height:1.3em}
+td{display:flex;justify-content:space-between;gap:.8em;border:none;border-bottom:1px solid #eef0f2;padding:3px 0;text-align:right}
 td:last-child{border-bottom:none}
-td::before{content:attr(data-label);position:absolute;left:0;width:43%;text-align:left;font-weight:600;color:#57606a}
-td:first-child{text-align:right}
+td::before{content:attr(data-label);flex:0 0 50%;text-align:left;font-weight:600;color:#57606a}
+td:first-child{font-weight:600}
 }
 """
 
