@@ -40,16 +40,16 @@ from ranke.eval.report import (
     difference_cell,
     final_metrics,
     gain_table,
-    metric_by_seed,
+    gains_over_start,
+    paired_comparison,
     per_run_table,
     plot_metric,
     plot_pareto,
     plot_samples,
     results_table,
-    values_of,
     write_report,
 )
-from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, gain_interval, paired_interval, verdict
+from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, verdict
 from ranke.generate import load_backbone
 from ranke.images import save_image_grid
 from ranke.runtime import UserError, autocast, select_device
@@ -217,16 +217,11 @@ def describe(sft: dict, methods: list[Method], real: dict | None = None) -> str:
         )
     lines.append("")
     for a, b in comparisons(methods):
-        differences = {
-            key: paired_interval(metric_by_seed(a, key), metric_by_seed(b, key))
-            for key, *_ in COLUMNS
-            if set(metric_by_seed(a, key)) & set(metric_by_seed(b, key))
-        }
-        lines.append(_summary(f"{a.name} ({a.decoder} decoder) vs {b.name} ({b.decoder} decoder)", a.name, differences))
+        title = f"{a.name} ({a.decoder} decoder) vs {b.name} ({b.decoder} decoder)"
+        lines.append(_summary(title, a.name, paired_comparison(a, b)))
     for method in methods:
-        finals = final_metrics(method, method.decoder)
-        if finals:
-            gains = {key: gain_interval(values_of(finals, key), sft[key]) for key, *_ in COLUMNS if values_of(finals, key)}
+        gains = gains_over_start(sft, method)
+        if gains:
             lines.append(_summary(f"{method.name} ({method.decoder} decoder) vs the SFT start", method.name, gains))
     return "\n".join(lines)
 
@@ -262,8 +257,8 @@ def build_report(out: Path, sft: dict, methods: list[Method], preset_name, pcfg,
         f"The toy world's version of the paper's experiment (preset `{preset_name}`, {minutes:.1f} min). "
         f"From the committed toy SFT policy and tokenizer, each method post-trains for {pcfg.steps} steps of "
         f"{pcfg.prompts_per_step} prompts x {pcfg.group_size} rollouts against the toy CLIP reward, with "
-        f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}. Every evaluation samples the same {pcfg.eval_samples} "
-        f"held-out prompts with the same sampling seed ({pcfg.eval_seed})."
+        f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}. Every evaluation samples the "
+        f"same {pcfg.eval_samples} held-out prompts with the same sampling seed ({pcfg.eval_seed})."
     )
     arrows = ", ".join(f"{SHORT[key]} {better}" for key, _, _, better in COLUMNS)
     results = (

@@ -177,15 +177,28 @@ def metric_by_seed(method: Method, key: str) -> dict[int, float]:
     return {seed: row[key] for seed, row in finals_by_seed(method, method.decoder).items() if key in row}
 
 
+def paired_comparison(a: Method, b: Method) -> dict[str, Interval]:
+    """Per metric, the interval of the paired difference A - B over the seeds both have (metrics
+    without a common seed are left out)."""
+    by_seed = {key: (metric_by_seed(a, key), metric_by_seed(b, key)) for key, *_ in COLUMNS}
+    return {key: paired_interval(*pair) for key, pair in by_seed.items() if set(pair[0]) & set(pair[1])}
+
+
+def gains_over_start(sft: dict, method: Method) -> dict[str, Interval]:
+    """Per metric, the interval of a method's final gain over the SFT start (metrics some run lacks are left out)."""
+    finals = final_metrics(method, method.decoder)
+    return {key: gain_interval(values_of(finals, key), sft[key]) for key, *_ in COLUMNS if finals and values_of(finals, key)}
+
+
 def comparison_table(a: Method, b: Method) -> str:
     """Markdown table of the paired difference A - B per metric: means, the mean difference
     over common seeds, its 95% interval and the verdict the interval allows."""
     lines = [f"| metric | {a.name} | {b.name} | {a.name} - {b.name} [95% interval] | seeds | verdict |", "|---" * 6 + "|"]
+    differences = paired_comparison(a, b)
     for key, title, fmt, better in COLUMNS:
-        a_values, b_values = metric_by_seed(a, key), metric_by_seed(b, key)
-        if not set(a_values) & set(b_values):
+        if key not in differences:
             continue
-        difference = paired_interval(a_values, b_values)
+        a_values, b_values, difference = metric_by_seed(a, key), metric_by_seed(b, key), differences[key]
         lines.append(
             f"| {title} | {fmt.format(np.mean(list(a_values.values())))} | {fmt.format(np.mean(list(b_values.values())))} "
             f"| {difference_cell(difference, fmt)} | {difference.n} | {verdict(difference, better, a.name, SHORT[key])} |"
@@ -197,13 +210,11 @@ def gain_table(sft: dict, methods: list[Method]) -> str:
     """Markdown table of each method's gain over the SFT start per metric, with its 95% interval."""
     lines = ["| method | seeds | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |", "|---" * (2 + len(COLUMNS)) + "|"]
     for method in methods:
-        finals = final_metrics(method, method.decoder)
-        if finals:
-            cells = [
-                "n/a" if values_of(finals, key) is None else difference_cell(gain_interval(values_of(finals, key), sft[key]), fmt)
-                for key, _, fmt, _ in COLUMNS
-            ]
-            lines.append(f"| {method.name} ({method.decoder}) | {len(finals)} | " + " | ".join(cells) + " |")
+        gains = gains_over_start(sft, method)
+        if gains:
+            cells = [difference_cell(gains[key], fmt) if key in gains else "n/a" for key, _, fmt, _ in COLUMNS]
+            seeds = len(final_metrics(method, method.decoder))
+            lines.append(f"| {method.name} ({method.decoder}) | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,11 +235,10 @@ def per_run_table(methods: list[Method]) -> str:
                 rows = trajectory(run, decoder)
                 if rows:
                     last = rows[-1]
-                    values = [
-                        "n/a" if key not in last
-                        else fmt.format(last[key]) + (f" ± {fmt.format(last['kid_se'])}" if key == "kid" and last.get("kid_se") else "")
-                        for key, _, fmt, _ in COLUMNS
-                    ]
+                    values = ["n/a" if key not in last else fmt.format(last[key]) for key, _, fmt, _ in COLUMNS]
+                    if last.get("kid_se") is not None:
+                        kid = [key for key, *_ in COLUMNS].index("kid")
+                        values[kid] += f" ± {COLUMNS[kid][2].format(last['kid_se'])}"
                     lines.append(f"| {run.name} | {run_seed(run)} | {decoder} | {last['step']} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -264,7 +274,7 @@ def _seeds_text(methods: list[Method]) -> str:
 
 def _legend_below(axis, entries: int) -> None:
     """The legend under the axes, so it never covers a curve."""
-    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2 if entries > 2 else entries, frameon=False)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(entries, 2), frameon=False)
 
 
 def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: dict | None = None) -> bool:
@@ -358,7 +368,9 @@ def _final_preview(method: Method) -> tuple[np.ndarray, list[bool]] | None:
     return None
 
 
-def plot_samples(out: Path, sft: dict, methods: list[Method], reference: RealReference, figures: int = 2) -> tuple[str, list[tuple[str, str]]]:
+def plot_samples(
+    out: Path, sft: dict, methods: list[Method], reference: RealReference, figures: int = 2
+) -> tuple[str, list[tuple[str, str]]]:
     """Per prompt (a row): its real image, the SFT sample and each sample method's final one
     (seed-0 runs), each marked with the toy verifier's verdict. The prompts are shared out over
     `figures` files `samples_<i>.png` in `out` (side by side on a wide screen, stacked on a
@@ -366,7 +378,8 @@ def plot_samples(out: Path, sft: dict, methods: list[Method], reference: RealRef
     from ranke.toy.verifier import score_image
 
     grid = np.asarray(Image.open(Path(out) / "sft_samples.png").convert("RGB"))
-    columns = [("real", reference.images, [bool(score_image(im, p).correct) for im, p in zip(reference.images, reference.prompts)])]
+    real_correct = [bool(score_image(image, prompt).correct) for image, prompt in zip(reference.images, reference.prompts)]
+    columns = [("real", reference.images, real_correct)]
     columns.append(("SFT", grid_tiles(grid, len(sft["preview_correct"]), PREVIEW_NROW), sft["preview_correct"]))
     shown = [m for m in methods if m.name in SAMPLE_METHODS] or methods
     for method in shown:
