@@ -126,3 +126,11 @@ def test_runs_evaluated_before_kid_existed_show_n_a(tmp_path):
     assert "| GRPO | base | 8 | 2 | " in markdown and " n/a " in _section(markdown, "Results")
     kid_row = next(line for line in markdown.splitlines() if line.startswith("| KID (toy features) |"))
     assert kid_row.endswith("| 1 | one seed: no interval |")  # only seed 0 has KID on both sides
+
+
+def test_real_reference_survives_save_and_load(tmp_path):
+    images = (_images(3).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    RealReference(heldout_prompts()[:PREVIEW], images, {"fd": 6.1, "n": 300}).save(tmp_path)
+    loaded = RealReference.load(tmp_path)
+    assert loaded.prompts == heldout_prompts()[:PREVIEW] and loaded.metrics == {"fd": 6.1, "n": 300}
+    np.testing.assert_array_equal(loaded.images, images)

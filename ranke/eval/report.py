@@ -50,6 +50,7 @@ COMPARISONS = (
 )
 SAMPLE_METHODS = ("GRPO", "RankE")  # the columns of the sample grid beside the real image and SFT
 SAMPLE_PROMPTS = 8
+PARETO_LABELS = 6  # step labels per trajectory at most (evenly spread, the last one included)
 PREVIEW_NROW = 8  # the evaluation grids hold their images 8 per row (ranke.train.posttrain.evaluate_step)
 
 
@@ -333,7 +334,8 @@ def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
         x, y = [i.mean for i in rewards], [i.mean for i in fds]
         (line,) = axis.plot(x, y, marker="o", markersize=4, linewidth=1.6, label=_label(method), zorder=3)
         axis.scatter([x[-1]], [y[-1]], marker="s", s=70, color=line.get_color(), edgecolor="black", zorder=5)
-        for step, px, py in list(zip(steps, x, y))[1:]:
+        labelled = sorted({round(i) for i in np.linspace(1, len(steps) - 1, min(len(steps) - 1, PARETO_LABELS))})
+        for step, px, py in (p for i, p in enumerate(zip(steps, x, y)) if i in labelled):
             axis.annotate(str(step), (px, py), xytext=(5, 5 if index % 2 == 0 else -12), textcoords="offset points",
                           fontsize=9, color=line.get_color())  # fmt: skip
         xs += x
@@ -351,8 +353,8 @@ def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
     fig.savefig(path, dpi=180)
     plt.close(fig)
     return (f"Reward against FD along each method's trajectory ({_seeds_text(methods)}: the mean over seeds at "
-            "each evaluation; numbers: the step; square: the last evaluation; star: the SFT start). "
-            "Down and to the right is better on both.")  # fmt: skip
+            f"each evaluation; numbers: the evaluation step, up to {PARETO_LABELS} per line; square: the last "
+            "evaluation; star: the SFT start). Down and to the right is better on both.")  # fmt: skip
 
 
 def _final_preview(method: Method) -> tuple[np.ndarray, list[bool]] | None:
