@@ -47,6 +47,7 @@ COMPARISONS = (
     ("RankE, top-4 rank-weighted", "RankE, top-4 uniform GAN"),
     ("RankE", "RankE, no EMA anchor"),
     ("RankE", "decoder only"),
+    ("GRPO policy, adapted decoder", "GRPO"),  # the mechanism: the same GRPO policy, frozen vs adapted decoder
 )
 SAMPLE_METHODS = ("GRPO", "RankE")  # the columns of the sample grid beside the real image and SFT
 SAMPLE_PROMPTS = 8
