@@ -313,8 +313,8 @@ def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: di
 def curves_caption(methods: list[Method], banded: bool, real: bool) -> str:
     """What the `plot_metric` figures draw, exactly."""
     caption = (f"Each metric on the held-out prompts against post-training steps (step 0: the SFT start every run "
-               f"shares), {_seeds_text(methods)}. Lines: the mean over seeds")  # fmt: skip
-    caption += "; shaded: its 95% interval (Student t over seeds)" if banded else " (one seed: no band)"
+               f"shares), {_seeds_text(methods)}. Lines: ")  # fmt: skip
+    caption += "the mean over seeds; shaded: its 95% interval (Student t over seeds)" if banded else "each run (one seed: no band)"
     caption += "; dashed: the SFT start"
     if real:
         caption += ("; dotted: a second real image of every prompt scored the same way (where real images stand; "
