@@ -14,6 +14,31 @@ from pathlib import Path
 
 from ranke.runtime import UserError
 
+FLAG_KEYS = {  # flags that set a config key -> that key
+    "cfg": "sampling.cfg_scale",
+    "backbone": "backbone.kind",
+    "gpt_ckpt": "backbone.gpt_ckpt",
+    "vq_ckpt": "backbone.vq_ckpt",
+    "t5_path": "backbone.t5_path",
+    "gpt_preset": "backbone.gpt_preset",
+    "image_size": "backbone.image_size",
+    "model_path": "backbone.model_path",
+}
+
+# `ranke eval` options that belong to some protocols only; given to another one, they are errors
+EVAL_PROTOCOL_OPTIONS = {
+    "n": ("toy", "coco30k"),
+    "prompts_dir": ("hpsv2",),
+    "hpsv2_path": ("hpsv2",),
+    "captions": ("coco30k",),
+    "ref_dir": ("coco30k",),
+    "clip_path": ("coco30k",),
+    "features": ("coco30k",),
+    "inception_weights": ("coco30k",),
+    # the toy judges score toy-world models only
+    **{flag: ("coco30k", "hpsv2") for flag, key in FLAG_KEYS.items() if key.startswith("backbone.")},
+}
+
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
@@ -37,7 +62,7 @@ def cmd_sft(args) -> None:
 def cmd_posttrain(args) -> None:
     from ranke.train.posttrain import train_posttrain
 
-    train_posttrain(args.config, args.out, [*args.overrides, *_backbone_overrides(args)], resume=args.resume)
+    train_posttrain(args.config, args.out, _overrides(args), resume=args.resume)
 
 
 def cmd_build_toy_assets(args) -> None:
@@ -85,23 +110,18 @@ def cmd_toy_verify(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from ranke import config as config_lib
-    from ranke.config import RunConfig
     from ranke.generate import sample_prompts_to_dir
-
-    backbone = config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone
 
     summary = sample_prompts_to_dir(
         ckpt=args.ckpt,
         prompts_file=args.prompts,
         out_dir=args.out,
-        cfg_scale=args.cfg,
         seed=args.seed,
         n_per_prompt=args.n_per_prompt,
         batch_size=args.batch_size,
         policy=args.policy,
         decoder=args.decoder,
-        backbone=backbone,
+        overrides=_overrides(args),
     )
     print(json.dumps(summary))
 
@@ -122,48 +142,37 @@ def cmd_fid(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    for option, protocols in EVAL_PROTOCOL_OPTIONS.items():
+        if getattr(args, option) is not None and args.protocol not in protocols:
+            flag, others = option.replace("_", "-"), " and ".join(protocols)
+            raise UserError(f"--{flag} does not apply to --protocol {args.protocol} (only to {others})")
+    overrides = _overrides(args)
     if args.protocol == "hpsv2":
-        from ranke import config as config_lib
-        from ranke.config import RunConfig
         from ranke.eval.prompt_set import evaluate_hpsv2_benchmark
 
         if not args.prompts_dir or not args.hpsv2_path:
             raise UserError("--protocol hpsv2 needs --prompts-dir (HPDv2 benchmark prompts) and --hpsv2-path")
         metrics = evaluate_hpsv2_benchmark(
             args.prompts_dir, args.hpsv2_path, args.out, args.ckpt, 42 if args.seed is None else args.seed,
-            args.policy, args.decoder, config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone, args.cfg,
-            args.batch_size,
+            args.policy, args.decoder, args.batch_size, overrides,
         )  # fmt: skip
     elif args.protocol == "coco30k":
-        from ranke import config as config_lib
-        from ranke.config import RunConfig
         from ranke.eval.prompt_set import evaluate_prompt_set
 
         if not args.captions or not args.ref_dir:
             raise UserError("--protocol coco30k needs --captions (COCO captions JSON or a prompt file) and --ref-dir")
         metrics = evaluate_prompt_set(
             args.captions, args.ref_dir, args.out, args.ckpt, args.n or 30000, 42 if args.seed is None else args.seed,
-            args.policy, args.decoder, config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone, args.cfg,
-            args.features, args.inception_weights, args.clip_path, args.batch_size,
+            args.policy, args.decoder, args.features or "inception", args.inception_weights, args.clip_path,
+            args.batch_size, overrides,
         )  # fmt: skip
     else:
         from ranke.eval.evaluate import evaluate_to_dir
 
         metrics = evaluate_to_dir(
-            args.ckpt, args.out, args.n or 1000, args.seed or 0, args.policy, args.decoder, args.cfg, args.batch_size
+            args.ckpt, args.out, args.n or 1000, args.seed or 0, args.policy, args.decoder, args.batch_size, overrides
         )
     print(json.dumps(metrics))
-
-
-BACKBONE_FLAGS = {  # flag -> backbone config key
-    "backbone": "kind",
-    "gpt_ckpt": "gpt_ckpt",
-    "vq_ckpt": "vq_ckpt",
-    "t5_path": "t5_path",
-    "gpt_preset": "gpt_preset",
-    "image_size": "image_size",
-    "model_path": "model_path",
-}
 
 
 def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -177,9 +186,15 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-path", help="local Janus-Pro directory (transformers save_pretrained layout)")
 
 
-def _backbone_overrides(args) -> list[str]:
-    """The backbone flags given on the command line as `backbone.*=value` config overrides."""
-    return [f"backbone.{key}={getattr(args, flag)}" for flag, key in BACKBONE_FLAGS.items() if getattr(args, flag)]
+def _overrides(args) -> list[str]:
+    """The command's `key=value` config overrides followed by those its flags stand for
+    (`--cfg 4` is `sampling.cfg_scale=4`); a key set both ways is an error."""
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None) is not None}
+    typed = {item.split("=", 1)[0].strip() for item in args.overrides}
+    for key in typed & flags.keys():
+        flag = next(flag for flag, flag_key in FLAG_KEYS.items() if flag_key == key)
+        raise UserError(f"{key} is set twice, by --{flag.replace('_', '-')} and by {key}=...; give one of them")
+    return [*args.overrides, *(f"{key}={value}" for key, value in flags.items())]
 
 
 def _add_model_choice_args(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +205,19 @@ def _add_model_choice_args(parser: argparse.ArgumentParser) -> None:
                         help="decoder of a checkpoint (base: the tokenizer the run started from)")
 
 
+def _add_model_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides of the model's config, e.g. sampling.top_k=0 sampling.temperature=0.9")
+
+
+def _command(subparsers, name: str, description: str) -> argparse.ArgumentParser:
+    """A command's parser. It takes --debug too, so that --debug may come anywhere on the line
+    (SUPPRESS: when it is not repeated after the command, the value before it stands)."""
+    parser = subparsers.add_parser(name, help=description)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ranke", description="RankE: post-training of discrete AR text-to-image models with decoder co-evolution"
@@ -197,27 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train-tokenizer", help="train a VQ tokenizer (toy world by default)")
+    p = _command(sub, "train-tokenizer", "train a VQ tokenizer (toy world by default)")
     _add_recipe_args(p)
     p.set_defaults(func=cmd_train_tokenizer)
 
-    p = sub.add_parser("sft", help="supervised training of the AR policy on tokenizer codes")
+    p = _command(sub, "sft", "supervised training of the AR policy on tokenizer codes")
     _add_recipe_args(p)
     p.set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("posttrain", help="post-train policy and decoder: mode=policy (GRPO), decoder or both (RankE)")
+    p = _command(sub, "posttrain", "post-train policy and decoder: mode=policy (GRPO), decoder or both (RankE)")
     _add_recipe_args(p)
     _add_backbone_args(p)
     p.set_defaults(func=cmd_posttrain)
 
-    p = sub.add_parser("build-toy-assets", help="rebuild every committed toy asset from seeds (tokenizer, SFT, judges)")
+    p = _command(sub, "build-toy-assets", "rebuild every committed toy asset from seeds (tokenizer, SFT, judges)")
     p.add_argument("--out", default="runs/assets", help="output directory (default: runs/assets)")
     p.add_argument("--install", action="store_true", help="copy the results into the package's assets")
     p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. sft.steps=2000")
     p.set_defaults(func=cmd_build_toy_assets)
 
-    p = sub.add_parser("demo", help="GRPO vs RankE in the toy world, with a report (report.md / report.html)")
+    p = _command(sub, "demo", "GRPO vs RankE in the toy world, with a report (report.md / report.html)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a 2-3 minute version (few steps, small evaluation)")
@@ -227,14 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="posttrain config overrides")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("check-checkpoint", help="check a checkpoint file against a model layout")
+    p = _command(sub, "check-checkpoint", "check a checkpoint file against a model layout")
     p.add_argument("--kind", choices=["vq", "gpt"], required=True)
     p.add_argument("--preset", required=True, help="e.g. VQ-16, GPT-B, GPT-XL, toy")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary unpickling (trusted files only)")
     p.add_argument("file")
     p.set_defaults(func=cmd_check_checkpoint)
 
-    p = sub.add_parser("sample", help="sample images for prompts (PNG + captions.jsonl)")
+    p = _command(sub, "sample", "sample images for prompts (PNG + captions.jsonl)")
     _add_model_choice_args(p)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line (or .jsonl with 'caption')")
     p.add_argument("--out", required=True)
@@ -243,15 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     _add_backbone_args(p)
+    _add_model_overrides(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train-reward", help="train the toy reward CLIP, evaluation CLIP and FD feature network")
+    p = _command(sub, "train-reward", "train the toy reward CLIP, evaluation CLIP and FD feature network")
     p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. reward.features.steps=600")
     p.set_defaults(func=cmd_train_reward)
 
-    p = sub.add_parser("fid", help="Frechet distance between two image folders (prints JSON)")
+    p = _command(sub, "fid", "Frechet distance between two image folders (prints JSON)")
     p.add_argument("dir_a")
     p.add_argument("dir_b")
     p.add_argument("--features", choices=["toy", "inception"], default="toy")
@@ -260,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_fid)
 
-    p = sub.add_parser("eval", help="evaluate on held-out toy prompts: metrics.json, metrics.md, samples.png")
+    p = _command(sub, "eval", "evaluate on held-out toy prompts: metrics.json, metrics.md, samples.png")
     _add_model_choice_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--n", "--num-prompts", dest="n", type=int, default=None,
@@ -277,19 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="coco30k: COCO captions JSON (one caption per image) or a prompt file")
     p.add_argument("--ref-dir", help="coco30k: folder of reference images (e.g. COCO val2014)")
     p.add_argument("--clip-path", help="coco30k: local CLIP ViT-B/32 directory for the CLIP score")
-    p.add_argument("--features", choices=["inception", "toy"], default="inception", help="coco30k: FID features")
+    p.add_argument("--features", choices=["inception", "toy"], help="coco30k: FID features (default: inception)")
     p.add_argument("--inception-weights", help="coco30k: local clean-fid Inception file (inception-2015-12-05.pt)")
     _add_backbone_args(p)
+    _add_model_overrides(p)
     p.set_defaults(func=cmd_eval)
 
-    toy = sub.add_parser("toy", help="the embedded toy shapes world").add_subparsers(dest="toy_command", required=True)
-    p = toy.add_parser("sample", help="render toy images with captions")
+    toy = _command(sub, "toy", "the embedded toy shapes world").add_subparsers(dest="toy_command", required=True)
+    p = _command(toy, "sample", "render toy images with captions")
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--split", choices=["train", "heldout"], default="train")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_toy_sample)
-    p = toy.add_parser("verify", help="score a folder of images against captions.jsonl")
+    p = _command(toy, "verify", "score a folder of images against captions.jsonl")
     p.add_argument("dir")
     p.set_defaults(func=cmd_toy_verify)
     return parser

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,8 +15,8 @@ from PIL import Image
 
 from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
-from ranke.backbones import Backbone, load_configured_backbone, load_toy_backbone
-from ranke.config import BackboneConfig, RunConfig
+from ranke.backbones import Backbone, load_configured_backbone
+from ranke.config import RunConfig
 from ranke.data import read_prompts
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.tools import CAPTIONS_FILE
@@ -27,15 +28,19 @@ POLICY_STEMS = {"online": "policy", "ema": "policy_ema"}
 DECODER_STEMS = {"online": "vq", "ema": "vq_ema", "base": None}
 
 
-def _checkpoint_backbone(directory: Path, device: torch.device, policy: str, decoder: str) -> tuple[Backbone, RunConfig]:
+def _checkpoint_backbone(
+    directory: Path, device: torch.device, policy: str, decoder: str, overrides: Sequence[str]
+) -> tuple[Backbone, RunConfig]:
     """The backbone of one post-training checkpoint directory (ranke.checkpoint layout).
 
-    Its config.yaml names the starting models (`backbone`, and for the toy world the
-    `posttrain.policy` / `posttrain.tokenizer` assets): they are built, and the chosen policy and
-    decoder weights of the checkpoint replace theirs (`base` keeps the starting decoder).
+    Its config.yaml, with `overrides` applied, names the starting models (`backbone`, and for the
+    toy world the `posttrain.policy` / `posttrain.tokenizer` assets): they are built, and the
+    chosen policy and decoder weights of the checkpoint replace theirs (`base` keeps the starting
+    decoder).
     """
     tensors, _, config_text = checkpoint_lib.load_checkpoint(directory)
-    cfg = config_lib.build(RunConfig, yaml.safe_load(config_text) or {})
+    data = config_lib.apply_overrides(RunConfig, yaml.safe_load(config_text) or {}, list(overrides))
+    cfg = config_lib.build(RunConfig, data)
     wanted = [POLICY_STEMS[policy]] + ([DECODER_STEMS[decoder]] if DECODER_STEMS[decoder] else [])
     missing = [stem for stem in wanted if stem not in tensors]
     if missing:
@@ -51,15 +56,9 @@ def _checkpoint_backbone(directory: Path, device: torch.device, policy: str, dec
 
 
 def load_backbone(
-    ckpt: str | None,
-    device: torch.device,
-    policy: str = "online",
-    decoder: str = "online",
-    backbone: BackboneConfig | None = None,
+    ckpt: str | None, policy: str = "online", decoder: str = "online", overrides: Sequence[str] = ()
 ) -> tuple[Backbone, RunConfig]:
     """The backbone to sample from, and its config.
-
-    `backbone` (kind llamagen or janus, without `ckpt`): the real model from its own files.
 
     `ckpt`: None (the committed toy policy and tokenizer), a policy asset file, an SFT run
     directory (`toy_policy.safetensors` and the tokenizer its config names), a post-training
@@ -67,36 +66,45 @@ def load_backbone(
     latest checkpoint). `policy` (online | ema) and `decoder` (online | ema | base) pick the
     weights of a post-training checkpoint; the other sources hold one policy and one
     tokenizer, which count as "online" and as "base" alike.
+
+    `overrides` are `key=value` config overrides, as the recipes take them, applied to the
+    checkpoint's config.yaml (or to the defaults): `sampling.*` changes the sampling settings,
+    `device` the device (the checkpoint's own `device` is where it trained, so it is not used),
+    `backbone.kind=llamagen|janus` with its `backbone.*` files loads a real model (without `ckpt`).
     """
     if policy not in POLICY_CHOICES or decoder not in DECODER_CHOICES:
         raise UserError(f"--policy must be one of {POLICY_CHOICES} and --decoder one of {DECODER_CHOICES}")
-    if backbone is not None and backbone.kind != "toy":
+    requested = config_lib.load(RunConfig, None, overrides)
+    device = select_device(requested.device)
+    if requested.backbone.kind != "toy":
         if ckpt is not None:
             raise UserError("pass either --ckpt (a post-training run, which names its backbone) or --backbone, not both")
-        return load_configured_backbone(RunConfig(backbone=backbone), device)
+        return load_configured_backbone(requested, device)
     path = None if ckpt is None else Path(ckpt)
     if path is not None and path.is_dir():
         checkpoint = path if (path / checkpoint_lib.MANIFEST).is_file() else checkpoint_lib.latest_checkpoint(path)
         if checkpoint is not None and (checkpoint / f"{DECODER_STEMS['online']}.safetensors").is_file():
-            return _checkpoint_backbone(checkpoint, device, policy, decoder)
+            return _checkpoint_backbone(checkpoint, device, policy, decoder, overrides)
     if policy != "online" or decoder == "ema":
         raise UserError(
             f"'{ckpt or 'the committed toy assets'}' holds one policy and one tokenizer, no EMA copies; "
             f"--policy ema / --decoder ema need a post-training checkpoint"
         )
     if path is None:
-        return load_toy_backbone(device=device)
+        return load_configured_backbone(requested, device)
     if path.is_file():
-        return load_toy_backbone(policy_path=path, device=device)
-    if (path / "toy_policy.safetensors").is_file():
-        tokenizer = None
+        assets = {"policy": str(path)}
+    elif (path / "toy_policy.safetensors").is_file():
+        assets = {"policy": str(path / "toy_policy.safetensors")}
         if (path / "config.yaml").is_file():
-            tokenizer = config_lib.load(RunConfig, str(path / "config.yaml")).sft.tokenizer
-        return load_toy_backbone(policy_path=path / "toy_policy.safetensors", tokenizer_path=tokenizer, device=device)
-    raise UserError(
-        f"'{ckpt}' is not a policy file, an SFT run directory (toy_policy.safetensors) or a post-training "
-        f"run or checkpoint directory (checkpoints/step_*/ with vq.safetensors)"
-    )
+            assets["tokenizer"] = config_lib.load(RunConfig, str(path / "config.yaml")).sft.tokenizer
+    else:
+        raise UserError(
+            f"'{ckpt}' is not a policy file, an SFT run directory (toy_policy.safetensors) or a post-training "
+            f"run or checkpoint directory (checkpoints/step_*/ with vq.safetensors)"
+        )
+    sources = dataclasses.replace(requested.posttrain, **assets)
+    return load_configured_backbone(dataclasses.replace(requested, posttrain=sources), device)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -168,30 +176,28 @@ def sample_prompts_to_dir(
     ckpt: str | None,
     prompts_file: str | None,
     out_dir: str,
-    cfg_scale: float | None = None,
     seed: int = 0,
     n_per_prompt: int = 1,
     batch_size: int = 64,
-    device: str = "auto",
     policy: str = "online",
     decoder: str = "online",
-    backbone: BackboneConfig | None = None,
+    overrides: Sequence[str] = (),
     prompts: list[str] | None = None,
 ) -> dict:
     """`ranke sample`: `n_per_prompt` images per prompt of `prompts_file` (or `prompts`) from the
-    chosen model into `out_dir`, resumable and split across processes (`sample_into_dir`)."""
+    chosen model (`load_backbone`, with its config `overrides`) into `out_dir`, resumable and
+    split across processes (`sample_into_dir`)."""
     if n_per_prompt < 1 or batch_size < 1:
         raise UserError("--n-per-prompt and --batch-size must be positive")
     prompts = [p for p in (prompts if prompts is not None else read_prompts(prompts_file)) for _ in range(n_per_prompt)]
     if not prompts:
         raise UserError("no prompts to sample")
-    model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)
-    sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
-    processes = sample_into_dir(model, sampling, prompts, out_dir, seed, batch_size)
+    model, cfg = load_backbone(ckpt, policy, decoder, overrides)
+    processes = sample_into_dir(model, cfg.sampling, prompts, out_dir, seed, batch_size)
     return {
         "n": len(prompts),
         "out": str(out_dir),
-        "cfg_scale": sampling.cfg_scale,
+        "cfg_scale": cfg.sampling.cfg_scale,
         "seed": seed,
         "policy": policy,
         "decoder": decoder,

@@ -2,10 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ranke.cli import main
+from ranke.runtime import UserError
 
 LAYOUTS = "tests/data/llamagen_layouts.json"
 
@@ -138,3 +141,72 @@ def test_a_value_error_from_the_library_is_one_line_naming_where_and_debug_shows
     assert "rank temperature tau must be > 0" in err and "ValueError at ranke/algo/decoder.py:" in err
     with pytest.raises(ValueError, match="rank temperature tau must be > 0"):
         main(["--debug", "posttrain", "--out", str(tmp_path / "debug"), *tiny, "tau_start=0", "tau_end=0"])
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_anywhere_on_the_line_shows_the_traceback(tmp_path, capsys, where):
+    command = ["sample", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]
+    with pytest.raises(UserError, match="missing.txt' not found"):
+        main(["--debug", *command] if where == "before" else [*command, "--debug"])
+    code, _, err = run_cli(capsys, *command)
+    assert code == 2 and err.strip() == f"ranke: error: prompt file '{tmp_path / 'missing.txt'}' not found"
+
+
+def test_debug_after_a_nested_command(capsys):
+    with pytest.raises(UserError, match="not found"):
+        main(["toy", "verify", "no/such/folder", "--debug"])
+
+
+def _pngs(folder) -> list:
+    return [np.array(Image.open(path)) for path in sorted(folder.glob("*.png"))]
+
+
+def test_sample_takes_sampling_overrides(tmp_path, capsys):
+    """top_k=1 samples the most likely token at every position: two seeds draw the same images,
+    which they do not with the preset's top-k."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red circle\na small blue square\n")
+    folders = {}
+    for name, overrides in (("greedy", ["sampling.top_k=1"]), ("preset", [])):
+        for seed in ("1", "2"):
+            out = tmp_path / f"{name}{seed}"
+            code, printed, _ = run_cli(capsys, "sample", "--prompts", str(prompts), "--out", str(out), "--seed", seed,
+                                       *overrides)  # fmt: skip
+            assert code == 0 and json.loads(printed)["n"] == 2
+            folders[name + seed] = _pngs(out)
+    assert all(np.array_equal(a, b) for a, b in zip(folders["greedy1"], folders["greedy2"], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(folders["preset1"], folders["preset2"], strict=True))
+
+
+def test_eval_takes_sampling_overrides(tmp_path, capsys):
+    runs = {}
+    for seed in ("0", "1"):
+        code, printed, _ = run_cli(capsys, "eval", "--out", str(tmp_path / seed), "--n", "4", "--batch-size", "4",
+                                   "--seed", seed, "sampling.top_k=1", "sampling.cfg_scale=2.5")  # fmt: skip
+        assert code == 0
+        runs[seed] = json.loads(printed)
+    assert runs["0"]["cfg_scale"] == 2.5
+    for key in ("reward", "clip_score", "fd", "token_kl"):  # greedy sampling: the seed changes nothing
+        assert runs["0"][key] == runs["1"][key], key
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["eval", "--clip-path", "clip"], "--clip-path does not apply to --protocol toy (only to coco30k)"),
+        (["eval", "--features", "toy"], "--features does not apply to --protocol toy (only to coco30k)"),
+        (["eval", "--hpsv2-path", "h.pt"], "--hpsv2-path does not apply to --protocol toy (only to hpsv2)"),
+        (["eval", "--backbone", "llamagen"], "--backbone does not apply to --protocol toy (only to coco30k and hpsv2)"),
+        (["eval", "--protocol", "hpsv2", "--n", "5"], "--n does not apply to --protocol hpsv2 (only to toy and coco30k)"),
+        (["eval", "--protocol", "hpsv2", "--ref-dir", "coco"], "--ref-dir does not apply to --protocol hpsv2"),
+        (["eval", "--protocol", "coco30k", "--prompts-dir", "p"], "--prompts-dir does not apply to --protocol coco30k"),
+        (["eval", "sampling.top_kk=0"], "unknown config key 'sampling.top_kk' (did you mean 'top_k'?)"),
+        (["eval", "--cfg", "2", "sampling.cfg_scale=3"], "sampling.cfg_scale is set twice, by --cfg and by"),
+        (["sample", "--prompts", "p.txt", "--backbone", "janus", "backbone.kind=llamagen"], "backbone.kind is set twice"),
+    ],
+)
+def test_options_that_do_not_apply_are_one_line_errors(tmp_path, capsys, command, message):
+    code, _, err = run_cli(capsys, *command, "--out", str(tmp_path / "out"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("ranke: error: " + message)
+    assert not (tmp_path / "out").exists()

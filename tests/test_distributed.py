@@ -108,7 +108,7 @@ def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_p
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(heldout_prompts()[:8]) + "\n")
-    sample_prompts_to_dir(None, str(prompts), str(tmp_path / "one"), seed=5, batch_size=4, device="cpu")
+    sample_prompts_to_dir(None, str(prompts), str(tmp_path / "one"), seed=5, batch_size=4, overrides=["device=cpu"])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
                "sample", "--prompts", str(prompts), "--out", str(tmp_path / "two"), "--seed", "5", "--batch-size", "4"]  # fmt: skip
     finish(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -124,7 +124,7 @@ def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_p
     # an interrupted run: the missing batch is sampled again, identically; complete batches are kept
     (tmp_path / "two" / "00005.png").unlink()
     kept = (tmp_path / "two" / "00000.png").stat().st_mtime_ns
-    sample_prompts_to_dir(None, str(prompts), str(tmp_path / "two"), seed=5, batch_size=4, device="cpu")
+    sample_prompts_to_dir(None, str(prompts), str(tmp_path / "two"), seed=5, batch_size=4, overrides=["device=cpu"])
     assert np.array_equal(np.array(Image.open(tmp_path / "two" / "00005.png")), one["00005.png"])
     assert (tmp_path / "two" / "00000.png").stat().st_mtime_ns == kept
 
@@ -136,7 +136,7 @@ def test_two_process_toy_eval_gives_the_metrics_of_one_process(tmp_path):
 
     from ranke.eval.evaluate import evaluate_to_dir
 
-    one = evaluate_to_dir(None, tmp_path / "one", n=12, seed=2, batch_size=6, device="cpu")
+    one = evaluate_to_dir(None, tmp_path / "one", n=12, seed=2, batch_size=6, overrides=["device=cpu"])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
                "eval", "--out", str(tmp_path / "two"), "--num-prompts", "12", "--seed", "2", "--batch-size", "6"]  # fmt: skip
     finish(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

@@ -20,7 +20,7 @@ from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel
 from ranke.runtime import UserError
 
-CPU = torch.device("cpu")
+ON_CPU = ["device=cpu"]
 
 
 def _seeded(model_class, args, seed: int):
@@ -65,7 +65,7 @@ def _assert_state_equal(module: torch.nn.Module, expected: dict) -> None:
 @pytest.mark.parametrize("decoder", ["online", "ema", "base"])
 def test_run_dir_loads_the_latest_checkpoint_with_the_chosen_weights(posttrain_run, policy, decoder):
     run, states, base = posttrain_run
-    backbone, cfg = load_backbone(str(run), CPU, policy=policy, decoder=decoder)
+    backbone, cfg = load_backbone(str(run), overrides=ON_CPU, policy=policy, decoder=decoder)
     newest = states[10]
     _assert_state_equal(backbone.policy, newest["policy" if policy == "online" else "policy_ema"])
     expected_decoder = {"online": newest["vq"], "ema": newest["vq_ema"], "base": base}[decoder]
@@ -76,7 +76,7 @@ def test_run_dir_loads_the_latest_checkpoint_with_the_chosen_weights(posttrain_r
 
 def test_checkpoint_dir_loads_that_step(posttrain_run):
     run, states, _ = posttrain_run
-    backbone, _ = load_backbone(str(run / "checkpoints" / "step_000005"), CPU, policy="ema", decoder="ema")
+    backbone, _ = load_backbone(str(run / "checkpoints" / "step_000005"), overrides=ON_CPU, policy="ema", decoder="ema")
     _assert_state_equal(backbone.policy, states[5]["policy_ema"])
     _assert_state_equal(backbone.tokenizer, states[5]["vq_ema"])
 
@@ -86,20 +86,20 @@ def test_checkpoint_without_ema_names_what_it_has(posttrain_run, tmp_path):
     _, _, config_yaml = checkpoint_lib.load_checkpoint(run / "checkpoints" / "step_000005")
     online_only = {"policy": states[5]["policy"], "vq": states[5]["vq"]}
     checkpoint_lib.save_checkpoint(tmp_path, 1, online_only, {"step": 1}, config_yaml)
-    load_backbone(str(tmp_path), CPU)  # online weights are there
+    load_backbone(str(tmp_path), overrides=ON_CPU)  # online weights are there
     with pytest.raises(UserError, match="no policy_ema weights .*it has: policy, vq"):
-        load_backbone(str(tmp_path), CPU, policy="ema")
+        load_backbone(str(tmp_path), overrides=ON_CPU, policy="ema")
 
 
 def test_single_model_sources_have_no_ema(tmp_path):
     with pytest.raises(UserError, match="no EMA copies"):
-        load_backbone(None, CPU, policy="ema")
+        load_backbone(None, overrides=ON_CPU, policy="ema")
     with pytest.raises(UserError, match="no EMA copies"):
-        load_backbone(None, CPU, decoder="ema")
+        load_backbone(None, overrides=ON_CPU, decoder="ema")
     with pytest.raises(UserError, match="--policy must be one of"):
-        load_backbone(None, CPU, policy="best")
+        load_backbone(None, overrides=ON_CPU, policy="best")
     with pytest.raises(UserError, match="is not a policy file, an SFT run"):
-        load_backbone(str(tmp_path), CPU)
+        load_backbone(str(tmp_path), overrides=ON_CPU)
 
 
 def test_sample_decodes_the_same_tokens_with_each_decoder(posttrain_run, tmp_path):
@@ -109,13 +109,13 @@ def test_sample_decodes_the_same_tokens_with_each_decoder(posttrain_run, tmp_pat
     captions = ["a large red circle", "a small blue square"]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(captions) + "\n")
-    backbone, cfg = load_backbone(str(run), CPU)
-    base, _ = load_backbone(str(run), CPU, decoder="base")
+    backbone, cfg = load_backbone(str(run), overrides=ON_CPU)
+    base, _ = load_backbone(str(run), overrides=ON_CPU, decoder="base")
     emb, mask = backbone.encode_prompts(captions)
     tokens = backbone.sample(emb, mask, cfg.sampling, torch.Generator().manual_seed(batch_seed(3, 0))).tokens
     for decoder, tokenizer in (("online", backbone.tokenizer), ("base", base.tokenizer)):
         out = tmp_path / decoder
-        summary = sample_prompts_to_dir(str(run), str(prompts), str(out), seed=3, device="cpu", decoder=decoder)
+        summary = sample_prompts_to_dir(str(run), str(prompts), str(out), seed=3, overrides=["device=cpu"], decoder=decoder)
         assert summary["decoder"] == decoder and summary["policy"] == "online" and summary["n"] == 2
         lines = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
         assert [line["caption"] for line in lines] == captions

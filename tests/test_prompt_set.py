@@ -58,7 +58,9 @@ def test_hpsv2_benchmark_scores_each_style_and_averages(tmp_path, fake_open_clip
     checkpoint = tmp_path / "hps.pt"
     torch.manual_seed(0)
     torch.save(_FakeOpenCLIP().state_dict(), checkpoint)
-    metrics = evaluate_hpsv2_benchmark(str(tmp_path), str(checkpoint), str(tmp_path / "out"), batch_size=2, device="cpu")
+    metrics = evaluate_hpsv2_benchmark(
+        str(tmp_path), str(checkpoint), str(tmp_path / "out"), batch_size=2, overrides=["device=cpu"]
+    )
     scorer = HPSv2Reward(checkpoint)
     for style in HPSV2_STYLES:
         expected = score_folder(tmp_path / "out" / "images" / style, scorer).mean().item()

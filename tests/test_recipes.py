@@ -82,7 +82,8 @@ def test_sft_then_sample_then_verify(tiny_tokenizer, tmp_path):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a large red circle\n\na small blue square\n")
-    summary = sample_prompts_to_dir(str(run), str(prompts), str(tmp_path / "samples"), n_per_prompt=2, device="cpu")
+    out = tmp_path / "samples"
+    summary = sample_prompts_to_dir(str(run), str(prompts), str(out), n_per_prompt=2, overrides=["device=cpu"])
     assert summary["n"] == 4
     lines = (tmp_path / "samples" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["caption"] for line in lines] == ["a large red circle"] * 2 + ["a small blue square"] * 2

@@ -37,9 +37,9 @@ which post-training never changes (RankE trains only the decoder side, `VQModel.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
 from ranke.rewards.toy_clip import load_toy_clip
 from ranke.rewards.toy_features import load_toy_features
-from ranke.runtime import UserError, progress, select_device
+from ranke.runtime import UserError, progress
 from ranke.toy.captions import parse_caption
 from ranke.toy.data import scene_for_caption, split_scenes_and_prompts
 from ranke.toy.render import render_scenes
@@ -276,17 +276,21 @@ def evaluate_to_dir(
     seed: int = 0,
     policy: str = "online",
     decoder: str = "online",
-    cfg_scale: float | None = None,
     batch_size: int = 64,
-    device: str = "auto",
+    overrides: Sequence[str] = (),
 ) -> dict:
-    """`ranke eval`: evaluate a backbone (`ranke.generate.load_backbone` sources) and write
-    `out_dir/metrics.json`, `metrics.md` (one-row table) and `samples.png` (the first 64 images)."""
-    backbone, cfg = load_backbone(ckpt, select_device(device), policy, decoder)
-    sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
+    """`ranke eval`: evaluate a toy-world backbone (`ranke.generate.load_backbone` sources, with its
+    config `overrides`) and write `out_dir/metrics.json`, `metrics.md` (one-row table) and
+    `samples.png` (the first 64 images)."""
+    backbone, cfg = load_backbone(ckpt, policy, decoder, overrides)
+    if cfg.backbone.kind != "toy":
+        raise UserError(
+            f"--protocol toy scores toy-world models with the toy judges; backbone.kind={cfg.backbone.kind} "
+            f"is evaluated with --protocol coco30k or hpsv2"
+        )
     # Every decoder choice shares the base tokenizer's encoder and codebook (the frozen token space).
     evaluator = Evaluator(
-        cfg, backbone.device, n, seed, batch_size, sampling, tokenizer=backbone.tokenizer, split_over_processes=True
+        cfg, backbone.device, n, seed, batch_size, cfg.sampling, tokenizer=backbone.tokenizer, split_over_processes=True
     )
     metrics = evaluator(backbone)
     metrics.update(ckpt=ckpt or "committed toy assets", policy=policy, decoder=decoder)
@@ -295,7 +299,7 @@ def evaluate_to_dir(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    label = f"{metrics['ckpt']} (policy {policy}, decoder {decoder}, cfg {sampling.cfg_scale:g})"
+    label = f"{metrics['ckpt']} (policy {policy}, decoder {decoder}, cfg {cfg.sampling.cfg_scale:g})"
     (out / "metrics.md").write_text(metrics_table(metrics, label))
     save_image_grid(evaluator.preview, out / "samples.png", nrow=8)
     return metrics

@@ -16,15 +16,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import PartialState
 
-from ranke.config import BackboneConfig
+from ranke import config as config_lib
+from ranke.config import RunConfig
 from ranke.eval.fid import folder_distance
 from ranke.generate import load_backbone, sample_into_dir, sample_prompts_to_dir
 from ranke.runtime import UserError, progress, select_device
@@ -71,15 +72,14 @@ def evaluate_prompt_set(
     seed: int = 42,
     policy: str = "online",
     decoder: str = "online",
-    backbone: BackboneConfig | None = None,
-    cfg_scale: float | None = None,
     features: str = "inception",
     inception_weights: str | None = None,
     clip_path: str | None = None,
     batch_size: int = 64,
-    device: str = "auto",
+    overrides: Sequence[str] = (),
 ) -> dict:
-    """Sample the prompt set, then FID against `ref_dir` and the CLIP score; writes OUT/metrics.json."""
+    """Sample the prompt set (the model and config `overrides` as `ranke.generate.load_backbone`
+    takes them), then FID against `ref_dir` and the CLIP score; writes OUT/metrics.json."""
     from ranke.data import read_eval_prompts
 
     if not Path(ref_dir).is_dir():
@@ -88,10 +88,11 @@ def evaluate_prompt_set(
     out = Path(out_dir)
     images = out / "images"
     summary = sample_prompts_to_dir(
-        ckpt, None, str(images), cfg_scale, seed, 1, batch_size, device, policy, decoder, backbone, prompts=prompts
+        ckpt, None, str(images), seed, 1, batch_size, policy, decoder, overrides, prompts=prompts
     )
     if not PartialState().is_main_process:
         return summary
+    device = config_lib.load(RunConfig, None, overrides).device
     resolution = read_rgb(images / "00000.png").shape[0]
     metrics = {
         "protocol": "prompt set (COCO-30K style)",
@@ -122,28 +123,26 @@ def evaluate_hpsv2_benchmark(
     seed: int = 42,
     policy: str = "online",
     decoder: str = "online",
-    backbone: BackboneConfig | None = None,
-    cfg_scale: float | None = None,
     batch_size: int = 64,
-    device: str = "auto",
+    overrides: Sequence[str] = (),
 ) -> dict:
     """The HPSv2 benchmark: one image per HPDv2 test prompt of each style (`<style>.json`, a JSON
     list of prompts, as the HPSv2 repository ships them), scored by HPSv2.1; per-style means and
-    their average (the paper's "HPSv2 average"). Needs the `hpsv2` extra (open_clip)."""
+    their average (the paper's "HPSv2 average"). The model and config `overrides` are those of
+    `ranke.generate.load_backbone`. Needs the `hpsv2` extra (open_clip)."""
     from ranke.rewards.hpsv2 import HPSv2Reward
 
     missing = [style for style in HPSV2_STYLES if not (Path(prompts_dir) / f"{style}.json").is_file()]
     if missing:
         raise UserError(f"'{prompts_dir}' lacks {', '.join(f'{m}.json' for m in missing)} (HPDv2 benchmark prompts)")
-    scorer = HPSv2Reward(hpsv2_path, select_device(device))
-    model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)  # once for the four styles
-    sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
+    scorer = HPSv2Reward(hpsv2_path, select_device(config_lib.load(RunConfig, None, overrides).device))
+    model, cfg = load_backbone(ckpt, policy, decoder, overrides)  # once for the four styles
     out = Path(out_dir)
-    metrics: dict = {"protocol": "hpsv2", "seed": seed}
+    metrics: dict = {"protocol": "hpsv2", "seed": seed, "cfg_scale": cfg.sampling.cfg_scale}
     for style in HPSV2_STYLES:
         prompts = json.loads((Path(prompts_dir) / f"{style}.json").read_text())
         folder = out / "images" / style
-        sample_into_dir(model, sampling, prompts, folder, seed, batch_size)
+        sample_into_dir(model, cfg.sampling, prompts, folder, seed, batch_size)
         if PartialState().is_main_process:
             metrics[style] = score_folder(folder, scorer, batch_size).mean().item()
     if not PartialState().is_main_process:
