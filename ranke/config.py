@@ -427,6 +427,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes; ranke.runtime.autocast)
+    # where every recipe logs besides RUN/metrics.jsonl: tensorboard, wandb (the wandb extra), both
+    # comma-separated, or none (ranke.train.logging.RunLogger)
+    log_with: str = "tensorboard"
     toy: ToyConfig = field(default_factory=ToyConfig)
     vq: VQArgs = field(default_factory=lambda: VQ_PRESETS["toy"])
     gpt: GPTArgs = field(default_factory=lambda: GPT_PRESETS["toy"])

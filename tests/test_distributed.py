@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_logging import assert_tensorboard_matches_jsonl
 
 from ranke.train.posttrain import train_posttrain
 
@@ -176,3 +177,5 @@ def test_two_process_tokenizer_and_sft_match_one_process(tmp_path, one_thread, r
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
     rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())  # written once
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert_tensorboard_matches_jsonl(tmp_path / "two")

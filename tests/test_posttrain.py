@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_logging import assert_tensorboard_matches_jsonl
 
 from ranke import config as config_lib
 from ranke.algo.decoder import DecoderWeights
@@ -70,7 +71,7 @@ def test_every_term_and_timing_is_logged_and_finite(both_run):
         assert expected <= set(row)
         assert all(torch.isfinite(torch.tensor(float(value))) for value in row.values())
     assert rows[-1]["decoder/rank_gan"] != 0.0 and rows[-1]["decoder/soft_token"] > 0.0
-    assert list((both_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert_tensorboard_matches_jsonl(both_run)
     assert (both_run / "samples_000003.png").is_file()
 
 

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_logging import assert_tensorboard_matches_jsonl
 
 from ranke.generate import sample_prompts_to_dir
 from ranke.runtime import set_deterministic
@@ -53,6 +54,7 @@ def test_tokenizer_run_writes_everything(tiny_tokenizer):
     assert result["n"] == 8 and 0 < result["psnr"] < 60 and 0 < result["codebook_usage"] <= 1
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert_tensorboard_matches_jsonl(run)
     # the adversarial term starts at disc_start
     assert records[0]["generator_weight"] == 0 and records[3]["discriminator"] > 0
     assert (run / "toy_tokenizer.safetensors").is_file()
@@ -79,6 +81,7 @@ def test_sft_then_sample_then_verify(tiny_tokenizer, tmp_path):
     assert result["n"] == 4 and 0 <= result["accuracy"] <= 1
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) >= 1 and all(loss > 0 for loss in losses)
+    assert_tensorboard_matches_jsonl(run)
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a large red circle\n\na small blue square\n")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_logging import assert_tensorboard_matches_jsonl
 
 from ranke.assets import save_asset
 from ranke.rewards import Reward
@@ -200,6 +201,7 @@ def test_training_learns_the_toy_world(tmp_path):
     result = train_toy_clip(cfg, tmp_path, seed=0, toy=ToyConfig(supersample=2))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(10, 101, 10))
+    assert_tensorboard_matches_jsonl(tmp_path)
     assert records[-1]["loss"] < 0.6 * records[0]["loss"]
     assert json.loads((tmp_path / "eval.json").read_text()) == result
     # chance is 1/20 for retrieval and 1/2 for pairs (this run: 0.65 and 0.96)

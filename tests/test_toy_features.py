@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_logging import assert_tensorboard_matches_jsonl
 
 from ranke.assets import asset_path
 from ranke.eval.fid import extract_features, frechet_distance_from_features
@@ -113,6 +114,7 @@ def test_training_writes_the_run_and_a_loadable_asset(trained):
     run, result = trained
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert_tensorboard_matches_jsonl(run)
     assert records[-1]["loss_total"] < records[0]["loss_total"]
     assert json.loads((run / "eval.json").read_text()) == result
     assert set(result["fd_blur"]) == {"0.5", "1.0", "2.0"} and set(result["fd_noise"]) == {"0.02", "0.05", "0.1"}

@@ -1,4 +1,5 @@
-"""Run directories shared by the recipes: set-up and metrics.jsonl."""
+"""Run directories shared by the recipes: set-up, and the run log (metrics.jsonl plus TensorBoard
+or Weights & Biases)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ranke import config as config_lib
 from ranke.config import RunConfig
-from ranke.runtime import check_precision, seed_everything, select_device
+from ranke.runtime import UserError, check_precision, seed_everything, select_device
 
 
 def start_run(config_path: str, out_dir: str, overrides: list[str], section: str) -> tuple[RunConfig, Path, torch.device]:
@@ -17,6 +18,7 @@ def start_run(config_path: str, out_dir: str, overrides: list[str], section: str
     seed the global generators and pick the device."""
     cfg = config_lib.load(RunConfig, config_path, overrides, section=section)
     check_precision(cfg.precision)
+    tracker_names(cfg.log_with)  # a bad value or a missing wandb fails before any work
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run / "config.yaml")
@@ -41,3 +43,81 @@ class MetricsWriter:
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def tracker_names(log_with: str) -> list[str]:
+    """The trackers named by the `log_with` config value: comma-separated names of TRACKERS, or
+    "none". `wandb` must be importable (the `wandb` extra)."""
+    names = [] if log_with.strip() == "none" else [name.strip() for name in log_with.split(",")]
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown or not log_with.strip():
+        raise UserError(f"log_with={log_with!r}: give {', '.join(TRACKERS)} (comma-separated) or none")
+    if "wandb" in names:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("log_with=wandb needs the wandb package: pip install 'ranke[wandb]'") from None
+    return names
+
+
+class RunLogger:
+    """The scalar log of one run, the same for every recipe.
+
+    `log(record)` appends the record (a dict with "step") to `RUN/<file_name>` (MetricsWriter) and
+    sends its numbers to the trackers of `log_with` through accelerate's tracker classes:
+    TensorBoard events in `RUN/tensorboard/`; a Weights & Biases run (project "ranke", named after
+    the run directory, its files in RUN, `config` (a config dataclass) as its configuration;
+    `WANDB_MODE=offline` keeps it off the network). A run that starts at `start_step` (0, or the
+    step of the checkpoint it resumes) first drops the records of later steps, from the jsonl and
+    from TensorBoard (purge_step), so that a resumed run reads as one run and a rerun replaces the
+    old one. Only the main process logs.
+    """
+
+    def __init__(
+        self,
+        run: str | Path,
+        log_with: str,
+        config,
+        device: torch.device,
+        start_step: int = 0,
+        file_name: str = "metrics.jsonl",
+    ):
+        from accelerate import PartialState
+        from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+        # the recipes' Accelerator(cpu=device.type == "cpu") has set this up already; the trackers need it
+        main_process = PartialState(cpu=device.type == "cpu").is_main_process
+        self.run = Path(run)
+        self.metrics = MetricsWriter(self.run / file_name) if main_process else None
+        self.trackers = []
+        if not main_process:
+            return
+        self.metrics.drop_after(start_step)
+        for name in tracker_names(log_with):
+            if name == "tensorboard":
+                tracker = TensorBoardTracker("tensorboard", self.run, purge_step=start_step + 1)
+            else:
+                settings = {"name": self.run.resolve().name, "dir": str(self.run), "config": config_lib.to_dict(config)}
+                tracker = WandBTracker("ranke", **settings)
+            tracker.start()
+            self.trackers.append(tracker)
+
+    def log(self, record: dict) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.write(record)
+        scalars = {key: value for key, value in record.items() if key != "step" and _is_number(value)}
+        for tracker in self.trackers:
+            tracker.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -16,8 +16,9 @@ One step, for B prompts with their real images:
 
 Written on accelerate (single process by default; several processes split the prompts, with the
 policy in DDP or sharded by FSDP, `ranke.parallel`); `precision=bf16` runs the forward passes under
-autocast. Every step appends to `metrics.jsonl` and TensorBoard; checkpoints are atomic
-(`ranke.checkpoint`) and `--resume` continues bit-exactly.
+autocast. Every `log_every` steps a record goes to the run log (`metrics.jsonl` plus TensorBoard or
+Weights & Biases, `ranke.train.logging.RunLogger`); checkpoints are atomic (`ranke.checkpoint`)
+and `--resume` continues bit-exactly.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ from ranke.rewards.combine import CombinedReward
 from ranke.runtime import UserError, autocast, progress, set_deterministic
 from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, start_run
+from ranke.train.logging import MetricsWriter, RunLogger, start_run
 
 MODES = ("policy", "decoder", "both")
 REFERENCES = ("frozen", "ema")
@@ -673,9 +674,8 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
 class RunOutputs:
     """What the bookkeeping stage writes to: the main process's logs, previews and evaluator."""
 
-    metrics: MetricsWriter
+    logger: RunLogger  # metrics.jsonl and the trackers (main process only)
     evaluations: MetricsWriter
-    tensorboard: object | None  # main process only
     evaluator: object | None  # the toy judges; real backbones are evaluated with `ranke eval` on checkpoints
     grid_prompts: list[str] | None  # fixed preview prompts (toy world); None: each step's first prompts
 
@@ -693,17 +693,16 @@ def open_outputs(run: PosttrainRun, start_step: int) -> RunOutputs:
         evaluator = Evaluator(
             cfg, run.device, n=pcfg.eval_samples, seed=pcfg.eval_seed, tokenizer=decoder, split=pcfg.eval_split
         )
-    metrics, evaluations = MetricsWriter(run.run_dir / "metrics.jsonl"), MetricsWriter(run.run_dir / "eval.jsonl")
+    logger = RunLogger(run.run_dir, cfg.log_with, cfg, run.device, start_step)
+    evaluations = MetricsWriter(run.run_dir / "eval.jsonl")
     if main_process:
-        for writer in (metrics, evaluations):
-            writer.drop_after(start_step)
-    tensorboard = _tensorboard_writer(run.run_dir) if main_process else None
-    return RunOutputs(metrics, evaluations, tensorboard, evaluator, grid_prompts)
+        evaluations.drop_after(start_step)
+    return RunOutputs(logger, evaluations, evaluator, grid_prompts)
 
 
 def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: dict, prompts: list[str]) -> None:
     """After a step: the record averaged over processes (replicas checked when asked) to
-    metrics.jsonl and TensorBoard, the preview grid, the evaluation, the checkpoint, a barrier."""
+    the run log, the preview grid, the evaluation, the checkpoint, a barrier."""
     pcfg, models, main_process = run.pcfg, run.models, run.accelerator.is_main_process
     record = mean_over_processes(record, run.accelerator)
     if pcfg.check_replicas_every and (step + 1) % pcfg.check_replicas_every == 0:
@@ -714,10 +713,7 @@ def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: 
     save_due = (step + 1) % pcfg.save_every == 0 or last
     if main_process:
         if (step + 1) % pcfg.log_every == 0 or last:
-            outputs.metrics.write(record)
-            for name, value in record.items():
-                if name != "step":
-                    outputs.tensorboard.add_scalar(name, value, step + 1)
+            outputs.logger.log(record)
         scores = {key[len("reward/") : -len("_mean")]: f"{value:.2f}" for key, value in record.items() if key.startswith("reward/") and key.endswith("_mean")}
         bar.set_postfix(scores | {"kl": f"{record.get('policy/kl', 0.0):.4f}"})  # the raw reward scores, not the normalised total
     # whole weights and checkpoint states are collectives with a sharded policy: every process joins
@@ -764,8 +760,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
                     record.update(decoder_stage(run, rollout, real_images, step))
         record.update({f"time/{name}": round(seconds, 4) for name, seconds in timings.items()})
         bookkeeping(run, outputs, bar, step, record, prompts)
-    if outputs.tensorboard is not None:
-        outputs.tensorboard.close()
+    outputs.logger.close()
     final = checkpoint_lib.latest_checkpoint(run.run_dir)
     if main_process:
         print(f"posttrain: {pcfg.steps} steps (mode={pcfg.mode}) -> {final}")
@@ -782,9 +777,3 @@ def evaluate_step(evaluator, backbone: Backbone, models: Models, step: int, writ
         label = name if models.disc is not None else "base"
         writer.write({"step": step, "policy": "online", "decoder": label, **result})
         save_image_grid(evaluator.preview, writer.path.parent / f"eval_samples_{step:06d}_{label}.png", nrow=8)
-
-
-def _tensorboard_writer(run: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(run / "tensorboard"))

@@ -42,7 +42,7 @@ from ranke.runtime import UserError, progress, seed_everything, select_device
 from ranke.toy.captions import NUM_PHRASINGS, CaptionSpec, describe, parse_caption
 from ranke.toy.data import ToyConfig, heldout_prompts, heldout_scenes, reference_images, render_caption, train_batch
 from ranke.toy.render import render_scenes
-from ranke.train.logging import MetricsWriter, start_run
+from ranke.train.logging import RunLogger, start_run
 from ranke.train.schedule import warmup_cosine
 
 CLIP_ASSET = "toy_clip.safetensors"
@@ -176,12 +176,17 @@ def evaluate_toy_clip(
 
 
 def train_toy_clip(
-    cfg: ToyCLIPConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu"
+    cfg: ToyCLIPConfig,
+    out_dir: str | Path,
+    seed: int,
+    toy: ToyConfig = ToyConfig(),
+    device: str = "cpu",
+    log_with: str = "tensorboard",
 ) -> dict:
     """Train one toy CLIP, evaluate it on held-out prompts, write `out_dir/toy_clip.safetensors`.
 
-    Writes metrics.jsonl (every `log_every` steps) and eval.json; returns the evaluation dict
-    (plus train_seconds, steps, seed and the asset path).
+    Logs every `log_every` steps (RunLogger: metrics.jsonl and the `log_with` trackers) and writes
+    eval.json; returns the evaluation dict (plus train_seconds, steps, seed and the asset path).
     """
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -196,8 +201,7 @@ def train_toy_clip(
         [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}], lr=cfg.lr
     )
     data_rng = np.random.default_rng(run_seed)
-    (run / "metrics.jsonl").unlink(missing_ok=True)  # a rerun replaces the run, it does not extend it
-    metrics = MetricsWriter(run / "metrics.jsonl")
+    logger = RunLogger(run, log_with, cfg, device)  # a rerun replaces the run's log, it does not extend it
 
     start = time.perf_counter()
     bar = progress(range(cfg.steps), total=cfg.steps, desc="toy clip")
@@ -232,9 +236,10 @@ def train_toy_clip(
                         else float("nan")
                     ),
                 }
-            metrics.write(record)
+            logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", scale=f"{record['logit_scale']:.1f}")
     train_seconds = time.perf_counter() - start
+    logger.close()
 
     result = evaluate_toy_clip(ToyCLIPReward(model, device), toy, cfg.eval_prompts, cfg.eval_group)
     path = run / CLIP_ASSET
@@ -335,12 +340,17 @@ def evaluate_toy_features(
 
 
 def train_toy_features(
-    cfg: ToyFeatureConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu"
+    cfg: ToyFeatureConfig,
+    out_dir: str | Path,
+    seed: int,
+    toy: ToyConfig = ToyConfig(),
+    device: str = "cpu",
+    log_with: str = "tensorboard",
 ) -> dict:
     """Train the feature network, evaluate it, write `out_dir/toy_features.safetensors`.
 
-    Writes metrics.jsonl (every `log_every` steps) and eval.json; returns the evaluation dict
-    (plus train_seconds, steps, seed and the asset path).
+    Logs every `log_every` steps (RunLogger: metrics.jsonl and the `log_with` trackers) and writes
+    eval.json; returns the evaluation dict (plus train_seconds, steps, seed and the asset path).
     """
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -350,8 +360,7 @@ def train_toy_features(
     model = ToyFeatureNet(cfg.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data_rng = np.random.default_rng(run_seed)
-    (run / "metrics.jsonl").unlink(missing_ok=True)  # a rerun replaces the run, it does not extend it
-    metrics = MetricsWriter(run / "metrics.jsonl")
+    logger = RunLogger(run, log_with, cfg, device)  # a rerun replaces the run's log, it does not extend it
 
     start = time.perf_counter()
     bar = progress(range(cfg.steps), total=cfg.steps, desc="toy features")
@@ -367,9 +376,10 @@ def train_toy_features(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            metrics.write({"step": step + 1, "lr": lr, **{f"loss_{k}": v.item() for k, v in losses.items()}})
+            logger.log({"step": step + 1, "lr": lr, **{f"loss_{k}": v.item() for k, v in losses.items()}})
             bar.set_postfix(loss=f"{losses['total'].item():.3f}")
     train_seconds = time.perf_counter() - start
+    logger.close()
 
     result = evaluate_toy_features(model, toy, cfg.eval_scenes, cfg.fd_images, device)
     path = run / FEATURES_ASSET
@@ -403,7 +413,7 @@ def train_reward(config_path: str, out_dir: str, overrides: list[str]) -> dict:
         raise UserError(f"reward.models must list some of {', '.join(TRAINERS)}; got {cfg.reward.models}")
     summary = {}
     for name in cfg.reward.models:
-        result = TRAINERS[name](getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device)
+        result = TRAINERS[name](getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with)
         asset = run / ASSET_FILES[name]
         Path(result["asset"]).replace(asset)
         summary[name] = {**result, "asset": str(asset)}

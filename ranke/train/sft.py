@@ -35,7 +35,7 @@ from ranke.runtime import autocast, progress
 from ranke.toy.data import heldout_prompts, train_batch
 from ranke.toy.verifier import score_image, summarize
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, start_run
+from ranke.train.logging import RunLogger, start_run
 from ranke.train.schedule import warmup_cosine
 
 
@@ -90,7 +90,7 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
         state_lib.restore_rng_state(trainer_state["rng"], {"data": data_rng})
         start_step = trainer_state["step"]
 
-    metrics = MetricsWriter(run / "metrics.jsonl")
+    logger = RunLogger(run, cfg.log_with, cfg, device, start_step)
     t0 = time.perf_counter()
     bar = progress(range(start_step, scfg.steps), total=scfg.steps, initial=start_step, desc="sft",
                    disable_on_workers=not main_process)  # fmt: skip
@@ -118,7 +118,7 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
             record = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0]}
             record = mean_over_processes(record, accelerator)
             if main_process:
-                metrics.write(record)
+                logger.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
         if main_process and ((step + 1) % scfg.grid_every == 0 or step + 1 == scfg.steps):
             grid = sample_images(backbone, preview_prompts, cfg, seed=cfg.seed)
@@ -138,6 +138,7 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
                 keep_last=2,
             )
     train_seconds = time.perf_counter() - t0
+    logger.close()
     accelerator.wait_for_everyone()
     if not main_process:
         return {}

@@ -36,7 +36,7 @@ from ranke.parallel import Shard, average_gradients, mean_over_processes, recipe
 from ranke.runtime import autocast, progress
 from ranke.toy.data import reference_images, train_batch
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, start_run
+from ranke.train.logging import RunLogger, start_run
 from ranke.train.schedule import warmup_cosine
 
 
@@ -98,7 +98,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
         state_lib.restore_rng_state(trainer_state["rng"], {"data": data_rng, "restart": restart_gen})
         start_step = trainer_state["step"]
 
-    metrics = MetricsWriter(run / "metrics.jsonl")
+    logger = RunLogger(run, cfg.log_with, cfg, device, start_step)
     t0 = time.perf_counter()
     bar = progress(range(start_step, tcfg.steps), total=tcfg.steps, initial=start_step, desc="tokenizer",
                    disable_on_workers=not main_process)  # fmt: skip
@@ -157,7 +157,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
         if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
             record = mean_over_processes(record, accelerator)
             if main_process:
-                metrics.write(record)
+                logger.log(record)
                 bar.set_postfix(recon=f"{record['recon']:.4f}", usage=f"{record['batch_code_usage']:.2f}")
         if main_process and ((step + 1) % tcfg.grid_every == 0 or step + 1 == tcfg.steps):
             with torch.no_grad():
@@ -180,6 +180,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
                 keep_last=2,
             )
     train_seconds = time.perf_counter() - t0
+    logger.close()
     accelerator.wait_for_everyone()
     if not main_process:
         return {}
