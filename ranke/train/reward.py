@@ -176,11 +176,7 @@ def evaluate_toy_clip(
 
 
 def train_toy_clip(
-    cfg: ToyCLIPConfig,
-    out_dir: str | Path,
-    seed: int,
-    toy: ToyConfig = ToyConfig(),
-    device: str = "cpu",
+    cfg: ToyCLIPConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
     log_with: str = "tensorboard",
 ) -> dict:
     """Train one toy CLIP, evaluate it on held-out prompts, write `out_dir/toy_clip.safetensors`.
@@ -340,11 +336,7 @@ def evaluate_toy_features(
 
 
 def train_toy_features(
-    cfg: ToyFeatureConfig,
-    out_dir: str | Path,
-    seed: int,
-    toy: ToyConfig = ToyConfig(),
-    device: str = "cpu",
+    cfg: ToyFeatureConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
     log_with: str = "tensorboard",
 ) -> dict:
     """Train the feature network, evaluate it, write `out_dir/toy_features.safetensors`.
