@@ -32,6 +32,7 @@ below the table).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -407,17 +408,29 @@ def cuda_rms_norm(norm: gpt_module.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return CudaRMSNorm.apply(x, norm.weight, norm.eps)
 
 
+def fused_attention_kernel(*backends) -> contextlib.AbstractContextManager:
+    """Stands in for `sdpa_kernel` in `ranke.models.gpt`: a bf16 whole-sequence pass on a CPU asks
+    for the math path there (faster on CPU), which keeps the attention matrix for backward; on a
+    GPU SDPA runs a fused kernel, which keeps what PyTorch's CPU flash kernel keeps, so the
+    measurement leaves the choice to SDPA."""
+    return contextlib.nullcontext()
+
+
 def policy_activations(models: RunModels, rows: int, setting: Setting) -> Activations:
     """The policy stage's forward for one micro-batch: teacher-forced log-probs and entropies
     (`token_logprobs`, as `policy_stage` calls it) and the GRPO loss, under the run's precision,
-    with LlamaGen's RMSNorm saving what it saves on a GPU."""
+    with LlamaGen's RMSNorm and attention saving what they save on a GPU."""
     text, mask = models.policy_inputs(rows)
     tokens = torch.randint(models.vocab, (rows, models.image_tokens))
     old, ref = torch.randn(rows, models.image_tokens), torch.randn(rows, models.image_tokens)
     advantages = torch.randn(rows)
 
     def run_forward():
-        with setting.autocast(), mock.patch.object(gpt_module.RMSNorm, "forward", cuda_rms_norm):
+        with (
+            setting.autocast(),
+            mock.patch.object(gpt_module.RMSNorm, "forward", cuda_rms_norm),
+            mock.patch.object(gpt_module, "sdpa_kernel", fused_attention_kernel),
+        ):
             logp_new, entropy = token_logprobs(models.policy, text, mask, tokens, return_entropy=True)
         return grpo_policy_loss(logp_new, old, ref, advantages), entropy
 

@@ -44,7 +44,10 @@ def test_memory_estimate_matches_hand_counts():
     assert row("rollout: KV cache, bf16, 64 rows x 376 positions") == (round(kv_cache / gib, 2),) * 2
     plain = rows["policy pass: activations, micro-batch 32"][0]
     checkpointed = rows["policy pass: activations, micro-batch 32, checkpointed"][0]
-    assert 25 < plain < 40 and checkpointed < plain / 4  # about 1 GiB of saved tensors per rollout
+    assert 25 < plain and checkpointed < plain / 4  # about 1 GiB of saved tensors per rollout
+    # GPU attention kernels keep no attention matrix: one bf16 copy of 36 layers x 32 rows x 20
+    # heads x 376^2 positions would add 6.1 GiB (the CPU math path kept two: 39.1 GiB)
+    assert plain < 31
     # the peak is what is held plus the largest phase, here the policy's forward/backward
     peak = row("peak, no checkpointing")[0]
     assert abs(peak - (row("held throughout")[0] + row("policy pass: autocast")[0] + plain)) <= 0.02
