@@ -170,7 +170,7 @@ def export_final_policy(run: Path) -> Path:
     `RUN/final_policy.safetensors`, so another run can start from it (`posttrain.policy`)."""
     target = run / "final_policy.safetensors"
     if not target.is_file():
-        backbone, cfg = load_backbone(str(run), torch.device("cpu"))
+        backbone, cfg = load_backbone(str(run), overrides=["device=cpu"])
         save_asset(target, "policy", {"gpt": cfg.gpt, "text": cfg.text}, backbone.policy.state_dict(), dtype=torch.float32)
     return target
 
@@ -182,7 +182,7 @@ def decoder_mechanism(evaluator: Evaluator, methods: list[Method], device) -> di
     for method in methods:
         for run in method.runs:
             if method.decoder == "ema":
-                backbone, _ = load_backbone(str(run), device, decoder="ema")
+                backbone, _ = load_backbone(str(run), decoder="ema", overrides=[f"device={device}"])
                 rows[run.name] = {"method": method.name, **evaluator.reconstruction(backbone.tokenizer)}
     return rows
 
