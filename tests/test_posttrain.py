@@ -190,7 +190,8 @@ def test_existing_run_needs_resume(both_run, capsys):
          "posttrain.consistency_start_step=0 must be below consistency_end_step=0"),
         (["consistency_schedule=cosine", "steps=8", "consistency_start_step=2"],
          "posttrain.consistency_start_step=2 must be below consistency_end_step=2"),  # end: steps // 4
-        (["consistency_schedule=linear", "consistency_end_step=300"], "posttrain.consistency_end_step=300 must be <= steps=100"),
+        (["consistency_schedule=linear", "steps=100", "consistency_end_step=300"],
+         "posttrain.consistency_end_step=300 must be <= steps=100"),
         (["consistency_schedule=linear", "consistency_start_weight=-1"],
          "posttrain.consistency_start_weight=-1.0 must be >= 0"),
     ],
