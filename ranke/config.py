@@ -311,8 +311,16 @@ class PosttrainConfig:
     policy_grad_checkpointing: bool = False  # recompute policy blocks in backward (memory for compute)
     decoder_grad_checkpointing: bool = False  # the same for the decoder in the decoder stage
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})  # name -> weight
-    clip_path: str | None = None  # local CLIP directory for the `clip` reward
+    clip_path: str | None = None  # local CLIP directory for the `clip` reward (and `aesthetic`'s image tower)
     hpsv2_path: str | None = None  # local HPSv2 checkpoint for the `hpsv2` reward
+    aesthetic_path: str | None = None  # LAION aesthetic predictor, sac+logos+ava1-l14-linearMSE.pth
+    image_reward_path: str | None = None  # ImageReward.pt
+    image_reward_tokenizer: str | None = None  # local bert-base-uncased tokenizer directory for ImageReward
+    # per-reward switches, {reward name: value} (ranke.rewards.build.RewardSettings); the release:
+    # every reward un-normalised, hpsv2 x100 without gradient
+    reward_scale: dict[str, float] = field(default_factory=dict)  # default 1
+    reward_normalize: dict[str, bool] = field(default_factory=dict)  # default true (running mean/std)
+    reward_gradient: dict[str, bool] = field(default_factory=dict)  # default: the reward's own
     # policy stage (GRPO)
     policy_lr: float = 1e-5
     policy_weight_decay: float = 0.01

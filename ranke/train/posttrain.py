@@ -80,7 +80,7 @@ from ranke.parallel import (
     uses_fsdp,
     whole_weights,
 )
-from ranke.rewards.build import build_reward
+from ranke.rewards.build import build_posttrain_reward
 from ranke.rewards.combine import CombinedReward
 from ranke.runtime import UserError, autocast, progress, set_deterministic
 from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
@@ -655,7 +655,7 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     elif pcfg.mode != "decoder":
         policy_for_loss = accelerator.prepare(models.policy)  # DDP: gradients averaged over processes
     optimizers = build_optimizers(models, pcfg)  # after sharding: FSDP replaces the parameters
-    reward = build_reward(pcfg.rewards, device, pcfg.clip_path, pcfg.hpsv2_path)
+    reward = build_posttrain_reward(pcfg, device)
     if accelerator.num_processes > 1:
         reward.reduce_sum = lambda sums: accelerator.reduce(sums, reduction="sum")
     data_rng = np.random.default_rng(cfg.seed)
