@@ -196,6 +196,10 @@ class TextConfig:
     # Version of the toy encoding a policy was trained with (policy assets carry it; only the
     # current one can be built, so an asset from before a change fails clearly instead of quietly).
     toy_encoding: int = ENCODING_VERSION
+    # T5 only, defaults as LlamaGen's own T5 front end (the toy encoder ignores them):
+    clean_captions: bool = True  # LlamaGen's web-caption cleaning (extra: ranke[captions]); false: lower-case + strip
+    t5_dtype: str = "bf16"  # bf16 | fp32
+    padding: str = "left"  # left: LlamaGen's training and samplers | right: the RankE release's post-training
 
 
 @dataclass
@@ -230,6 +234,11 @@ class SamplingConfig:
     # accuracy over no top-k for every toy policy measured (docs/benchmarks.md)
     top_k: int = 16
     top_p: float = 1.0
+    # LlamaGen's generate: guidance for the first cfg_interval + 2 tokens only, conditional after; -1: all
+    cfg_interval: int = -1
+    # scale <= 1: `conditional` samples the conditional logits alone (LlamaGen guides only above 1);
+    # `mix` applies l_u + s (l_c - l_u) for every s != 1
+    cfg_below_one: str = "conditional"
 
 
 @dataclass

@@ -117,6 +117,8 @@ def configs_from_state_dict(state: dict[str, torch.Tensor], args: ImageRewardArg
         num_attention_heads=args.text_heads,
         max_position_embeddings=state["text.embeddings.position_embeddings.weight"].shape[0],
         is_decoder=True,  # builds the cross-attention layers; forward runs bidirectionally (is_decoder=False)
+        bos_token_id=None,  # generation ids, unused by a scorer
+        sep_token_id=None,
     )
     return vision, text
 
