@@ -350,6 +350,7 @@ class PosttrainConfig:
     tau_end: float = 1.0
     tau_anneal_ratio: float = 0.15
     uniform_weights: bool = False  # the paper's ablation: plain GAN instead of rank-weighted
+    uniform_advantages: bool = False  # the release's ablation: every rollout's GRPO advantage is 1
     disc_start: int = 100
     disc_channels: int = 64
     disc_layers: int = 3
@@ -369,6 +370,16 @@ class PosttrainConfig:
     reward_backprop_weight: float = 0.01
     soft_token_weight: float = 0.0  # off in the released runs
     soft_token_top_k: int = 20
+    # current: the policy's logits after this step's policy stage | rollout: those the rollout was
+    # scored with, before it (the release)
+    soft_token_logits: str = "current"
+    soft_token_codebook: str = "unit"  # unit: the codes as decoded (l2-normalised) | raw: the stored vectors (the release)
+    # the release's decoder-stage details: decodes clamped to [-1, 1] before the rank-GAN, consistency
+    # and reward terms; discriminator AdamW betas (0.9, 0.999), weight decay 0.01, loss x disc_weight (0.5)
+    clamp_decodes: bool = False
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # LlamaGen's VQGAN recipe
+    disc_weight_decay: float = 0.0
+    disc_loss_weight: float = 1.0
     decoder_ema_decay: float = 0.99
     decoder_ema_every: int = 1
     # bookkeeping
