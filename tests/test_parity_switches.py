@@ -80,8 +80,9 @@ def test_t5_padding_sides_as_llamagen_samples_and_the_release_post_trains(tiny_t
 def test_t5_dtype_switch(tiny_t5):
     emb, _ = T5TextEncoder(tiny_t5, max_length=10, dtype=torch.bfloat16).encode(["a red circle"])
     reference, _ = T5TextEncoder(tiny_t5, max_length=10).encode(["a red circle"])
-    assert emb.dtype == torch.bfloat16
-    torch.testing.assert_close(emb.float(), reference, rtol=0.05, atol=0.05)
+    assert emb.dtype == torch.float32 and torch.equal(emb, emb.bfloat16().float())  # bf16 values
+    assert not torch.equal(emb, reference)
+    torch.testing.assert_close(emb, reference, rtol=0.05, atol=0.05)
 
 
 def upstream_greedy(model, text, mask, cfg_scale: float, cfg_interval: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ class T5TextEncoder:
     left-padded with zeros (see module docstring), as LlamaGen's samplers feed its policy.
     `padding="right"` returns the encoder output as T5 gives it (valid tokens first, the encoder's
     own outputs at the masked pad positions), as the RankE release post-trains LlamaGen.
-    LlamaGen runs T5 in bf16 by default (`dtype`).
+    LlamaGen runs T5 in bf16 by default (`dtype`); the embeddings come back as float32 either way.
     """
 
     def __init__(
@@ -89,7 +89,7 @@ class T5TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(emb [B, max_tokens, dim] in the model's dtype, mask [B, max_tokens] bool), padded on `padding`'s side."""
+        """(emb [B, max_tokens, dim] float32, mask [B, max_tokens] bool), padded on `padding`'s side."""
         batch = self.tokenizer(
             [self.preprocess(prompt) for prompt in prompts],
             max_length=self.max_tokens,
@@ -99,6 +99,7 @@ class T5TextEncoder:
             return_tensors="pt",
         ).to(self.device)
         hidden = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = hidden.float()  # bf16 T5's values, exactly, in the float32 the policy reads
         if self.padding == "right":
             return hidden, batch.attention_mask.bool()
         return left_pad(hidden, batch.attention_mask)
