@@ -49,15 +49,16 @@ def resolve_checkpoint(source: str | Path) -> Path:
     return latest
 
 
-def last_evaluation(checkpoint: Path) -> dict | None:
-    """The run's last `eval.jsonl` record up to the checkpoint's step, if it logged any."""
+def last_evaluation(checkpoint: Path) -> list[dict]:
+    """The run's `eval.jsonl` records of its last evaluated step up to the checkpoint's step (one
+    per decoder evaluated); empty when it logged none."""
     log = checkpoint.parent.parent / "eval.jsonl"
-    if not log.is_file():
-        return None
-    step = int(state_lib.STEP_DIR.match(checkpoint.name).group(1)) if state_lib.STEP_DIR.match(checkpoint.name) else None
+    step = state_lib.STEP_DIR.match(checkpoint.name)
+    if not log.is_file() or step is None:
+        return []
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    records = [record for record in records if step is None or record.get("step", 0) <= step]
-    return records[-1] if records else None
+    records = [record for record in records if record.get("step", 0) <= int(step.group(1))]
+    return [record for record in records if record["step"] == records[-1]["step"]] if records else []
 
 
 def _llamagen_files(out: Path, cfg: RunConfig, policy: dict, vq: dict) -> list[str]:
@@ -87,7 +88,8 @@ def _hf_files(out: Path, cfg: RunConfig, policy: dict, vq: dict) -> list[str]:
     """The run's base Janus with the post-trained policy and decoder, saved by save_pretrained."""
     from transformers import JanusForConditionalGeneration, JanusProcessor
 
-    from ranke.models.janus import JanusDecoder, JanusPolicy, _check_janus_directory
+    from ranke.backbones.janus import _check_janus_directory
+    from ranke.models.janus import JanusDecoder, JanusPolicy
 
     base = Path(cfg.backbone.model_path or "")
     _check_janus_directory(base)

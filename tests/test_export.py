@@ -67,7 +67,8 @@ def test_llamagen_model_card_holds_config_steps_and_last_evaluation(toy_run, tmp
     assert "step 2 of a `mode=both`" in card and "policy weights `online`, decoder `online`" in card
     evaluation = json.loads(card.split("## Last evaluation")[1].split("```json")[1].split("```")[0])
     logged = [json.loads(line) for line in (toy_run / "eval.jsonl").read_text().splitlines()]
-    assert evaluation == logged[-1] and evaluation["step"] == 2
+    assert evaluation == [record for record in logged if record["step"] == 2]
+    assert {record["decoder"] for record in evaluation} == {"ema", "online"}
     config_block = card.split("## Run config")[1].split("```yaml")[1].split("```")[0]
     assert config_lib.build(RunConfig, yaml.safe_load(config_block)) == config_lib.load(RunConfig, str(toy_run / "config.yaml"))
     assert "ranke check-checkpoint --kind gpt --preset toy gpt.pt" in card
@@ -101,7 +102,7 @@ def _moved(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]
 def test_janus_export_loads_with_from_pretrained(janus_dir, tmp_path, capsys):
     from transformers import JanusForConditionalGeneration
 
-    from ranke.models.janus import load_janus_backbone
+    from ranke.backbones.janus import load_janus_backbone
 
     base = load_janus_backbone(janus_dir)
     tensors = {

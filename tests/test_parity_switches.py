@@ -18,6 +18,7 @@ from ranke.runtime import UserError
 from ranke.sampling import generate, guided_position, uses_guidance
 
 from test_sampling import captions, random_model
+from test_janus import janus_dir  # noqa: F401 (fixture)
 from test_text import tiny_t5  # noqa: F401 (fixture)
 
 UPSTREAM_CLEANED = {
@@ -139,3 +140,20 @@ def test_scale_below_one_follows_llamagen_unless_mix_is_asked_for():
     assert (uses_guidance(0.5), uses_guidance(0.5, "mix"), uses_guidance(1.0, "mix")) == (False, True, False)
     with pytest.raises(UserError, match="cfg_below_one"):
         uses_guidance(2.0, "always")
+
+
+def test_janus_sampler_takes_the_same_guidance_switches(janus_dir):
+    from ranke.config import SamplingConfig
+    from ranke.backbones.janus import load_janus_backbone
+
+    backbone = load_janus_backbone(janus_dir)
+    ids, mask = backbone.encode_prompts(["a red circle left of a big blue square", "green circle"])
+
+    def greedy(**settings):
+        sampling = SamplingConfig(**({"cfg_scale": 5.0, "top_k": 1} | settings))
+        return backbone.sample(ids, mask, sampling, torch.Generator().manual_seed(0)).tokens
+
+    always, partial = greedy(), greedy(cfg_interval=0)
+    assert torch.equal(partial[:, :2], always[:, :2]) and not torch.equal(partial, always)
+    assert torch.equal(greedy(cfg_scale=0.5), greedy(cfg_scale=1.0))
+    assert not torch.equal(greedy(cfg_scale=0.5, cfg_below_one="mix"), greedy(cfg_scale=1.0))
