@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
 from ranke.config import RunConfig
 from ranke.runtime import UserError
-from ranke.train import state as state_lib
 
 FORMATS = ("llamagen", "hf")
 POLICY_STEMS = {"online": "policy", "ema": "policy_ema"}
@@ -41,9 +41,9 @@ FORMAT_OF_BACKBONE = {"toy": "llamagen", "llamagen": "llamagen", "janus": "hf"}
 def resolve_checkpoint(source: str | Path) -> Path:
     """A post-training checkpoint directory, or a run directory's latest checkpoint."""
     path = Path(source)
-    if (path / state_lib.MANIFEST).is_file():
+    if (path / checkpoint_lib.MANIFEST).is_file():
         return path
-    latest = state_lib.latest_checkpoint(path) if path.is_dir() else None
+    latest = checkpoint_lib.latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
         raise UserError(f"'{source}' is neither a post-training run nor a checkpoint directory (checkpoints/step_*)")
     return latest
@@ -53,7 +53,7 @@ def last_evaluation(checkpoint: Path) -> list[dict]:
     """The run's `eval.jsonl` records of its last evaluated step up to the checkpoint's step (one
     per decoder evaluated); empty when it logged none."""
     log = checkpoint.parent.parent / "eval.jsonl"
-    step = state_lib.STEP_DIR.match(checkpoint.name)
+    step = checkpoint_lib.STEP_DIR.match(checkpoint.name)
     if not log.is_file() or step is None:
         return []
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -153,7 +153,7 @@ def export_checkpoint(source: str | Path, fmt: str, out: str | Path, policy: str
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export folder '{out}' exists and is not empty; choose a new --out")
     checkpoint = resolve_checkpoint(source)
-    tensors, trainer_state, config_text = state_lib.load_checkpoint(checkpoint)
+    tensors, trainer_state, config_text = checkpoint_lib.load_checkpoint(checkpoint)
     cfg = config_lib.build(RunConfig, yaml.safe_load(config_text) or {})
     expected = FORMAT_OF_BACKBONE[cfg.backbone.kind]
     if fmt != expected:

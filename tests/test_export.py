@@ -20,7 +20,7 @@ from ranke.config import BackboneConfig, RunConfig
 from ranke.generate import load_backbone
 from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.vq import VQ_PRESETS, VQModel
-from ranke.train import state as state_lib
+from ranke import checkpoint as checkpoint_lib
 from ranke.train.posttrain import train_posttrain
 
 from test_janus import PROMPTS, janus_dir  # noqa: F401 (fixture)
@@ -111,7 +111,7 @@ def test_janus_export_loads_with_from_pretrained(janus_dir, tmp_path, capsys):
     }  # fmt: skip
     cfg = RunConfig(backbone=BackboneConfig(kind="janus", model_path=str(janus_dir)))
     run = tmp_path / "run"
-    state_lib.save_checkpoint(run, 7, tensors, {"step": 7}, yaml.safe_dump(config_lib.to_dict(cfg)))
+    checkpoint_lib.save_checkpoint(run, 7, tensors, {"step": 7}, yaml.safe_dump(config_lib.to_dict(cfg)))
     out = tmp_path / "janus_export"
     main(["export", str(run), "--format", "hf", "--out", str(out), "--decoder", "ema"])
     assert json.loads(capsys.readouterr().out)["step"] == 7

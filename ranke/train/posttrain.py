@@ -374,7 +374,7 @@ def discriminator_step(run: PosttrainRun, real: torch.Tensor, recon: torch.Tenso
         disc.requires_grad_(True)
         with autocast(run.backbone.device, run.precision):
             logits_real, logits_fake = disc(real).float(), disc(recon.detach()).float()
-        disc_loss = pcfg.disc_loss_weight * hinge_discriminator_loss(logits_real, logits_fake)
+        disc_loss = run.pcfg.disc_loss_weight * hinge_discriminator_loss(logits_real, logits_fake)
         run.optimizers.disc.zero_grad(set_to_none=True)
         run.accelerator.backward(disc_loss)
         average_gradients(disc.parameters(), run.accelerator)
