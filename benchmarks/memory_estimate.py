@@ -1,8 +1,8 @@
-"""Per-GPU memory of a RankE post-training step (mode=both) for LlamaGen-XL and Janus-Pro-1B,
+"""Per-GPU memory of a RankE post-training step (mode=both) for LlamaGen-XL and Janus-Pro-1B / 7B,
 at the reference setting: 8 GPUs, 32 prompts x 8 rollouts per step, i.e. 4 prompts x 8 = 32
 rollouts per GPU, bf16 autocast with fp32 master weights. docs/memory.md shows the tables.
 
-    python benchmarks/memory_estimate.py                        # both models
+    python benchmarks/memory_estimate.py                        # every model
     python benchmarks/memory_estimate.py --markdown             # the tables of docs/memory.md
     python benchmarks/memory_estimate.py --model janus-pro-1b --micro-batch 8 --reward hpsv2
     python benchmarks/memory_estimate.py --precision fp32      # instead of the presets' bf16
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
@@ -106,11 +107,19 @@ JANUS_PRO_1B_LM = dict(
     hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
     vocab_size=102400, max_position_embeddings=16384, rms_norm_eps=1e-6,
 )  # fmt: skip
+# deepseek-ai/Janus-Pro-7B config.json: language_config (DeepSeek-LLM-7B: 30 x 4096, 32 heads) and
+# a 4096-wide generation aligner and head (gen_aligner n_embed, gen_head image_token_embed); the
+# same SigLIP-L tower (dropped) and VQ-16 as the 1B.
+JANUS_PRO_7B_LM = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=32,
+    vocab_size=102400, max_position_embeddings=16384, rms_norm_eps=1e-6,
+)  # fmt: skip
+JANUS_PRO_7B_GENERATION = dict(projection_dim=4096, image_token_embed_dim=4096)
 # Janus prompts are a chat template around the caption; 64 tokens covers captions of ~45 words.
 JANUS_PROMPT_TOKENS = 64
 REWARD_SIZES = {"clip": ("CLIP ViT-L/14", CLIP_VIT_L14), "hpsv2": ("HPSv2.1 ViT-H/14", HPSV2_VIT_H14)}
 # bundled config presets (ranke/configs/) of the reference runs
-PRESETS = {"llamagen-xl": "llamagen_xl_clip", "janus-pro-1b": "janus_pro_1b_clip"}
+PRESETS = {"llamagen-xl": "llamagen_xl_clip", "janus-pro-1b": "janus_pro_1b_clip", "janus-pro-7b": "janus_pro_7b_clip"}
 
 
 @dataclass(frozen=True)
@@ -228,9 +237,11 @@ def build_llamagen(pcfg, reward_kind: str) -> RunModels:
     )  # fmt: skip
 
 
-def build_janus(pcfg, reward_kind: str) -> RunModels:
+def build_janus(
+    pcfg, reward_kind: str, size: str = "1B", lm: dict = JANUS_PRO_1B_LM, generation: dict | None = None
+) -> RunModels:
     config = JanusConfig(
-        text_config=LlamaConfig(**JANUS_PRO_1B_LM), vision_config=JanusVisionConfig(), vq_config=JanusVQVAEConfig(),
+        text_config=LlamaConfig(**lm), vision_config=JanusVisionConfig(), vq_config=JanusVQVAEConfig(**(generation or {})),
         attn_implementation="sdpa",
     )  # fmt: skip
     # the parts `load_janus_backbone` keeps: policy modules and the VQ model (vision tower, lm_head dropped)
@@ -247,7 +258,7 @@ def build_janus(pcfg, reward_kind: str) -> RunModels:
         return ids, torch.ones(rows, JANUS_PROMPT_TOKENS, dtype=torch.long)
 
     return RunModels(
-        title=f"Janus-Pro-1B (Llama LM 24 x 2048 + VQ-16, {vq.args.image_size} px)",
+        title=f"Janus-Pro-{size} (Llama LM {lm.num_hidden_layers} x {lm.hidden_size} + VQ-16, {vq.args.image_size} px)",
         policy=policy, policy_blocks=policy.transformer_blocks(),
         vq=vq, vq_ema=vq_ema, decoder_blocks=[vq.vq.decoder],
         text_encoder=None, text_encoder_name="none (the prompt goes through the policy's LM)",
@@ -260,7 +271,11 @@ def build_janus(pcfg, reward_kind: str) -> RunModels:
     )  # fmt: skip
 
 
-BUILDERS = {"llamagen-xl": build_llamagen, "janus-pro-1b": build_janus}
+BUILDERS = {
+    "llamagen-xl": build_llamagen,
+    "janus-pro-1b": build_janus,
+    "janus-pro-7b": partial(build_janus, size="7B", lm=JANUS_PRO_7B_LM, generation=JANUS_PRO_7B_GENERATION),
+}
 
 
 # --- counting ----------------------------------------------------------------------------------

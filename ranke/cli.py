@@ -96,6 +96,12 @@ def cmd_check_checkpoint(args) -> None:
         sys.exit(2)
 
 
+def cmd_export(args) -> None:
+    from ranke.export import export_checkpoint
+
+    print(json.dumps(export_checkpoint(args.source, args.format, args.out, args.policy, args.decoder)))
+
+
 def cmd_toy_sample(args) -> None:
     from ranke.toy.tools import write_samples
 
@@ -261,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow arbitrary unpickling (trusted files only)")
     p.add_argument("file")
     p.set_defaults(func=cmd_check_checkpoint)
+
+    p = _command(sub, "export", "write a post-trained model in LlamaGen's .pt layout or as a transformers Janus folder")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="post-training run (its latest checkpoint) or checkpoint dir")
+    p.add_argument("--format", required=True, choices=["llamagen", "hf"],
+                   help="llamagen: gpt.pt + vq.pt for LlamaGen's scripts; hf: save_pretrained Janus folder")
+    p.add_argument("--out", required=True, help="new, empty output folder")
+    p.add_argument("--policy", choices=["online", "ema"], default="online", help="policy weights of the checkpoint")
+    p.add_argument("--decoder", choices=["online", "ema"], default="online", help="decoder weights of the checkpoint")
+    p.set_defaults(func=cmd_export)
 
     p = _command(sub, "sample", "sample images for prompts (PNG + captions.jsonl)")
     _add_model_choice_args(p)

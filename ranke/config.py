@@ -196,6 +196,10 @@ class TextConfig:
     # Version of the toy encoding a policy was trained with (policy assets carry it; only the
     # current one can be built, so an asset from before a change fails clearly instead of quietly).
     toy_encoding: int = ENCODING_VERSION
+    # T5 only, defaults as LlamaGen's own T5 front end (the toy encoder ignores them):
+    clean_captions: bool = True  # LlamaGen's web-caption cleaning (extra: ranke[captions]); false: lower-case + strip
+    t5_dtype: str = "bf16"  # bf16 | fp32
+    padding: str = "left"  # left: LlamaGen's training and samplers | right: the RankE release's post-training
 
 
 @dataclass
@@ -230,6 +234,11 @@ class SamplingConfig:
     # accuracy over no top-k for every toy policy measured (docs/benchmarks.md)
     top_k: int = 16
     top_p: float = 1.0
+    # LlamaGen's generate: guidance for the first cfg_interval + 2 tokens only, conditional after; -1: all
+    cfg_interval: int = -1
+    # scale <= 1: `conditional` samples the conditional logits alone (LlamaGen guides only above 1);
+    # `mix` applies l_u + s (l_c - l_u) for every s != 1
+    cfg_below_one: str = "conditional"
 
 
 @dataclass
@@ -311,8 +320,16 @@ class PosttrainConfig:
     policy_grad_checkpointing: bool = False  # recompute policy blocks in backward (memory for compute)
     decoder_grad_checkpointing: bool = False  # the same for the decoder in the decoder stage
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})  # name -> weight
-    clip_path: str | None = None  # local CLIP directory for the `clip` reward
+    clip_path: str | None = None  # local CLIP directory for the `clip` reward (and `aesthetic`'s image tower)
     hpsv2_path: str | None = None  # local HPSv2 checkpoint for the `hpsv2` reward
+    aesthetic_path: str | None = None  # LAION aesthetic predictor, sac+logos+ava1-l14-linearMSE.pth
+    image_reward_path: str | None = None  # ImageReward.pt
+    image_reward_tokenizer: str | None = None  # local bert-base-uncased tokenizer directory for ImageReward
+    # per-reward switches, {reward name: value} (ranke.rewards.build.RewardSettings); the release:
+    # every reward un-normalised, hpsv2 x100 without gradient
+    reward_scale: dict[str, float] = field(default_factory=dict)  # default 1
+    reward_normalize: dict[str, bool] = field(default_factory=dict)  # default true (running mean/std)
+    reward_gradient: dict[str, bool] = field(default_factory=dict)  # default: the reward's own
     # policy stage (GRPO)
     policy_lr: float = 1e-5
     policy_weight_decay: float = 0.01
@@ -333,6 +350,7 @@ class PosttrainConfig:
     tau_end: float = 1.0
     tau_anneal_ratio: float = 0.15
     uniform_weights: bool = False  # the paper's ablation: plain GAN instead of rank-weighted
+    uniform_advantages: bool = False  # the release's ablation: every rollout's GRPO advantage is 1
     disc_start: int = 100
     disc_channels: int = 64
     disc_layers: int = 3
@@ -352,6 +370,16 @@ class PosttrainConfig:
     reward_backprop_weight: float = 0.01
     soft_token_weight: float = 0.0  # off in the released runs
     soft_token_top_k: int = 20
+    # current: the policy's logits after this step's policy stage | rollout: those the rollout was
+    # scored with, before it (the release)
+    soft_token_logits: str = "current"
+    soft_token_codebook: str = "unit"  # unit: the codes as decoded (l2-normalised) | raw: the stored vectors (the release)
+    # the release's decoder-stage details: decodes clamped to [-1, 1] before the rank-GAN, consistency
+    # and reward terms; discriminator AdamW betas (0.9, 0.999), weight decay 0.01, loss x disc_weight (0.5)
+    clamp_decodes: bool = False
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # LlamaGen's VQGAN recipe
+    disc_weight_decay: float = 0.0
+    disc_loss_weight: float = 1.0
     decoder_ema_decay: float = 0.99
     decoder_ema_every: int = 1
     # bookkeeping

@@ -30,6 +30,25 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) ->
     return uncond + cfg_scale * (cond - uncond)
 
 
+CFG_BELOW_ONE = ("conditional", "mix")
+
+
+def uses_guidance(cfg_scale: float, cfg_below_one: str = "conditional") -> bool:
+    """Whether sampling runs unconditional rows at all. LlamaGen guides only when s > 1 (s <= 1
+    samples the conditional policy, `conditional`); `mix` guides for every s != 1, so s < 1 moves
+    toward the unconditional logits."""
+    if cfg_below_one not in CFG_BELOW_ONE:
+        raise UserError(f"sampling.cfg_below_one must be one of {', '.join(CFG_BELOW_ONE)}, got '{cfg_below_one}'")
+    return cfg_scale > 1.0 if cfg_below_one == "conditional" else cfg_scale != 1.0
+
+
+def guided_position(t: int, cfg_interval: int) -> bool:
+    """LlamaGen's `cfg_interval`: image token t (0-based) is drawn from guided logits when
+    t <= cfg_interval + 1 (the first token, then cfg_interval + 1 more), from the conditional
+    logits after; -1 guides every token."""
+    return cfg_interval < 0 or t <= cfg_interval + 1
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits outside the top-k, then outside the nucleus top-p, to -inf ([B, V], new tensor).
 
@@ -81,12 +100,14 @@ def guided_sampling_step(
     generator: torch.Generator,
     row_offset: int = 0,
     total_rows: int | None = None,
+    guide: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per caption from one step's logits [B or 2B, V] (conditional rows first, then the
-    unconditional ones when CFG is on): guidance, temperature, top-k/top-p, the draw. Returns the
-    tokens [B] and their log-probs [B] under the conditional policy at temperature 1, unfiltered."""
+    unconditional ones when CFG is on): guidance (unless `guide` is False: the conditional rows
+    alone), temperature, top-k/top-p, the draw. Returns the tokens [B] and their log-probs [B]
+    under the conditional policy at temperature 1, unfiltered."""
     cond = logits[:batch]
-    step_logits = guided_logits(cond, logits[batch:], cfg_scale) if logits.shape[0] > batch else cond
+    step_logits = guided_logits(cond, logits[batch:], cfg_scale) if guide and logits.shape[0] > batch else cond
     step_logits = filter_logits(step_logits / temperature, top_k, top_p)
     next_token = sample_next_tokens(step_logits, generator, row_offset, total_rows)
     return next_token, cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]
@@ -118,6 +139,8 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    cfg_interval: int = -1,
+    cfg_below_one: str = "conditional",
     generator: torch.Generator,
     return_logprobs: bool = False,
     use_kv_cache: bool = True,
@@ -127,7 +150,8 @@ def generate(
     """Sample `block_size` image tokens per caption (text_emb [B, T, C], left-padded, text_mask [B, T]).
 
     Each step: guided logits l_u + s * (l_c - l_u) (the unconditional rows use the model's
-    uncond_embedding with the same text mask; no unconditional rows when cfg_scale == 1),
+    uncond_embedding with the same text mask; none when `uses_guidance` says no: s <= 1 by
+    default, as LlamaGen; the conditional logits alone after `cfg_interval`, `guided_position`),
     divided by temperature, top-k then top-p filtered, and drawn by `draw_tokens` with one uniform
     per row from `generator` (on the model's device). The generator alone decides the draws, so a
     given seed gives the same tokens with and without the KV cache. `use_kv_cache=False`
@@ -146,7 +170,7 @@ def generate(
     total_rows = batch if total_rows is None else total_rows
     if not 0 <= row_offset <= total_rows - batch:
         raise ValueError(f"rows [{row_offset}, {row_offset + batch}) are not inside the {total_rows} global rows")
-    use_cfg = cfg_scale != 1.0
+    use_cfg = uses_guidance(cfg_scale, cfg_below_one)
     with torch.inference_mode():
         rows_text, rows_mask = text_emb, text_mask
         if use_cfg:
@@ -164,8 +188,9 @@ def generate(
                 so_far = tokens[:, :t]
                 logits = model.next_token_logits(rows_text, torch.cat([so_far, so_far]) if use_cfg else so_far, rows_mask)
             next_token, next_logprob = guided_sampling_step(
-                logits, batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows
-            )
+                logits, batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows,
+                guide=guided_position(t, cfg_interval),
+            )  # fmt: skip
             tokens[:, t] = next_token
             if logprobs is not None:
                 logprobs[:, t] = next_logprob

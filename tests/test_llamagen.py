@@ -67,3 +67,11 @@ def test_one_ranke_step_changes_policy_and_decoder(llamagen_files, tmp_path):
     assert torch.equal(vq["encoder.conv_in.weight"], start_vq["encoder.conv_in.weight"])
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert all(torch.isfinite(torch.tensor(v)) for k, v in record.items() if k.startswith(("policy/", "decoder/")))
+    # the post-trained models exported in LlamaGen's own layout, accepted by check-checkpoint at GPT-B / VQ-16
+    export = tmp_path / "export"
+    main(["export", str(run), "--format", "llamagen", "--out", str(export)])
+    for kind, preset, name in (("gpt", "GPT-B", "gpt.pt"), ("vq", "VQ-16", "vq.pt")):
+        main(["check-checkpoint", "--kind", kind, "--preset", preset, str(export / name)])
+    exported = torch.load(export / "gpt.pt", weights_only=True)["model"]
+    assert torch.equal(exported["layers.0.attention.wqkv.weight"], policy["layers.0.attention.wqkv.weight"])
+    assert "--gpt-model GPT-B --image-size 128" in (export / "README.md").read_text()

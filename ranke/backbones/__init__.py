@@ -23,7 +23,7 @@ def load_configured_backbone(cfg: RunConfig, device: torch.device | str = "cpu")
         backbone, assets_cfg = load_toy_backbone(cfg.posttrain.policy, cfg.posttrain.tokenizer, device)
         return backbone, dataclasses.replace(cfg, gpt=assets_cfg.gpt, vq=assets_cfg.vq, text=assets_cfg.text)
     if kind == "llamagen":
-        backbone, text_cfg = load_llamagen_backbone(cfg.backbone, device)
+        backbone, text_cfg = load_llamagen_backbone(cfg.backbone, device, cfg.text)
         return backbone, dataclasses.replace(cfg, gpt=backbone.policy.args, vq=backbone.tokenizer.args, text=text_cfg)
     if kind == "janus":
         from ranke.backbones.janus import load_janus_backbone  # transformers' Janus classes load only here

@@ -28,7 +28,13 @@ def build_text_encoder(cfg: TextConfig, device: torch.device | str = "cpu"):
     if cfg.kind == "t5":
         if not cfg.path:
             raise UserError("text.kind=t5 needs text.path=<local flan-t5-xl directory>")
-        return T5TextEncoder(cfg.path, max_length=cfg.max_tokens, device=device)
+        from ranke.models.text import T5_DTYPES
+
+        if cfg.t5_dtype not in T5_DTYPES:
+            raise UserError(f"text.t5_dtype must be one of {', '.join(T5_DTYPES)}, got '{cfg.t5_dtype}'")
+        return T5TextEncoder(
+            cfg.path, cfg.max_tokens, device, T5_DTYPES[cfg.t5_dtype], clean_captions=cfg.clean_captions, padding=cfg.padding
+        )
     raise UserError(f"unknown text.kind '{cfg.kind}' (toy or t5)")
 
 
@@ -85,6 +91,8 @@ class Backbone:
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
+            cfg_interval=sampling.cfg_interval,
+            cfg_below_one=sampling.cfg_below_one,
             generator=generator,
             return_logprobs=return_logprobs,
             row_offset=row_offset,

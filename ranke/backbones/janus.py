@@ -16,7 +16,7 @@ from transformers import DynamicCache, JanusForConditionalGeneration, JanusProce
 from ranke.backbones.base import Backbone
 from ranke.models.janus import JanusDecoder, JanusPolicy, JanusPrompts, positions_from_mask
 from ranke.runtime import UserError
-from ranke.sampling import SampleOutput, check_sampling_settings, guided_sampling_step
+from ranke.sampling import SampleOutput, check_sampling_settings, guided_position, guided_sampling_step, uses_guidance
 
 
 @torch.no_grad()
@@ -30,6 +30,8 @@ def generate_janus(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    cfg_interval: int = -1,
+    cfg_below_one: str = "conditional",
     generator: torch.Generator,
     return_logprobs: bool = False,
     row_offset: int = 0,
@@ -38,14 +40,14 @@ def generate_janus(
     """Sample `policy.num_image_tokens` image tokens per prompt, the contract of `ranke.sampling.generate`.
 
     Conditional and unconditional rows run as one batch through a KV cache; each step draws from
-    l_u + s * (l_c - l_u) (no unconditional rows when cfg_scale == 1) divided by temperature,
+    l_u + s * (l_c - l_u) (the guidance switches as `ranke.sampling.generate`) divided by temperature,
     top-k then top-p filtered, drawn with `generator` (rows [row_offset, row_offset + B) of
     `total_rows` uniforms per step, as `ranke.sampling.generate`). Recorded `logprobs` are those of the conditional
     policy at temperature 1 without guidance or filtering, as `JanusPolicy.forward` recomputes them.
     """
     check_sampling_settings(temperature, top_k, top_p)
     batch, num_tokens = input_ids.shape[0], policy.num_image_tokens
-    use_cfg = cfg_scale != 1.0
+    use_cfg = uses_guidance(cfg_scale, cfg_below_one)
     rows = torch.cat([input_ids, uncond_input_ids]) if use_cfg else input_ids
     mask = torch.cat([attention_mask, attention_mask]) if use_cfg else attention_mask
     positions = positions_from_mask(mask)
@@ -55,8 +57,9 @@ def generate_janus(
     logprobs = torch.empty(batch, num_tokens, device=input_ids.device) if return_logprobs else None
     for t in range(num_tokens):
         next_token, next_logprob = guided_sampling_step(
-            policy.image_logits(hidden), batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows
-        )
+            policy.image_logits(hidden), batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows,
+            guide=guided_position(t, cfg_interval),
+        )  # fmt: skip
         tokens[:, t] = next_token
         if logprobs is not None:
             logprobs[:, t] = next_logprob

@@ -17,7 +17,9 @@ from ranke.runtime import UserError
 GPT_IGNORED_KEYS = ("*.kv_cache.k_cache", "*.kv_cache.v_cache", "freqs_cis", "causal_mask")
 
 
-def load_llamagen_backbone(cfg: BackboneConfig, device: torch.device | str = "cpu") -> tuple[Backbone, TextConfig]:
+def load_llamagen_backbone(
+    cfg: BackboneConfig, device: torch.device | str = "cpu", text: TextConfig = TextConfig()
+) -> tuple[Backbone, TextConfig]:
     """LlamaGen from its official files: GPT (`gpt_ckpt`), VQ (`vq_ckpt`), flan-t5 (`t5_path`).
 
     Weights load strictly with weights_only unpickling (KV-cache buffers some files carry are
@@ -36,7 +38,10 @@ def load_llamagen_backbone(cfg: BackboneConfig, device: torch.device | str = "cp
     if grid * vq_args.downsample_factor != cfg.image_size:
         raise UserError(f"image_size={cfg.image_size} is not a multiple of the tokenizer's {vq_args.downsample_factor}")
     gpt_args = dataclasses.replace(GPT_PRESETS[cfg.gpt_preset], block_size=grid * grid)
-    text_cfg = TextConfig(kind="t5", path=cfg.t5_path, max_tokens=gpt_args.cls_token_num, dim=gpt_args.caption_dim)
+    # the T5 switches (cleaning, dtype, padding) are the run's; the sizes follow the GPT preset
+    text_cfg = dataclasses.replace(
+        text, kind="t5", path=cfg.t5_path, max_tokens=gpt_args.cls_token_num, dim=gpt_args.caption_dim
+    )
 
     policy = Transformer(gpt_args)
     load_into(policy, read_state_dict(cfg.gpt_ckpt, cfg.trust_checkpoint), ignore=GPT_IGNORED_KEYS)

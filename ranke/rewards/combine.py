@@ -1,8 +1,11 @@
-"""Several rewards as one: each component normalised by its running mean/std, then weighted.
+"""Several rewards as one: each component scaled, optionally normalised by its running mean/std,
+then weighted.
 
 METHOD.md: "Several rewards are combined as a weighted sum, each normalised by a running
 mean/std." Normalisation puts rewards of different scales (CLIP ~30, HPSv2 ~0.25) on a common
-footing so that the weights mean what they say.
+footing so that the weights mean what they say. The RankE release instead sums the raw scores
+with their weights (`normalize_rewards=False`), HPSv2 multiplied by 100 and computed without
+gradient: `RewardTerm`'s `scale`, `normalize` and `gradient` reproduce that per reward.
 
 Decisions:
 * Statistics are exact over every finite value seen so far (not an EMA): the running
@@ -98,7 +101,7 @@ class RewardOutput:
     """What `CombinedReward` returns for a batch of B images.
 
     `total`: weighted sum of the (normalised) components, always finite, [B].
-    `components`: each reward's raw score as the reward returned it (may hold NaN), [B].
+    `components`: each reward's score times its scale, before normalisation (may hold NaN), [B].
     `nonfinite`: number of non-finite raw scores per component in this batch.
     """
 
@@ -114,27 +117,60 @@ def score_in_fp32(reward: Reward, images: torch.Tensor, prompts: list[str]) -> t
         return reward(images.float(), prompts).float()
 
 
-class CombinedReward:
-    """Weighted sum of rewards, each optionally normalised by its running mean/std.
+@dataclass
+class RewardTerm:
+    """One component of a `CombinedReward`: `weight * normalise(scale * reward)`.
 
-    Call with `update_stats=False` when re-scoring images that were already scored (the
-    decoder stage re-scores its own decodes of the rollouts), so no value is counted twice.
+    `normalize` None follows the combination's default; `gradient` None follows the reward's
+    `differentiable`, False scores without a graph and leaves the term out of `differentiable_score`.
+    """
+
+    reward: Reward
+    weight: float
+    scale: float = 1.0
+    normalize: bool | None = None
+    gradient: bool | None = None
+
+    @property
+    def name(self) -> str:
+        return self.reward.name
+
+    @property
+    def differentiable(self) -> bool:
+        return self.reward.differentiable if self.gradient is None else self.gradient and self.reward.differentiable
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """`scale` x the reward's fp32 score, with its graph only when the term is differentiable."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.differentiable):
+            return self.scale * score_in_fp32(self.reward, images, prompts)
+
+
+class CombinedReward:
+    """Weighted sum of rewards, each scaled and optionally normalised by its running mean/std.
+
+    `components` are `RewardTerm`s or (reward, weight) pairs (scale 1, the default normalisation,
+    the reward's own differentiability). Call with `update_stats=False` when re-scoring images
+    that were already scored (the decoder stage re-scores its own decodes of the rollouts), so
+    no value is counted twice.
     """
 
     def __init__(
         self,
-        components: list[tuple[Reward, float]],
+        components: list[RewardTerm | tuple[Reward, float]],
         normalize: bool = True,
         eps: float = 1e-6,
         reduce_sum: ReduceSum | None = None,
     ) -> None:
         if not components:
             raise ValueError("CombinedReward needs at least one reward")
-        names = [reward.name for reward, _ in components]
+        terms = [term if isinstance(term, RewardTerm) else RewardTerm(term[0], term[1]) for term in components]
+        names = [term.name for term in terms]
         if len(set(names)) != len(names):
             raise ValueError(f"reward names must be unique, got {names}")
-        self.components = [(reward, float(weight)) for reward, weight in components]
-        self.normalize = normalize
+        for term in terms:
+            term.weight = float(term.weight)
+            term.normalize = normalize if term.normalize is None else term.normalize
+        self.terms = terms
         self.eps = eps
         self.reduce_sum = reduce_sum
         self.stats = {name: RunningStats() for name in names}
@@ -143,15 +179,16 @@ class CombinedReward:
     @property
     def differentiable(self) -> bool:
         """True when at least one component passes gradients back to the pixels."""
-        return any(reward.differentiable for reward, _ in self.components)
+        return any(term.differentiable for term in self.terms)
 
     def __call__(self, images: torch.Tensor, prompts: list[str], update_stats: bool = True) -> RewardOutput:
         batch = images.shape[0]
         terms: list[torch.Tensor] = []
         raw_scores: dict[str, torch.Tensor] = {}
         nonfinite: dict[str, int] = {}
-        for reward, weight in self.components:
-            raw = score_in_fp32(reward, images, prompts)
+        for term in self.terms:
+            reward, weight = term.reward, term.weight
+            raw = term.score(images, prompts)
             if raw.shape != (batch,):
                 raise ValueError(f"reward '{reward.name}' returned shape {tuple(raw.shape)}, expected ({batch},)")
             finite = torch.isfinite(raw)
@@ -165,7 +202,7 @@ class CombinedReward:
                     stacklevel=2,
                 )
             value = raw
-            if self.normalize:
+            if term.normalize:
                 stats = self.stats[reward.name]
                 if update_stats:
                     stats.update(raw[finite], self.reduce_sum)
@@ -176,14 +213,12 @@ class CombinedReward:
         return RewardOutput(total=torch.stack(terms).sum(0), components=raw_scores, nonfinite=nonfinite)
 
     def differentiable_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor | None:
-        """Weighted sum of the RAW scores of the differentiable components, with their graph
-        (the decoder stage's R in L_reward), or None when no component is differentiable.
+        """Weighted sum of the scaled, un-normalised scores of the differentiable components, with
+        their graph (the decoder stage's R in L_reward), or None when no component is differentiable.
 
-        Raw rather than normalised: the running statistics are a property of the rollout
-        batches, and the loss weight lambda_d is stated for the reward model's own scale."""
-        terms = [
-            weight * score_in_fp32(reward, images, prompts) for reward, weight in self.components if reward.differentiable
-        ]
+        Not normalised: the running statistics are a property of the rollout batches, and the
+        loss weight lambda_d is stated for the reward model's own scale."""
+        terms = [term.weight * term.score(images, prompts) for term in self.terms if term.differentiable]
         return torch.stack(terms).sum(0) if terms else None
 
     def state_dict(self) -> dict[str, dict[str, float]]:

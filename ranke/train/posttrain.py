@@ -81,7 +81,7 @@ from ranke.parallel import (
     uses_fsdp,
     whole_weights,
 )
-from ranke.rewards.build import build_reward
+from ranke.rewards.build import build_posttrain_reward
 from ranke.rewards.combine import CombinedReward
 from ranke.runtime import UserError, autocast, progress, set_deterministic
 from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
@@ -90,6 +90,8 @@ from ranke.train.logging import MetricsWriter, RunLogger, start_run
 
 MODES = ("policy", "decoder", "both")
 REFERENCES = ("frozen", "ema")
+SOFT_TOKEN_LOGITS = ("current", "rollout")
+SOFT_TOKEN_CODEBOOKS = ("unit", "raw")
 
 
 def check_posttrain_config(pcfg: PosttrainConfig) -> None:
@@ -108,6 +110,11 @@ def check_posttrain_config(pcfg: PosttrainConfig) -> None:
         raise UserError("micro_batch_size must be >= 0 and grpo_epochs >= 1")
     if pcfg.kl_kind not in KL_ANCHORS:
         raise UserError(f"unknown kl_kind '{pcfg.kl_kind}' (one of: {', '.join(KL_ANCHORS)})")
+    if pcfg.soft_token_logits not in SOFT_TOKEN_LOGITS or pcfg.soft_token_codebook not in SOFT_TOKEN_CODEBOOKS:
+        raise UserError(
+            f"soft_token_logits must be one of {', '.join(SOFT_TOKEN_LOGITS)} and soft_token_codebook one of "
+            f"{', '.join(SOFT_TOKEN_CODEBOOKS)}"
+        )
     check_consistency_schedule(pcfg)
 
 
@@ -199,6 +206,7 @@ class Rollout:
     images: torch.Tensor  # [B*G, 3, H, W] in [0, 1], decoded by the EMA decoder
     reward: torch.Tensor  # [B*G] combined, normalised reward
     components: dict[str, torch.Tensor]  # raw score of each reward [B*G]
+    soft_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # top-k (logits, codes) [B*G, N, k] at rollout time
 
 
 def rank_weight_entropy(weights: torch.Tensor) -> float:
@@ -273,9 +281,15 @@ def collect_rollout(run: PosttrainRun, prompts: list[str], timings: dict[str, fl
         images = backbone.decode(sample.tokens, decoder=models.vq_ema.module)
     with timed(timings, "reward"):
         scored = run.reward(images, group_prompts)
+    soft_logits = None
+    if pcfg.soft_token_weight > 0 and pcfg.soft_token_logits == "rollout":
+        with autocast(backbone.device, run.precision), whole_weights(models.policy):
+            logits = backbone.token_logits(models.policy, text_emb, text_mask, sample.tokens).float()
+        soft_logits = logits.topk(min(pcfg.soft_token_top_k, logits.shape[-1]), dim=-1)
     return Rollout(
-        group_prompts, text_emb, text_mask, sample.tokens, sample.logprobs, logp_ref, images, scored.total, scored.components
-    )
+        group_prompts, text_emb, text_mask, sample.tokens, sample.logprobs, logp_ref, images, scored.total,
+        scored.components, soft_logits,
+    )  # fmt: skip
 
 
 def reward_statistics(rollout: Rollout, group_size: int) -> dict[str, float]:
@@ -295,7 +309,8 @@ def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
     group-relative advantages, each one optimizer step over all rollouts (micro-batched
     forward/backward); then the EMA policy follows every `policy_ema_every` steps."""
     pcfg, models, optimizer = run.pcfg, run.models, run.optimizers.policy
-    advantages = group_advantages(rollout.reward, pcfg.group_size)
+    # the release's ablation: every rollout reinforced alike, the ranking ignored
+    advantages = torch.ones_like(rollout.reward) if pcfg.uniform_advantages else group_advantages(rollout.reward, pcfg.group_size)
     count = rollout.tokens.shape[0]
     micro = pcfg.micro_batch_size or count
     totals: dict[str, float] = {}
@@ -360,7 +375,7 @@ def discriminator_step(run: PosttrainRun, real: torch.Tensor, recon: torch.Tenso
         disc.requires_grad_(True)
         with autocast(run.backbone.device, run.precision):
             logits_real, logits_fake = disc(real).float(), disc(recon.detach()).float()
-        disc_loss = hinge_discriminator_loss(logits_real, logits_fake)
+        disc_loss = run.pcfg.disc_loss_weight * hinge_discriminator_loss(logits_real, logits_fake)
         run.optimizers.disc.zero_grad(set_to_none=True)
         run.accelerator.backward(disc_loss)
         average_gradients(disc.parameters(), run.accelerator)
@@ -435,6 +450,8 @@ def decoder_loss(
     perceptual_recon = perceptual(real, recon).mean()
     generator, generator_weight, rank_gan = zero, zero, zero
     decoded = vq.decode_codes(selection.tokens)
+    if pcfg.clamp_decodes:
+        decoded = decoded.clamp(-1.0, 1.0)
     if disc_factor > 0:
         generator = hinge_generator_loss(disc(recon).float())
         generator_weight = adaptive_generator_weight(
@@ -446,6 +463,8 @@ def decoder_loss(
     )
     with torch.no_grad():
         decoded_ema = vq_ema.decode_codes(selection.tokens)
+        if pcfg.clamp_decodes:
+            decoded_ema = decoded_ema.clamp(-1.0, 1.0)
     consistency = decoder_consistency_loss(perceptual, decoded, decoded_ema)
     reward_values = run.reward.differentiable_score(to_unit_range(decoded), selection.prompts)
     reward_term = (
@@ -455,7 +474,7 @@ def decoder_loss(
     )
     soft = zero
     if pcfg.soft_token_weight > 0:
-        soft_decoded = soft_decode(run.backbone, models.policy, vq, rollout, selection.indices, pcfg.soft_token_top_k)
+        soft_decoded = soft_decode(run.backbone, models.policy, vq, rollout, selection.indices, pcfg)
         soft = soft_token_consistency_loss(soft_decoded, decoded)
 
     weights = decoder_weights(pcfg, step, disc_factor)
@@ -477,16 +496,29 @@ def decoder_loss(
 
 
 @torch.no_grad()
-def soft_decode(backbone, policy, vq, rollout: Rollout, selected: torch.Tensor, top_k: int) -> torch.Tensor:
+def soft_decode(backbone, policy, vq, rollout: Rollout, selected: torch.Tensor, pcfg: PosttrainConfig) -> torch.Tensor:
     """Decode of the soft codes of the selected rollouts (METHOD.md L_soft), with the gradient
     reaching only the decoder: the policy's teacher-forced conditional logits at the rollout's
-    tokens (the logits the rollout drew from, before guidance) are taken without gradient."""
-    logits = backbone.token_logits(policy, rollout.text_emb[selected], rollout.text_mask[selected], rollout.tokens[selected])
-    top_logits, top_indices = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)
-    codes = soft_codes(top_logits, top_indices, vq.codebook_vectors())  # [b, N, d]
+    tokens (before guidance) are taken without gradient, from the policy as it is now or, with
+    `soft_token_logits=rollout`, as recorded at rollout time; the codebook as decoded (unit) or raw."""
+    if pcfg.soft_token_logits == "rollout":
+        top_logits, top_indices = (values[selected] for values in rollout.soft_logits)
+    else:
+        tokens = rollout.tokens[selected]
+        logits = backbone.token_logits(policy, rollout.text_emb[selected], rollout.text_mask[selected], tokens)
+        top_logits, top_indices = logits.float().topk(min(pcfg.soft_token_top_k, logits.shape[-1]), dim=-1)
+    codebook = vq.codebook_vectors() if pcfg.soft_token_codebook == "unit" else stored_codebook(vq)
+    codes = soft_codes(top_logits, top_indices, codebook)  # [b, N, d]
     side = int(round(math.sqrt(codes.shape[1])))
     with torch.enable_grad():
         return vq.decode(codes.transpose(1, 2).reshape(codes.shape[0], codes.shape[2], side, side))
+
+
+def stored_codebook(vq) -> torch.Tensor:
+    """The codebook's stored vectors, before the l2 normalisation decoding applies (LlamaGen's
+    `VQModel` and transformers' `JanusVQVAE` both keep them in `quantize.embedding`)."""
+    quantize = vq.quantize if hasattr(vq, "quantize") else vq.vq.quantize
+    return quantize.embedding.weight
 
 
 @dataclass
@@ -542,7 +574,9 @@ def build_optimizers(models: Models, pcfg: PosttrainConfig) -> Optimizers:
         decoder_opt = torch.optim.AdamW(
             models.vq.decoder_parameters(), lr=pcfg.decoder_lr, weight_decay=pcfg.decoder_weight_decay
         )
-        disc_opt = torch.optim.AdamW(models.disc.parameters(), lr=pcfg.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+        disc_opt = torch.optim.AdamW(
+            models.disc.parameters(), lr=pcfg.disc_lr, betas=tuple(pcfg.disc_betas), weight_decay=pcfg.disc_weight_decay
+        )
     return Optimizers(policy_opt, decoder_opt, disc_opt)
 
 
@@ -656,7 +690,7 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     elif pcfg.mode != "decoder":
         policy_for_loss = accelerator.prepare(models.policy)  # DDP: gradients averaged over processes
     optimizers = build_optimizers(models, pcfg)  # after sharding: FSDP replaces the parameters
-    reward = build_reward(pcfg.rewards, device, pcfg.clip_path, pcfg.hpsv2_path)
+    reward = build_posttrain_reward(pcfg, device)
     if accelerator.num_processes > 1:
         reward.reduce_sum = lambda sums: accelerator.reduce(sums, reduction="sum")
     data_rng = np.random.default_rng(cfg.seed)
