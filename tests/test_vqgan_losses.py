@@ -211,3 +211,19 @@ def test_no_perceptual_is_zero():
     none = build_perceptual("none")
     assert isinstance(none, NoPerceptual)
     assert none(torch.zeros(3, 3, 8, 8), torch.ones(3, 3, 8, 8)).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("distance", [PyramidDistance(), NoPerceptual()], ids=["pyramid", "none"])
+def test_perceptual_distance_is_float32_inside_bf16_autocast(distance):
+    """The decoder stage runs under bf16 autocast; its perceptual terms compare near-equal decodes,
+    which bf16 cannot resolve (the pyramid distance came out 9x too large and drove the decoder to
+    NaN), so the distance is computed in float32 either way."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    y = (x + 0.01 * torch.randn_like(x)).clamp(-1, 1)
+    reference = distance(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = distance(x.bfloat16(), y)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, distance(x.bfloat16().float(), y), rtol=1e-6, atol=1e-7)
+    assert reference.dtype == torch.float32

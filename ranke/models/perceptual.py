@@ -44,16 +44,26 @@ from ranke.runtime import UserError
 
 
 class PerceptualLoss(nn.Module):
-    """Interface: `forward(x, y)` with images [B, C, H, W] in [-1, 1] -> distances [B]."""
+    """Interface: `forward(x, y)` with images [B, C, H, W] in [-1, 1] -> distances [B].
+
+    Always computed in float32, also inside a bf16 autocast region: the distances are small
+    differences of normalised features and local statistics (SSIM's E[x^2] - E[x]^2), which
+    bf16's 8-bit mantissa cannot resolve (the toy pyramid distance of two near-equal decodes came
+    out 9x too large, and its gradient drove the decoder stage to NaN). Subclasses implement
+    `distance`."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.distance(x.float(), y.float())
+
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class NoPerceptual(PerceptualLoss):
     """Zero distance (perceptual term switched off)."""
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(x.shape[0])
 
 
@@ -114,7 +124,7 @@ class LPIPS(PerceptualLoss):
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         h = (torch.cat([x, y]) - self.shift) / self.scale
         distance = x.new_zeros(batch)
@@ -166,7 +176,7 @@ class PyramidDistance(PerceptualLoss):
         self.register_buffer("binomial", torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16, persistent=False)
         self.register_buffer("window", _gaussian_window(7, 1.5), persistent=False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         min_side = self.window.numel() * 2 ** (self.scales - 1)
         if min(x.shape[-2:]) < min_side:
             raise ValueError(f"pyramid distance needs images of at least {min_side} pixels per side, got {x.shape}")
