@@ -187,3 +187,47 @@ def test_decoder_objective_passes_gradients_to_each_term_with_its_weight():
     total, _ = decoder_objective(DecoderTerms(*leaves), weights)
     total.backward()
     assert [leaf.grad.item() for leaf in leaves] == pytest.approx([2.0, 1.5, 7.0, 0.1, 0.25])
+
+
+def test_selection_and_weights_work_on_the_last_axis_with_exact_errors():
+    # [2, 1, 3] rewards: leading axes are batch axes; k = G is allowed
+    rewards = torch.tensor([[[0.2, 0.7, 0.1]], [[0.0, -1.0, 3.0]]])
+    assert select_top_k(rewards, 3).tolist() == [[[1, 0, 2]], [[2, 0, 1]]]
+    with pytest.raises(ValueError, match=r"^top-k must be in \[1, 3\], got 4$"):
+        select_top_k(rewards, 4)
+    # 32 rollouts in two tied levels: the stable order keeps every tie in index order
+    tied = torch.tensor([1.0, 0.0] * 16)
+    assert select_top_k(tied, 16).tolist() == list(range(0, 32, 2))
+    # softmax over the last axis: [0, ln 3] -> [0.5, 1.5] in every row of a [2, 1, 2] tensor
+    top = torch.tensor([[[0.0, math.log(3.0)]], [[math.log(3.0), 0.0]]])
+    torch.testing.assert_close(rank_weights(top, tau=1.0), torch.tensor([[[0.5, 1.5]], [[1.5, 0.5]]]))
+    assert rank_weights(top.double(), tau=1.0, uniform=True).dtype == torch.float32
+    with pytest.raises(ValueError, match="^rank temperature tau must be > 0, got -1.0$"):
+        rank_weights(top, tau=-1.0)
+
+
+def test_losses_keep_the_dtype_of_their_values():
+    """float32 rank weights do not promote float64 losses, nor do float64 weights float32 ones; a
+    bf16 codebook gives bf16 soft codes; the zero reward term has the values' dtype."""
+    weights64 = torch.ones(2, dtype=torch.float64)
+    assert rank_gan_loss(torch.ones(2, 1, 2, 2), weights64).dtype == torch.float32
+    assert reward_backprop_loss(torch.ones(2), weights64).dtype == torch.float32
+    assert optional_reward_backprop_loss(torch.ones(2, dtype=torch.float64), torch.ones(2)).dtype == torch.float64
+    codebook = torch.randn(4, 3, dtype=torch.bfloat16)
+    assert soft_codes(torch.zeros(1, 1, 2), torch.tensor([[[0, 1]]]), codebook).dtype == torch.bfloat16
+
+
+def test_consistency_ramp_defaults_and_a_nonzero_start():
+    # defaults: from 0 at step 0; the span must be given for a ramp
+    assert consistency_weight(1, "linear", end_step=4) == pytest.approx(2.5)
+    assert consistency_weight(0, "linear", end_step=4) == 0.0
+    with pytest.raises(ValueError, match="start_step < end_step"):
+        consistency_weight(1, "linear")
+    # from 2 to 10 over 0..4: half way is 6
+    assert consistency_weight(2, "linear", start_step=0, end_step=4, start_value=2.0, end_value=10.0) == pytest.approx(6.0)
+
+
+def test_reconstruction_anchor_loss_multiplies_the_generator_loss():
+    # 0.2 + 0.3 + 0.5 * 1 * 2 * 4 = 4.5 (a product of every factor, not a ratio)
+    value = reconstruction_anchor_loss(torch.tensor(0.2), torch.tensor(0.3), torch.tensor(4.0), 2.0)
+    assert value.item() == pytest.approx(4.5)

@@ -140,3 +140,76 @@ def test_grpo_policy_loss_without_reference():
     assert "kl" not in stats
     with pytest.raises(ValueError):
         grpo_policy_loss(logp, logp, None, torch.tensor([1.0]), beta=0.05)
+
+
+def test_group_advantages_boundaries_by_hand():
+    # a group of two: mean 0.5, sample std sqrt(0.5) -> A = -+0.5 / sqrt(0.5) = -+sqrt(0.5)
+    pair = torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(group_advantages(pair, 2), torch.tensor([-1.0, 1.0]) * math.sqrt(0.5))
+    # a std exactly at std_eps still counts as spread
+    at_eps = group_advantages(pair, 2, std_eps=float(pair.std()))
+    torch.testing.assert_close(at_eps, torch.tensor([-1.0, 1.0]) * math.sqrt(0.5))
+    # [0, 0, 0, -1]: mean -0.25, sample std 0.5 -> [0.5, 0.5, 0.5, -1.5], clamped below at -1
+    torch.testing.assert_close(group_advantages(torch.tensor([0.0, 0.0, 0.0, -1.0]), 4, clamp=1.0),
+                               torch.tensor([0.5, 0.5, 0.5, -1.0]))  # fmt: skip
+    # float32 advantages whatever the rewards' dtype, single rollouts included
+    assert group_advantages(torch.ones(4, dtype=torch.float64), 1).dtype == torch.float32
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        group_advantages(torch.ones(4), 0)
+    with pytest.raises(ValueError, match="4 rewards do not split into groups of 3"):
+        group_advantages(torch.ones(4), 3)
+
+
+def test_clip_fraction_counts_only_tokens_whose_gradient_is_cut():
+    """The clip cuts rho > 1 + eps with A > 0 and rho < 1 - eps with A < 0, strictly: a ratio on
+    the bound or a zero advantage is not cut. With eps = 0 and ratios exactly 1 nothing is cut."""
+    logp = torch.zeros(4, 1)
+    advantages = torch.tensor([1.0, -1.0, 0.0, 0.5])
+    _, stats = clipped_surrogate_loss(logp, logp, advantages, clip_eps=0.0)
+    assert stats["clip_fraction"].item() == 0.0
+    # ratios e (above 1 + eps) and 1/e (below 1 - eps), eps = 0.2, for each advantage sign and zero
+    logp_new = torch.tensor([[1.0], [1.0], [-1.0], [-1.0], [1.0], [-1.0]])
+    advantages = torch.tensor([1.0, -1.0, -1.0, 0.5, 0.0, 0.0])
+    _, stats = clipped_surrogate_loss(logp_new, torch.zeros(6, 1), advantages)
+    assert stats["clip_fraction"].item() == pytest.approx(2 / 6)  # rows 0 and 2 only
+
+
+def test_default_clip_and_kl_coefficient():
+    """clip_eps 0.2 and beta 0.05 when not given: a ratio of e with A = 1 is clipped to 1.2, and the
+    squared anchor of a log-ratio of 1 is 0.5."""
+    logp_new = torch.ones(1, 1)
+    zero = torch.zeros(1, 1)
+    surrogate, _ = clipped_surrogate_loss(logp_new, zero, torch.ones(1))
+    assert surrogate.item() == pytest.approx(-1.2)
+    loss, _ = grpo_policy_loss(logp_new, zero, zero, torch.ones(1))
+    assert loss.item() == pytest.approx(-1.2 + 0.05 * 0.5)
+
+
+def test_masked_policy_loss_and_statistics_by_hand():
+    """The mask reaches every term and statistic. Two sequences of two tokens, the second token of
+    the first masked out; log-ratios new - old [[ln 2, 5], [0, ln 0.5]], A = [1, -1], eps = 0.2,
+    reference = old."""
+    logp_old = torch.zeros(2, 2)
+    logp_new = torch.tensor([[math.log(2.0), 5.0], [0.0, math.log(0.5)]])
+    advantages = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    loss, stats = grpo_policy_loss(logp_new, logp_old, logp_old, advantages, beta=0.1, mask=mask)
+    # min(rho A, clip(rho) A): sequence 0: min(2, 1.2) = 1.2; sequence 1: (min(-1, -1), min(-0.5, -0.8)) -> -0.9
+    surrogate = -(1.2 + -0.9) / 2
+    # rho cut: sequence 0 token 0 (2 > 1.2, A > 0), sequence 1 token 1 (0.5 < 0.8, A < 0): (1 + 0.5) / 2
+    assert stats["clip_fraction"].item() == pytest.approx(0.75)
+    assert stats["ratio_mean"].item() == pytest.approx((2.0 + (1.0 + 0.5) / 2) / 2)
+    squared = (0.5 * math.log(2.0) ** 2 + (0.0 + 0.5 * math.log(0.5) ** 2) / 2) / 2
+    assert stats["surrogate"].item() == pytest.approx(surrogate)
+    assert stats["kl"].item() == pytest.approx(squared)
+    assert loss.item() == pytest.approx(surrogate + 0.1 * squared)
+    # k3 on d = old - new: exp(d) - d - 1 -> sequence 0: 0.5 + ln 2 - 1; sequence 1: (0, 2 + ln 0.5 - 1) / 2
+    _, stats = grpo_policy_loss(logp_new, logp_old, logp_old, advantages, kl_kind="k3", mask=mask)
+    k3 = ((0.5 + math.log(2.0) - 1.0) + (2.0 + math.log(0.5) - 1.0) / 2) / 2
+    assert stats["kl"].item() == pytest.approx(k3)
+
+
+def test_missing_reference_with_anchor_is_named():
+    logp = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="^grpo_policy_loss needs logp_ref when beta != 0$"):
+        grpo_policy_loss(logp, logp, None, torch.ones(1), beta=0.1)

@@ -26,7 +26,19 @@ from ranke.checkpoint import latest_checkpoint, load_checkpoint
 from ranke.cli import main
 from ranke.config import RunConfig
 from ranke.toy.verifier import score_image
-from ranke.train.posttrain import build_prompt_source, consistency_span, decoder_weights, train_posttrain
+from ranke.models.vq import to_model_range, to_unit_range
+from ranke.train.posttrain import (
+    build_prompt_source,
+    collect_rollout,
+    consistency_span,
+    decoder_loss,
+    decoder_weights,
+    next_prompts,
+    select_rollouts,
+    soft_decode,
+    start_posttrain,
+    train_posttrain,
+)
 
 TINY = ["prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0", "deterministic=true", "seed=3"]
 
@@ -93,6 +105,16 @@ def test_logged_decoder_loss_is_the_weighted_sum_of_its_logged_terms(both_run):
     assert all(rows[-1][f"decoder/{term}"] != 0.0 for term in terms)
 
 
+def test_logged_policy_loss_is_the_surrogate_plus_kl_coef_times_the_anchor(both_run):
+    """The policy stage's objective is clipped surrogate + beta * Omega with the config's beta
+    (toy default 0.05); the anchor is live once the policy has left its reference."""
+    rows = records(both_run)
+    assert rows[-1]["policy/kl"] > 0.0
+    for row in rows:
+        expected = row["policy/surrogate"] + 0.05 * row["policy/kl"]
+        assert row["policy/loss"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
 def test_consistency_ramps_from_zero_to_lambda_c_by_default():
     """`linear` / `cosine` ramp from 0 to lambda_c over the first quarter of the steps unless told
     otherwise; the Janus preset (lambda_c 5) ramps up to 5."""
@@ -114,6 +136,55 @@ def test_consistency_ramps_from_zero_to_lambda_c_by_default():
                                                   reward_backprop_weight=0.5, soft_token_weight=0.125), 60, 0.0)  # fmt: skip
     assert weights == DecoderWeights(recon=2.0, rank_gan=3.0, disc_weight=0.25, disc_factor=0.0, consistency=10.0,
                                      reward=0.5, soft=0.125)  # fmt: skip
+
+
+DISTINCT_WEIGHTS = [
+    "recon_weight=2", "perceptual_weight=0.75", "rank_gan_weight=3", "disc_weight=0.25", "consistency_weight=7",
+    "reward_backprop_weight=0.5", "soft_token_weight=0.125", "recon_kind=l1", "disc_start=0",
+]  # fmt: skip
+
+
+def test_decoder_loss_is_the_method_sum_written_out_from_the_networks(tmp_path):
+    """`decoder_loss` against METHOD.md's objective spelled out from the run's own networks, with
+    a different weight on every term, so that dropping a term or giving it another's weight fails:
+    L = w_recon (L1 + w_p LPIPS + lambda_d lambda_adapt L_gen) + w_rankgan lambda_d L_rankgan
+        + lambda_c L_consist + w_reward L_reward + w_soft L_soft."""
+    run_, _ = start_posttrain("toy", str(tmp_path), [*TINY, *DISTINCT_WEIGHTS], resume=False)
+    models, perceptual, disc, vq = run_.models, run_.models.perceptual, run_.models.disc, run_.models.vq
+    prompts, real_images = next_prompts(run_)
+    rollout = collect_rollout(run_, prompts, {})
+    with torch.no_grad():  # move the online decoder off its EMA copy, so L_consist is not zero
+        vq.last_layer.add_(0.05 * torch.randn(vq.last_layer.shape, generator=torch.Generator().manual_seed(0)))
+    selection = select_rollouts(rollout, real_images.shape[0], run_.pcfg, step=2)
+    real = to_model_range(real_images)
+    with torch.no_grad():
+        codes = vq.encode_codes(real)
+    recon = vq.decode_codes(codes)
+    loss, logged = decoder_loss(run_, rollout, selection, real, recon, step=2, disc_factor=1.0)
+
+    pixel = (recon - real).abs().mean()
+    nll = pixel + 0.75 * perceptual(real, recon).mean()
+    generator = -disc(recon).float().mean()
+    grad_nll, grad_gen = (torch.autograd.grad(t, vq.last_layer, retain_graph=True)[0].norm() for t in (nll, generator))
+    adaptive = (grad_nll / (grad_gen + 1e-4)).clamp(0.0, 1e4)
+    recon_anchor = nll + 0.25 * adaptive * generator
+    decoded = vq.decode_codes(selection.tokens)
+    rank_gan = -(selection.weights * disc(decoded).float().flatten(1).mean(dim=1)).mean()
+    consistency = perceptual(decoded, models.vq_ema.module.decode_codes(selection.tokens)).mean()
+    reward = -(selection.weights * run_.reward.differentiable_score(to_unit_range(decoded), selection.prompts)).mean()
+    soft_decoded = soft_decode(run_.backbone, models.policy, vq, rollout, selection.indices, run_.pcfg.soft_token_top_k)
+    soft = ((soft_decoded - decoded) ** 2).mean()
+    expected = 2 * recon_anchor + 3 * 0.25 * rank_gan + 7 * consistency + 0.5 * reward + 0.125 * soft
+
+    def number(value) -> float:
+        return float(value.detach()) if torch.is_tensor(value) else float(value)
+
+    for name, value in [("pixel", pixel), ("recon_anchor", recon_anchor), ("generator", generator),
+                        ("rank_gan", rank_gan), ("consistency", consistency), ("reward_backprop", reward),
+                        ("soft_token", soft)]:  # fmt: skip
+        assert number(value) != 0.0, name
+        assert number(logged[f"decoder/{name}"]) == pytest.approx(number(value), rel=1e-5, abs=1e-7), name
+    assert number(loss) == pytest.approx(number(expected), rel=1e-5)
 
 
 def test_decoder_stage_moves_only_decoder_and_post_quant_conv(both_run):

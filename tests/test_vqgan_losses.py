@@ -227,3 +227,26 @@ def test_perceptual_distance_is_float32_inside_bf16_autocast(distance):
     assert under_autocast.dtype == torch.float32
     torch.testing.assert_close(under_autocast, distance(x.bfloat16().float(), y), rtol=1e-6, atol=1e-7)
     assert reference.dtype == torch.float32
+
+
+def test_default_reconstruction_is_l1():
+    assert reconstruction_loss(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 1.0])).item() == pytest.approx(1.0)
+
+
+def test_object_pixel_weight_defaults_threshold_and_batch():
+    # two images of 1 x 7 pixels; image 0 has one object pixel in the middle, image 1 none. The
+    # default margin of 2 grows it to 5 pixels; a chroma exactly at the threshold counts.
+    unit = torch.full((2, 3, 1, 7), 0.5)
+    unit[0, 0, 0, 3] = 0.75  # chroma 0.25
+    x = unit * 2 - 1
+    weight = object_pixel_weight(x, object_weight=1.0, chroma_threshold=0.25)
+    assert weight.shape == (2, 1, 1, 7)
+    torch.testing.assert_close(weight[0].flatten(), torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.0]))
+    torch.testing.assert_close(weight[1].flatten(), torch.ones(7))
+
+
+def test_adaptive_generator_weight_below_one():
+    weight = torch.tensor([1.0, -2.0], requires_grad=True)
+    recon = (torch.tensor([0.6, 0.8]) * weight).sum()  # gradient norm 1
+    gen = (torch.tensor([3.0, 4.0]) * weight).sum()  # gradient norm 5
+    assert adaptive_generator_weight(recon, gen, weight).item() == pytest.approx(1.0 / (5.0 + 1e-4))
