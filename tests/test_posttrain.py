@@ -140,7 +140,7 @@ def test_consistency_ramps_from_zero_to_lambda_c_by_default():
 
 DISTINCT_WEIGHTS = [
     "recon_weight=2", "perceptual_weight=0.75", "rank_gan_weight=3", "disc_weight=0.25", "consistency_weight=7",
-    "reward_backprop_weight=0.5", "soft_token_weight=0.125", "recon_kind=l1", "disc_start=0",
+    "reward_backprop_weight=0.5", "soft_token_weight=0.125", "recon_kind=l1", "disc_start=0", "rank_top_k=2",
 ]  # fmt: skip
 
 
@@ -156,6 +156,7 @@ def test_decoder_loss_is_the_method_sum_written_out_from_the_networks(tmp_path):
     with torch.no_grad():  # move the online decoder off its EMA copy, so L_consist is not zero
         vq.last_layer.add_(0.05 * torch.randn(vq.last_layer.shape, generator=torch.Generator().manual_seed(0)))
     selection = select_rollouts(rollout, real_images.shape[0], run_.pcfg, step=2)
+    assert selection.weights.max() > selection.weights.min() + 0.01  # rank weights that matter
     real = to_model_range(real_images)
     with torch.no_grad():
         codes = vq.encode_codes(real)
