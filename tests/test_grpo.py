@@ -187,10 +187,10 @@ def test_default_clip_and_kl_coefficient():
 
 def test_masked_policy_loss_and_statistics_by_hand():
     """The mask reaches every term and statistic. Two sequences of two tokens, the second token of
-    the first masked out; log-ratios new - old [[ln 2, 5], [0, ln 0.5]], A = [1, -1], eps = 0.2,
+    the first masked out; log-ratios new - old [[ln 2, 0], [0, ln 0.5]], A = [1, -1], eps = 0.2,
     reference = old."""
     logp_old = torch.zeros(2, 2)
-    logp_new = torch.tensor([[math.log(2.0), 5.0], [0.0, math.log(0.5)]])
+    logp_new = torch.tensor([[math.log(2.0), 0.0], [0.0, math.log(0.5)]])
     advantages = torch.tensor([1.0, -1.0])
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     loss, stats = grpo_policy_loss(logp_new, logp_old, logp_old, advantages, beta=0.1, mask=mask)
