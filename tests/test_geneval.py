@@ -5,6 +5,9 @@ the colour classifier on a tiny CLIP, and the summary by hand."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from ranke.eval.geneval import (
     keep_detections,
     read_metadata,
     relative_position,
+    sample_geneval,
     score_geneval_folder,
     summarize,
 )
@@ -116,6 +120,25 @@ def test_toy_backbone_samples_into_the_geneval_layout_and_resumes(tmp_path, caps
         main(["eval", "--protocol", "geneval", "--metadata", other, "--out", str(out), "--n-per-prompt", "2"])
     assert exit_info.value.code == 2
     assert "holds another prompt than line 1" in capsys.readouterr().err
+
+
+def test_two_processes_sample_the_folder_of_one(tmp_path):
+    """Under torchrun each process samples 2 rows of every batch of 4 (`ranke.generate.sample_into_dir`)."""
+    records = [*TOY_METADATA, dict(TOY_METADATA[0], prompt="a picture of a small yellow circle")]
+    metadata = write_metadata(tmp_path / "evaluation_metadata.jsonl", records)
+    sample_geneval(metadata, tmp_path / "one", n_per_prompt=2, seed=5, batch_size=4, device="cpu")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
+               "eval", "--protocol", "geneval", "--metadata", metadata, "--out", str(tmp_path / "two"),
+               "--n-per-prompt", "2", "--seed", "5", "--batch-size", "4"]  # fmt: skip
+    env = {**os.environ, "RANKE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode == 0, done.stdout.decode()[-3000:]
+    check_layout(tmp_path / "two", records, 2, 64)
+    for name in relative_files(tmp_path / "one"):
+        if name.endswith(".png"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / name)), np.asarray(Image.open(tmp_path / "two" / name)))
+        else:
+            assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
 
 
 def test_llamagen_layout_model_samples_into_the_geneval_layout(llamagen_files, tmp_path, capsys):  # noqa: F811
@@ -391,7 +414,7 @@ def test_color_classifier_is_clip_zero_shot_over_the_three_templates(tiny_clip_d
     detections = [Detection((2, 3, 12, 15), 0.9), Detection((10, 0, 30, 20), 0.8)]
     expected = []
     for d in detections:
-        pixels = torch.from_numpy(np.asarray(object_crop(image, d))).permute(2, 0, 1)[None].float() / 255
+        pixels = torch.from_numpy(np.array(object_crop(image, d))).permute(2, 0, 1)[None].float() / 255
         expected.append(COLORS[int((clip.image_embeddings(pixels) @ weights.T).argmax())])
     assert classifier(image, "dog", detections) == expected
 
@@ -419,6 +442,8 @@ def test_scoring_a_folder_writes_results_and_summary(tiny_mask2former_dir, tiny_
     for r in results:
         details = json.loads(r["details"])
         assert all(len(boxes) <= 16 and all(b[4] > 0 for b in boxes) for boxes in details.values())
+    colour_checks = [r["reason"] for r in results if r["tag"] == "colors"]
+    assert all(reason == "" or reason.startswith("expected red triangle>=1, found 0 red; and 1 ") for reason in colour_checks)
     assert scored["rules"]["threshold"] == 0.0 and "not the official" in scored["scorer"]
 
     unknown = write_metadata(tmp_path / "unknown.jsonl", [dict(TOY_METADATA[0], include=[{"class": "dog", "count": 1}])])
@@ -426,3 +451,4 @@ def test_scoring_a_folder_writes_results_and_summary(tiny_mask2former_dir, tiny_
         main(["eval", "--protocol", "geneval", "--metadata", unknown, "--out", str(tmp_path / "other"),
               "--n-per-prompt", "1", "--detector", str(tiny_mask2former_dir), "--clip-path", str(tiny_clip_dir)])  # fmt: skip
     assert "has no class 'dog'" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()  # refused before sampling

@@ -360,6 +360,17 @@ def folder_images(folder: Path) -> list[tuple[Path, dict]]:
     return found
 
 
+def check_detector_classes(records: list[dict], detector_path: str) -> None:
+    """One clear error when the metadata names a class the detector does not know."""
+    from ranke.eval.geneval_models import detector_classes
+
+    classes = detector_classes(detector_path)
+    unknown = sorted({c["class"] for r in records for c in r["include"] + r.get("exclude", [])} - set(classes))
+    if unknown:
+        raise UserError(f"detector '{detector_path}' has no class {', '.join(repr(u) for u in unknown)} "
+                        f"(its classes: {', '.join(classes)})")  # fmt: skip
+
+
 def score_image(image: Image.Image, record: dict, detector, colors, rules: Rules = Rules()) -> tuple[bool, str, dict]:
     """(correct, reason, kept detections) of one image under the rules."""
     kept = keep_detections(detector(image), record["tag"], rules)
@@ -376,12 +387,9 @@ def score_geneval_folder(
 
     folder = Path(folder)
     images = folder_images(folder)
+    check_detector_classes([record for _, record in images], detector_path)
     torch_device = select_device(device)
     detector = Mask2FormerDetector(detector_path, torch_device)
-    unknown = sorted({c["class"] for _, r in images for c in r["include"] + r.get("exclude", [])} - set(detector.classes))
-    if unknown:
-        raise UserError(f"detector '{detector_path}' has no class {', '.join(repr(u) for u in unknown)} "
-                        f"(its classes: {', '.join(detector.classes)})")  # fmt: skip
     colors = ColorClassifier(clip_path, torch_device)
     results = []
     for path, record in progress(images, desc="GenEval scoring"):
@@ -406,30 +414,20 @@ def score_geneval_folder(
 
 
 def evaluate_geneval(
-    metadata: str,
-    out_dir: str,
-    ckpt: str | None = None,
-    n_per_prompt: int = 4,
-    seed: int = 42,
-    policy: str = "online",
-    decoder: str = "online",
-    backbone: BackboneConfig | None = None,
-    cfg_scale: float | None = None,
-    batch_size: int = 64,
-    detector_path: str | None = None,
-    clip_path: str | None = None,
-    device: str = "auto",
+    metadata: str, out_dir: str, detector_path: str | None = None, clip_path: str | None = None, **sampling
 ) -> dict:
-    """`ranke eval --protocol geneval`: sample (`sample_geneval`), then, given a detector and a
-    CLIP, score (`score_geneval_folder`); the result names the official command for the folder."""
+    """`ranke eval --protocol geneval`: sample (`sample_geneval`, which takes the `sampling`
+    keywords), then, given a detector and a CLIP, score (`score_geneval_folder`); the result
+    names the official command for the folder."""
     from accelerate import PartialState
 
     if (detector_path is None) != (clip_path is None):
         raise UserError("scoring GenEval needs both --detector (a local Mask2Former directory) and --clip-path (CLIP ViT-L/14)")
-    result = sample_geneval(metadata, out_dir, ckpt, n_per_prompt, seed, policy, decoder, backbone, cfg_scale,
-                            batch_size, device)  # fmt: skip
+    if detector_path is not None:
+        check_detector_classes(read_metadata(metadata), detector_path)  # before hours of sampling
+    result = sample_geneval(metadata, out_dir, **sampling)
     result["official_command"] = OFFICIAL_COMMAND.format(folder=out_dir)
     if detector_path is not None and PartialState().is_main_process:
-        summary = score_geneval_folder(out_dir, detector_path, clip_path, device=device)
+        summary = score_geneval_folder(out_dir, detector_path, clip_path, device=sampling.get("device", "auto"))
         result.update(scores=str(Path(out_dir) / SCORES_DIR), overall=summary["overall"], by_tag=summary["by_tag"])
     return result

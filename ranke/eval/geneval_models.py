@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,19 @@ def instance_detections(
     return {name: sorted(found, key=lambda d: -d.score) for name, found in detections.items()}
 
 
+def detector_classes(path: str | Path) -> list[str]:
+    """The class names of a Mask2Former directory (its config's id2label, in GenEval's spelling),
+    read without loading the weights."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "preprocessor_config.json").is_file():
+        raise UserError(
+            f"Mask2Former directory '{path}' not found or incomplete (needs config.json, the weights and "
+            "preprocessor_config.json, as save_pretrained writes them)"
+        )
+    labels = json.loads((path / "config.json").read_text()).get("id2label") or {}
+    return [geneval_name(labels[key]) for key in sorted(labels, key=int)]
+
+
 class Mask2FormerDetector:
     """`detector(image) -> {class name: [Detection, ...]}` for a PIL RGB image (all candidates,
     best first; `ranke.eval.geneval.keep_detections` applies the thresholds)."""
@@ -72,12 +86,7 @@ class Mask2FormerDetector:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", max_per_image: int = MAX_PER_IMAGE):
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        path = Path(path)
-        if not (path / "config.json").is_file() or not (path / "preprocessor_config.json").is_file():
-            raise UserError(
-                f"Mask2Former directory '{path}' not found or incomplete (needs config.json, the weights and "
-                "preprocessor_config.json, as save_pretrained writes them)"
-            )
+        self.labels = detector_classes(path)
         try:
             self.model = Mask2FormerForUniversalSegmentation.from_pretrained(path, local_files_only=True)
             self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
@@ -85,7 +94,6 @@ class Mask2FormerDetector:
             raise UserError(f"cannot load Mask2Former from '{path}': {str(err).splitlines()[0]}") from None
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
-        self.labels = [geneval_name(self.model.config.id2label[i]) for i in range(self.model.config.num_labels)]
         self.max_per_image = max_per_image
 
     @property
@@ -140,6 +148,6 @@ class ColorClassifier:
         classifier = self.classifier(name)
         colors = []
         for detection in detections:
-            pixels = torch.from_numpy(np.asarray(object_crop(image, detection))).permute(2, 0, 1)[None].float() / 255
+            pixels = torch.from_numpy(np.array(object_crop(image, detection))).permute(2, 0, 1)[None].float() / 255
             colors.append(COLORS[int((self.clip.image_embeddings(pixels) @ classifier.T).argmax())])
         return colors
