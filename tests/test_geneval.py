@@ -39,6 +39,7 @@ from ranke.eval.geneval_models import (
     geneval_name,
     instance_detections,
     mask_box,
+    masks_at_image_size,
     object_crop,
 )
 from ranke.rewards.clip import CLIPReward
@@ -131,14 +132,15 @@ def test_two_processes_sample_the_folder_of_one(tmp_path):
                "eval", "--protocol", "geneval", "--metadata", metadata, "--out", str(tmp_path / "two"),
                "--n-per-prompt", "2", "--seed", "5", "--batch-size", "4"]  # fmt: skip
     env = {**os.environ, "RANKE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300, check=False)
     assert done.returncode == 0, done.stdout.decode()[-3000:]
     check_layout(tmp_path / "two", records, 2, 64)
     for name in relative_files(tmp_path / "one"):
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
         if name.endswith(".png"):
-            assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / name)), np.asarray(Image.open(tmp_path / "two" / name)))
+            assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(two))), name
         else:
-            assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+            assert one.read_text() == two.read_text(), name
 
 
 def test_llamagen_layout_model_samples_into_the_geneval_layout(llamagen_files, tmp_path, capsys):  # noqa: F811
@@ -164,8 +166,8 @@ def test_llamagen_layout_model_samples_into_the_geneval_layout(llamagen_files, t
         ('{"tag": "colors", "include": [{"class": "dog"}], "prompt": "a dog"}', "positive integer 'count'"),
         ('{"tag": "position", "include": [{"class": "dog", "count": 1, "position": ["left of", 0]}], "prompt": "p"}',
          "earlier include clause"),
-        ('{"tag": "position", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, '
-         '"position": ["beside", 0]}], "prompt": "p"}', "relation one of"),
+        (('{"tag": "position", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1, '
+          '"position": ["beside", 0]}], "prompt": "p"}'), "relation one of"),
         ("not json", "not a JSON object"),
     ],
 )
@@ -343,6 +345,18 @@ def test_instance_detections_by_hand():
     assert found["cat"][0].box == (0.0, 0.0, 0.0, 0.0)
 
 
+def test_masks_are_cut_out_of_the_padding_before_resizing():
+    """A 16 x 16 input whose right half is padding; the query's logits are positive on the left
+    half only: at the original image's size (10 x 5, the resized image's aspect) the mask covers it all."""
+    logits = torch.tensor([[1.0, 1.0, -1.0, -1.0]]).repeat(4, 1)[None]  # [1, 4, 4] at 1/4 of the input
+    pixel_mask = torch.zeros(16, 16, dtype=torch.long)
+    pixel_mask[:, :8] = 1
+    masks = masks_at_image_size(logits, pixel_mask, (10, 5))
+    assert masks.shape == (1, 10, 5) and bool((masks > 0).all())
+    unpadded = masks_at_image_size(logits, torch.ones(16, 16, dtype=torch.long), (10, 6))
+    assert (unpadded > 0)[0, :, :3].all() and not (unpadded > 0)[0, :, 3:].any()
+
+
 LABELS = {0: "circle", 1: "square", 2: "triangle", 3: "mouse"}
 
 
@@ -350,8 +364,12 @@ LABELS = {0: "circle", 1: "square", 2: "triangle", 3: "mouse"}
 def tiny_mask2former_dir(tmp_path_factory):
     """A randomly initialised tiny Mask2Former (Swin backbone, nothing pretrained) and its image
     processor, saved as save_pretrained does; no download."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-    from transformers import Mask2FormerImageProcessor
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     directory = tmp_path_factory.mktemp("tiny_mask2former")
     swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
@@ -419,7 +437,8 @@ def test_color_classifier_is_clip_zero_shot_over_the_three_templates(tiny_clip_d
     assert classifier(image, "dog", detections) == expected
 
 
-def test_scoring_a_folder_writes_results_and_summary(tiny_mask2former_dir, tiny_clip_dir, tmp_path, capsys, one_thread):  # noqa: F811
+def test_scoring_a_folder_writes_results_and_summary(tiny_mask2former_dir, tiny_clip_dir, tmp_path, capsys,  # noqa: F811
+                                                      one_thread):
     records = [dict(TOY_METADATA[0], include=[{"class": "triangle", "count": 1, "color": "red"}], tag="colors"),
                *TOY_METADATA[1:]]  # fmt: skip
     metadata = write_metadata(tmp_path / "evaluation_metadata.jsonl", records)
@@ -443,10 +462,11 @@ def test_scoring_a_folder_writes_results_and_summary(tiny_mask2former_dir, tiny_
         details = json.loads(r["details"])
         assert all(len(boxes) <= 16 and all(b[4] > 0 for b in boxes) for boxes in details.values())
     colour_checks = [r["reason"] for r in results if r["tag"] == "colors"]
-    assert all(reason == "" or reason.startswith("expected red triangle>=1, found 0 red; and 1 ") for reason in colour_checks)
+    assert all(r == "" or r.startswith("expected red triangle>=1, found 0 red; and 1 ") for r in colour_checks)
     assert scored["rules"]["threshold"] == 0.0 and "not the official" in scored["scorer"]
 
-    unknown = write_metadata(tmp_path / "unknown.jsonl", [dict(TOY_METADATA[0], include=[{"class": "dog", "count": 1}])])
+    dog = dict(TOY_METADATA[0], include=[{"class": "dog", "count": 1}])
+    unknown = write_metadata(tmp_path / "unknown.jsonl", [dog])
     with pytest.raises(SystemExit):
         main(["eval", "--protocol", "geneval", "--metadata", unknown, "--out", str(tmp_path / "other"),
               "--n-per-prompt", "1", "--detector", str(tiny_mask2former_dir), "--clip-path", str(tiny_clip_dir)])  # fmt: skip

@@ -55,15 +55,14 @@ GRID_FILE = "grid.png"
 # Our scorer's output folder inside the sample folder; the official evaluator reads only the
 # numbered prompt folders, so it ignores it.
 SCORES_DIR = "scores_hf_mask2former"
-TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 # The zero-shot colour classifier of a class averages these prompts per colour.
 COLOR_TEMPLATES = ("a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object")
 CROP_BACKGROUND = (153, 153, 153)  # grey #999 behind an object's mask
 OFFICIAL_COMMAND = (
-    'python evaluation/evaluate_images.py "{folder}" --outfile "{folder}/results.jsonl" --model-path "<DETECTOR_FOLDER>"'
-    ' && python evaluation/summary_scores.py "{folder}/results.jsonl"'
+    'python evaluation/evaluate_images.py "{folder}" --outfile "{folder}/results.jsonl" '
+    '--model-path "<DETECTOR_FOLDER>" && python evaluation/summary_scores.py "{folder}/results.jsonl"'
 )
 
 
@@ -100,7 +99,7 @@ def read_metadata(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             raise UserError(f"{path}:{number}: not a JSON object") from None
         problem = None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not isinstance(record.get("tag"), str):
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("prompt", "tag")):
             problem = "expected a JSON object with 'tag', 'prompt' and 'include'"
         elif not isinstance(record.get("include"), list) or not record["include"]:
             problem = "'include' must be a non-empty list of clauses"
@@ -155,12 +154,12 @@ def write_prompt_metadata(out: Path, records: list[dict], write: bool) -> None:
 
 
 def write_grids(out: Path, n_prompts: int, n_per_prompt: int) -> None:
-    """`grid.png` of each prompt folder: its samples side by side (skipped when present)."""
+    """`grid.png` of each prompt folder: its samples side by side (rewritten, so it always shows
+    the samples there are)."""
     for index in range(n_prompts):
-        grid = out / prompt_folder(index) / GRID_FILE
-        if not grid.is_file():
-            images = [np.asarray(Image.open(out / sample_path(index, s)).convert("RGB")) for s in range(n_per_prompt)]
-            save_image_grid(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, grid, nrow=n_per_prompt)
+        images = [np.asarray(Image.open(out / sample_path(index, s)).convert("RGB")) for s in range(n_per_prompt)]
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+        save_image_grid(pixels, out / prompt_folder(index) / GRID_FILE, nrow=n_per_prompt)
 
 
 def sample_geneval(
@@ -217,7 +216,7 @@ class Rules:
     position_margin: float = 0.1  # fraction of the two boxes' summed sizes an offset must exceed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: masks are arrays
 class Detection:
     """One detected instance: box (x1, y1, x2, y2) in pixels, score, and its mask (bool [H, W])."""
 
@@ -238,7 +237,9 @@ def box_iou(a, b) -> float:
     return inter / union if union else 0.0
 
 
-def keep_detections(detections: dict[str, list[Detection]], tag: str, rules: Rules = Rules()) -> dict[str, list[Detection]]:
+def keep_detections(
+    detections: dict[str, list[Detection]], tag: str, rules: Rules = Rules()
+) -> dict[str, list[Detection]]:
     """The detections the rules look at, per class, best first (classes left empty are dropped)."""
     threshold = rules.counting_threshold if tag == "counting" else rules.threshold
     kept = {}
@@ -272,7 +273,9 @@ def relative_position(a: Detection, b: Detection, margin: float = Rules.position
     return {relation for relation, holds in found.items() if holds}
 
 
-def judge(metadata: dict, detections: dict[str, list[Detection]], colors_of, rules: Rules = Rules()) -> tuple[bool, str]:
+def judge(
+    metadata: dict, detections: dict[str, list[Detection]], colors_of, rules: Rules = Rules()
+) -> tuple[bool, str]:
     """Whether an image's kept detections (`keep_detections`) satisfy a metadata record, and why
     not (one line per failed clause, the official evaluator's wording).
 
@@ -422,7 +425,9 @@ def evaluate_geneval(
     from accelerate import PartialState
 
     if (detector_path is None) != (clip_path is None):
-        raise UserError("scoring GenEval needs both --detector (a local Mask2Former directory) and --clip-path (CLIP ViT-L/14)")
+        raise UserError(
+            "scoring GenEval needs both --detector (a local Mask2Former directory) and --clip-path (CLIP ViT-L/14)"
+        )
     if detector_path is not None:
         check_detector_classes(read_metadata(metadata), detector_path)  # before hours of sampling
     result = sample_geneval(metadata, out_dir, **sampling)

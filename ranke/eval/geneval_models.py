@@ -61,7 +61,8 @@ def instance_detections(
     masks = logits > 0
     mask_quality = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
     detections: dict[str, list[Detection]] = {}
-    for class_index, score, mask in zip((flat % num_classes).tolist(), (scores * mask_quality).tolist(), masks.cpu().numpy()):
+    classes, final_scores = (flat % num_classes).tolist(), (scores * mask_quality).tolist()
+    for class_index, score, mask in zip(classes, final_scores, masks.cpu().numpy()):
         detections.setdefault(labels[class_index], []).append(Detection(mask_box(mask), score, mask))
     return {name: sorted(found, key=lambda d: -d.score) for name, found in detections.items()}
 
@@ -77,6 +78,15 @@ def detector_classes(path: str | Path) -> list[str]:
         )
     labels = json.loads((path / "config.json").read_text()).get("id2label") or {}
     return [geneval_name(labels[key]) for key in sorted(labels, key=int)]
+
+
+def masks_at_image_size(mask_logits: torch.Tensor, pixel_mask: torch.Tensor, image_size: tuple[int, int]):
+    """Mask logits [Q, h, w] of a padded input (`pixel_mask` [H_in, W_in]: 1 on the resized image,
+    0 on the padding) at the original image's size [Q, height, width]: bilinear to the input's
+    size, the resized image cut out of the padding, bilinear to the image's size."""
+    masks = F.interpolate(mask_logits[None].float(), size=pixel_mask.shape, mode="bilinear", align_corners=False)
+    rows, columns = int(pixel_mask.any(dim=1).sum()), int(pixel_mask.any(dim=0).sum())
+    return F.interpolate(masks[:, :, :rows, :columns], size=image_size, mode="bilinear", align_corners=False)[0]
 
 
 class Mask2FormerDetector:
@@ -106,12 +116,8 @@ class Mask2FormerDetector:
         pixel_values = inputs["pixel_values"].to(self.device)
         pixel_mask = inputs["pixel_mask"].to(self.device)
         outputs = self.model(pixel_values=pixel_values, pixel_mask=pixel_mask)
-        # Mask logits come at 1/4 of the padded input: back to its size, crop the resized image
-        # out of the padding, then resize to the original image.
-        masks = F.interpolate(outputs.masks_queries_logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
-        rows, columns = int(pixel_mask[0].any(dim=1).sum()), int(pixel_mask[0].any(dim=0).sum())
-        masks = F.interpolate(masks[:, :, :rows, :columns], size=(image.height, image.width), mode="bilinear", align_corners=False)
-        return instance_detections(outputs.class_queries_logits[0], masks[0], self.labels, self.max_per_image)
+        masks = masks_at_image_size(outputs.masks_queries_logits[0], pixel_mask[0], (image.height, image.width))
+        return instance_detections(outputs.class_queries_logits[0], masks, self.labels, self.max_per_image)
 
 
 def object_crop(image: Image.Image, detection: Detection) -> Image.Image:
