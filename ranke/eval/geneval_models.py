@@ -23,7 +23,8 @@ from ranke.eval.geneval import COLOR_TEMPLATES, COLORS, CROP_BACKGROUND, Detecti
 from ranke.runtime import UserError
 
 # COCO label names that GenEval spells differently (its evaluation/object_names.txt).
-GENEVAL_NAMES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard", "tvmonitor": "tv"}
+GENEVAL_NAMES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard", "tvmonitor": "tv",
+                 "brocolli": "broccoli"}  # fmt: skip (a misspelling some COCO label lists carry)
 MAX_PER_IMAGE = 100  # instances kept per image before any threshold, as mmdetection's Mask2Former test config
 
 
