@@ -45,9 +45,10 @@ import torch
 from PIL import Image
 
 from ranke.config import BackboneConfig
+from ranke.eval.geneval_models import COLORS, ColorClassifier, Detection, Mask2FormerDetector, detector_classes
 from ranke.generate import load_backbone, sample_into_dir
+from ranke.images import save_image_grid
 from ranke.runtime import UserError, progress, select_device
-from ranke.train.logging import save_image_grid
 
 METADATA_FILE = "metadata.jsonl"
 SAMPLES_DIR = "samples"
@@ -56,10 +57,6 @@ GRID_FILE = "grid.png"
 # numbered prompt folders, so it ignores it.
 SCORES_DIR = "scores_hf_mask2former"
 RELATIONS = ("left of", "right of", "above", "below")
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-# The zero-shot colour classifier of a class averages these prompts per colour.
-COLOR_TEMPLATES = ("a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object")
-CROP_BACKGROUND = (153, 153, 153)  # grey #999 behind an object's mask
 OFFICIAL_COMMAND = (
     'python evaluation/evaluate_images.py "{folder}" --outfile "{folder}/results.jsonl" '
     '--model-path "<DETECTOR_FOLDER>" && python evaluation/summary_scores.py "{folder}/results.jsonl"'
@@ -216,15 +213,6 @@ class Rules:
     position_margin: float = 0.1  # fraction of the two boxes' summed sizes an offset must exceed
 
 
-@dataclass(frozen=True, eq=False)  # compared by identity: masks are arrays
-class Detection:
-    """One detected instance: box (x1, y1, x2, y2) in pixels, score, and its mask (bool [H, W])."""
-
-    box: tuple[float, float, float, float]
-    score: float
-    mask: np.ndarray | None = None
-
-
 def box_iou(a, b) -> float:
     """IoU of two (x1, y1, x2, y2) boxes with the evaluator's inclusive pixel convention (a box
     from 0 to 9 is 10 pixels wide); 0 when the union is empty."""
@@ -365,8 +353,6 @@ def folder_images(folder: Path) -> list[tuple[Path, dict]]:
 
 def check_detector_classes(records: list[dict], detector_path: str) -> None:
     """One clear error when the metadata names a class the detector does not know."""
-    from ranke.eval.geneval_models import detector_classes
-
     classes = detector_classes(detector_path)
     unknown = sorted({c["class"] for r in records for c in r["include"] + r.get("exclude", [])} - set(classes))
     if unknown:
@@ -386,8 +372,6 @@ def score_geneval_folder(
 ) -> dict:
     """Score a GenEval folder with our detector and CLIP: `FOLDER/scores_hf_mask2former/` gets
     results.jsonl (one line per image with the official evaluator's keys) and summary.json."""
-    from ranke.eval.geneval_models import ColorClassifier, Mask2FormerDetector
-
     folder = Path(folder)
     images = folder_images(folder)
     check_detector_classes([record for _, record in images], detector_path)

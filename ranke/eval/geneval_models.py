@@ -1,4 +1,5 @@
-"""The models behind our GenEval scorer (`ranke.eval.geneval`), from local directories only.
+"""The models behind our GenEval scorer (`ranke.eval.geneval`), from local directories only,
+and what they give the rules: `Detection`s and colour names.
 
 * `Mask2FormerDetector`: a transformers Mask2FormerForUniversalSegmentation instance-segmentation
   checkpoint (e.g. a COCO-instance Swin-S one saved with `save_pretrained`, with its
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ranke.eval.geneval import COLOR_TEMPLATES, COLORS, CROP_BACKGROUND, Detection
 from ranke.runtime import UserError
+
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+# The zero-shot colour classifier of a class averages these prompts per colour.
+COLOR_TEMPLATES = ("a photo of a {color} {name}", "a photo of a {color}-colored {name}", "a photo of a {color} object")
+CROP_BACKGROUND = (153, 153, 153)  # grey #999 behind an object's mask
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: masks are arrays
+class Detection:
+    """One detected instance: box (x1, y1, x2, y2) in pixels, score, and its mask (bool [H, W])."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    mask: np.ndarray | None = None
+
 
 # COCO label names that GenEval spells differently (its evaluation/object_names.txt).
 GENEVAL_NAMES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard", "tvmonitor": "tv",
