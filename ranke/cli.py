@@ -147,7 +147,8 @@ def cmd_fid(args) -> None:
 def cmd_eval(args) -> None:
     for option, protocols in EVAL_PROTOCOL_OPTIONS.items():
         if getattr(args, option) is not None and args.protocol not in protocols:
-            flag, others = option.replace("_", "-"), " and ".join(protocols)
+            flag = option.replace("_", "-")
+            others = protocols[0] if len(protocols) == 1 else f"{', '.join(protocols[:-1])} and {protocols[-1]}"
             raise UserError(f"--{flag} does not apply to --protocol {args.protocol} (only to {others})")
     overrides = _overrides(args)
     if args.protocol == "hpsv2":

@@ -127,7 +127,7 @@ def test_two_processes_sample_the_folder_of_one(tmp_path):
     """Under torchrun each process samples 2 rows of every batch of 4 (`ranke.generate.sample_into_dir`)."""
     records = [*TOY_METADATA, dict(TOY_METADATA[0], prompt="a picture of a small yellow circle")]
     metadata = write_metadata(tmp_path / "evaluation_metadata.jsonl", records)
-    sample_geneval(metadata, tmp_path / "one", n_per_prompt=2, seed=5, batch_size=4, device="cpu")
+    sample_geneval(metadata, tmp_path / "one", n_per_prompt=2, seed=5, batch_size=4, overrides=["device=cpu"])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
                "eval", "--protocol", "geneval", "--metadata", metadata, "--out", str(tmp_path / "two"),
                "--n-per-prompt", "2", "--seed", "5", "--batch-size", "4"]  # fmt: skip

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ranke.config import BackboneConfig
+from ranke import config as config_lib
+from ranke.config import RunConfig
 from ranke.eval.geneval_models import COLORS, ColorClassifier, Detection, Mask2FormerDetector, detector_classes
 from ranke.generate import load_backbone, sample_into_dir
 from ranke.images import save_image_grid
@@ -167,15 +169,14 @@ def sample_geneval(
     seed: int = 42,
     policy: str = "online",
     decoder: str = "online",
-    backbone: BackboneConfig | None = None,
-    cfg_scale: float | None = None,
     batch_size: int = 64,
-    device: str = "auto",
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Sample every prompt of a GenEval metadata file into the benchmark's layout (module docstring).
 
-    Resumable (finished batches are skipped; a complete folder loads no model) and split across
-    processes under `torchrun` / `accelerate launch` (`ranke.generate.sample_into_dir`).
+    The model and config `overrides` are those of `ranke.generate.load_backbone`. Resumable
+    (finished batches are skipped; a complete folder loads no model) and split across processes
+    under `torchrun` / `accelerate launch` (`ranke.generate.sample_into_dir`).
     """
     from accelerate import PartialState
 
@@ -190,10 +191,9 @@ def sample_geneval(
     summary = {"n_prompts": len(records), "n_per_prompt": n_per_prompt, "n": len(names), "seed": seed,
                "out": str(out), "ckpt": ckpt, "policy": policy, "decoder": decoder}  # fmt: skip
     if not all((out / name).is_file() for name in names):
-        model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)
-        sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
-        summary["cfg_scale"] = sampling.cfg_scale
-        summary["processes"] = sample_into_dir(model, sampling, prompts, out, seed, batch_size, names)
+        model, cfg = load_backbone(ckpt, policy, decoder, overrides)
+        summary["cfg_scale"] = cfg.sampling.cfg_scale
+        summary["processes"] = sample_into_dir(model, cfg.sampling, prompts, out, seed, batch_size, names)
     if state.is_main_process:
         write_grids(out, len(records), n_per_prompt)
     return summary
@@ -417,6 +417,7 @@ def evaluate_geneval(
     result = sample_geneval(metadata, out_dir, **sampling)
     result["official_command"] = OFFICIAL_COMMAND.format(folder=out_dir)
     if detector_path is not None and PartialState().is_main_process:
-        summary = score_geneval_folder(out_dir, detector_path, clip_path, device=sampling.get("device", "auto"))
+        device = config_lib.load(RunConfig, None, sampling.get("overrides", ())).device
+        summary = score_geneval_folder(out_dir, detector_path, clip_path, device=device)
         result.update(scores=str(Path(out_dir) / SCORES_DIR), overall=summary["overall"], by_tag=summary["by_tag"])
     return result
