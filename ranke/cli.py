@@ -32,11 +32,14 @@ EVAL_PROTOCOL_OPTIONS = {
     "hpsv2_path": ("hpsv2",),
     "captions": ("coco30k",),
     "ref_dir": ("coco30k",),
-    "clip_path": ("coco30k",),
+    "clip_path": ("coco30k", "geneval"),
+    "metadata": ("geneval",),
+    "n_per_prompt": ("geneval",),
+    "detector": ("geneval",),
     "features": ("coco30k",),
     "inception_weights": ("coco30k",),
     # the toy judges score toy-world models only
-    **{flag: ("coco30k", "hpsv2") for flag, key in FLAG_KEYS.items() if key.startswith("backbone.")},
+    **{flag: ("coco30k", "hpsv2", "geneval") for flag, key in FLAG_KEYS.items() if key.startswith("backbone.")},
 }
 
 
@@ -150,7 +153,8 @@ def cmd_fid(args) -> None:
 def cmd_eval(args) -> None:
     for option, protocols in EVAL_PROTOCOL_OPTIONS.items():
         if getattr(args, option) is not None and args.protocol not in protocols:
-            flag, others = option.replace("_", "-"), " and ".join(protocols)
+            flag = option.replace("_", "-")
+            others = protocols[0] if len(protocols) == 1 else f"{', '.join(protocols[:-1])} and {protocols[-1]}"
             raise UserError(f"--{flag} does not apply to --protocol {args.protocol} (only to {others})")
     overrides = _overrides(args)
     if args.protocol == "hpsv2":
@@ -171,6 +175,16 @@ def cmd_eval(args) -> None:
             args.captions, args.ref_dir, args.out, args.ckpt, args.n or 30000, 42 if args.seed is None else args.seed,
             args.policy, args.decoder, args.features or "inception", args.inception_weights, args.clip_path,
             args.batch_size, overrides,
+        )  # fmt: skip
+    elif args.protocol == "geneval":
+        from ranke.eval.geneval import evaluate_geneval
+
+        if not args.metadata:
+            raise UserError("--protocol geneval needs --metadata (GenEval's prompts/evaluation_metadata.jsonl)")
+        metrics = evaluate_geneval(
+            args.metadata, args.out, args.detector, args.clip_path, ckpt=args.ckpt, n_per_prompt=args.n_per_prompt or 4,
+            seed=42 if args.seed is None else args.seed, policy=args.policy, decoder=args.decoder,
+            batch_size=args.batch_size, overrides=overrides,
         )  # fmt: skip
     else:
         from ranke.eval.evaluate import evaluate_to_dir
@@ -310,17 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", "--num-prompts", dest="n", type=int, default=None,
                    help="number of prompts (default: toy 1000, coco30k 30000); under torchrun write --num-prompts, "
                         "since torchrun reads --n as an abbreviation of its own options")  # fmt: skip
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: toy 0, coco30k 42)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: toy 0, coco30k, hpsv2 and geneval 42)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--protocol", choices=["toy", "coco30k", "hpsv2"], default="toy",
+    p.add_argument("--protocol", choices=["toy", "coco30k", "hpsv2", "geneval"], default="toy",
                    help="toy: held-out toy prompts and judges; coco30k: the paper's FID / CLIP-score protocol; "
-                        "hpsv2: the HPSv2 benchmark (per-style and average HPSv2.1 scores)")
+                        "hpsv2: the HPSv2 benchmark (per-style and average HPSv2.1 scores); "
+                        "geneval: GenEval's folder layout, scored with a transformers Mask2Former if --detector")
     p.add_argument("--prompts-dir", help="hpsv2: folder with anime.json, concept-art.json, paintings.json, photo.json")
     p.add_argument("--hpsv2-path", help="hpsv2: local HPS_v2.1_compressed.pt")
     p.add_argument("--captions", help="coco30k: COCO captions JSON (one caption per image) or a prompt file")
     p.add_argument("--ref-dir", help="coco30k: folder of reference images (e.g. COCO val2014)")
-    p.add_argument("--clip-path", help="coco30k: local CLIP ViT-B/32 directory for the CLIP score")
+    p.add_argument("--clip-path", help="coco30k: local CLIP ViT-B/32 directory for the CLIP score; "
+                   "geneval: local CLIP ViT-L/14 directory for the colour checks")
+    p.add_argument("--metadata", help="geneval: the benchmark's prompts/evaluation_metadata.jsonl")
+    p.add_argument("--n-per-prompt", type=int, default=None, help="geneval: images per prompt (default 4)")
+    p.add_argument("--detector", help="geneval: local transformers Mask2Former instance-segmentation directory")
     p.add_argument("--features", choices=["inception", "toy"], help="coco30k: FID features (default: inception)")
     p.add_argument("--inception-weights", help="coco30k: local clean-fid Inception file (inception-2015-12-05.pt)")
     _add_backbone_args(p)

@@ -131,8 +131,12 @@ def _save_png_atomically(pixels, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def sample_into_dir(model: Backbone, sampling, prompts: list[str], out_dir: str | Path, seed: int, batch_size: int) -> int:
-    """One image per prompt into `out_dir` (NNNNN.png, then captions.jsonl); returns the number of processes.
+def sample_into_dir(
+    model: Backbone, sampling, prompts: list[str], out_dir: str | Path, seed: int, batch_size: int,
+    names: list[str] | None = None,
+) -> int:
+    """One image per prompt into `out_dir` (NNNNN.png, or the relative paths `names`, then
+    captions.jsonl); returns the number of processes.
 
     Resumable and splittable: batch k draws from its own generator (`batch_seed`), batches whose
     images all exist are skipped, and images are written atomically. Under `torchrun` /
@@ -145,8 +149,9 @@ def sample_into_dir(model: Backbone, sampling, prompts: list[str], out_dir: str 
     state = PartialState(cpu=model.device.type == "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    names = names or [image_name(i) for i in range(len(prompts))]
     starts = range(0, len(prompts), batch_size)
-    todo = [s for s in starts if not all((out / image_name(i)).is_file() for i in range(s, min(s + batch_size, len(prompts))))]
+    todo = [s for s in starts if not all((out / names[i]).is_file() for i in range(s, min(s + batch_size, len(prompts))))]
     bar = progress(total=len(prompts), initial=len(prompts) - sum(min(batch_size, len(prompts) - s) for s in todo),
                    desc="sampling", disable_on_workers=not state.is_main_process)  # fmt: skip
     with torch.no_grad():
@@ -162,12 +167,13 @@ def sample_into_dir(model: Backbone, sampling, prompts: list[str], out_dir: str 
                 ).tokens
                 pixels = (model.decode(tokens).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
                 for index, image in zip(range(first, last), pixels):
-                    _save_png_atomically(image, out / image_name(index))
+                    (out / names[index]).parent.mkdir(parents=True, exist_ok=True)
+                    _save_png_atomically(image, out / names[index])
             bar.update(share)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        lines = [json.dumps({"file": image_name(i), "caption": prompt}) for i, prompt in enumerate(prompts)]
+        lines = [json.dumps({"file": name, "caption": prompt}) for name, prompt in zip(names, prompts)]
         (out / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
     return state.num_processes
 

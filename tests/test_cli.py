@@ -193,10 +193,10 @@ def test_eval_takes_sampling_overrides(tmp_path, capsys):
 @pytest.mark.parametrize(
     "command, message",
     [
-        (["eval", "--clip-path", "clip"], "--clip-path does not apply to --protocol toy (only to coco30k)"),
+        (["eval", "--clip-path", "clip"], "--clip-path does not apply to --protocol toy (only to coco30k and geneval)"),
         (["eval", "--features", "toy"], "--features does not apply to --protocol toy (only to coco30k)"),
         (["eval", "--hpsv2-path", "h.pt"], "--hpsv2-path does not apply to --protocol toy (only to hpsv2)"),
-        (["eval", "--backbone", "llamagen"], "--backbone does not apply to --protocol toy (only to coco30k and hpsv2)"),
+        (["eval", "--backbone", "llamagen"], "--backbone does not apply to --protocol toy (only to coco30k, hpsv2 and geneval)"),
         (["eval", "--protocol", "hpsv2", "--n", "5"], "--n does not apply to --protocol hpsv2 (only to toy and coco30k)"),
         (["eval", "--protocol", "hpsv2", "--ref-dir", "coco"], "--ref-dir does not apply to --protocol hpsv2"),
         (["eval", "--protocol", "coco30k", "--prompts-dir", "p"], "--prompts-dir does not apply to --protocol coco30k"),
