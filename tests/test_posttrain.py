@@ -173,7 +173,7 @@ def test_decoder_loss_is_the_method_sum_written_out_from_the_networks(tmp_path):
     rank_gan = -(selection.weights * disc(decoded).float().flatten(1).mean(dim=1)).mean()
     consistency = perceptual(decoded, models.vq_ema.module.decode_codes(selection.tokens)).mean()
     reward = -(selection.weights * run_.reward.differentiable_score(to_unit_range(decoded), selection.prompts)).mean()
-    soft_decoded = soft_decode(run_.backbone, models.policy, vq, rollout, selection.indices, run_.pcfg.soft_token_top_k)
+    soft_decoded = soft_decode(run_.backbone, models.policy, vq, rollout, selection.indices, run_.pcfg)
     soft = ((soft_decoded - decoded) ** 2).mean()
     expected = 2 * recon_anchor + 3 * 0.25 * rank_gan + 7 * consistency + 0.5 * reward + 0.125 * soft
 
