@@ -134,6 +134,7 @@ def test_two_processes_sample_the_folder_of_one(tmp_path):
     env = {**os.environ, "RANKE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300, check=False)
     assert done.returncode == 0, done.stdout.decode()[-8000:]
+    assert '"processes": 2' in done.stdout.decode()  # the rows were split, not sampled twice
     check_layout(tmp_path / "two", records, 2, 64)
     for name in relative_files(tmp_path / "one"):
         one, two = tmp_path / "one" / name, tmp_path / "two" / name

@@ -184,7 +184,8 @@ def sample_geneval(
         raise UserError("--n-per-prompt and --batch-size must be positive")
     records = read_metadata(metadata)
     out = Path(out_dir)
-    state = PartialState()
+    # cpu=...: a PartialState first made without it stays one process on a CPU-only machine
+    state = PartialState(cpu=select_device(config_lib.load(RunConfig, None, overrides).device).type == "cpu")
     write_prompt_metadata(out, records, write=state.is_main_process)
     names = [sample_path(i, s) for i in range(len(records)) for s in range(n_per_prompt)]
     prompts = [record["prompt"] for record in records for _ in range(n_per_prompt)]
