@@ -61,12 +61,12 @@ def _heldout(size: int, seed: int) -> tuple[tuple[Scene, ...], tuple[str, ...]]:
 def heldout_scenes(cfg: ToyConfig = ToyConfig()) -> list[Scene]:
     """The fixed held-out scenes (the same on every call and machine; drawn like the training
     stream from their own seed, so a smaller heldout_size gives a prefix)."""
-    return list(_heldout(cfg.heldout_size, cfg.heldout_seed)[0])
+    return split_scenes_and_prompts("heldout", cfg)[0]
 
 
 def heldout_prompts(cfg: ToyConfig = ToyConfig()) -> list[str]:
     """The fixed held-out prompts: one caption per held-out scene."""
-    return list(_heldout(cfg.heldout_size, cfg.heldout_seed)[1])
+    return split_scenes_and_prompts("heldout", cfg)[1]
 
 
 SPLITS = ("heldout", "validation")
