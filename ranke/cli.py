@@ -12,6 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from ranke.runlock import release_all
 from ranke.runtime import UserError
 
 
@@ -102,6 +103,7 @@ def cmd_sample(args) -> None:
         policy=args.policy,
         decoder=args.decoder,
         backbone=backbone,
+        overwrite=args.overwrite,
     )
     print(json.dumps(summary))
 
@@ -132,7 +134,7 @@ def cmd_eval(args) -> None:
         metrics = evaluate_hpsv2_benchmark(
             args.prompts_dir, args.hpsv2_path, args.out, args.ckpt, 42 if args.seed is None else args.seed,
             args.policy, args.decoder, config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone, args.cfg,
-            args.batch_size,
+            args.batch_size, overwrite=args.overwrite,
         )  # fmt: skip
     elif args.protocol == "coco30k":
         from ranke import config as config_lib
@@ -142,16 +144,18 @@ def cmd_eval(args) -> None:
         if not args.captions or not args.ref_dir:
             raise UserError("--protocol coco30k needs --captions (COCO captions JSON or a prompt file) and --ref-dir")
         metrics = evaluate_prompt_set(
-            args.captions, args.ref_dir, args.out, args.ckpt, args.n or 30000, 42 if args.seed is None else args.seed,
-            args.policy, args.decoder, config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone, args.cfg,
-            args.features, args.inception_weights, args.clip_path, args.batch_size,
+            args.captions, args.ref_dir, args.out, args.ckpt, 30000 if args.n is None else args.n,
+            42 if args.seed is None else args.seed, args.policy, args.decoder,
+            config_lib.load(RunConfig, None, _backbone_overrides(args)).backbone, args.cfg, args.features,
+            args.inception_weights, args.clip_path, args.batch_size, overwrite=args.overwrite,
         )  # fmt: skip
     else:
         from ranke.eval.evaluate import evaluate_to_dir
 
         metrics = evaluate_to_dir(
-            args.ckpt, args.out, args.n or 1000, args.seed or 0, args.policy, args.decoder, args.cfg, args.batch_size
-        )
+            args.ckpt, args.out, 1000 if args.n is None else args.n, args.seed or 0, args.policy, args.decoder,
+            args.cfg, args.batch_size,
+        )  # fmt: skip
     print(json.dumps(metrics))
 
 
@@ -242,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace samples in --out made with other settings")
     _add_backbone_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -279,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-path", help="coco30k: local CLIP ViT-B/32 directory for the CLIP score")
     p.add_argument("--features", choices=["inception", "toy"], default="inception", help="coco30k: FID features")
     p.add_argument("--inception-weights", help="coco30k: local clean-fid Inception file (inception-2015-12-05.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="coco30k, hpsv2: replace samples in OUT/images made with other settings")  # fmt: skip
     _add_backbone_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -318,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("ranke: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

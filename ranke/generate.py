@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,6 +19,8 @@ from ranke import config as config_lib
 from ranke.backbones import Backbone, load_configured_backbone, load_toy_backbone
 from ranke.config import BackboneConfig, RunConfig
 from ranke.data import read_prompts
+from ranke.domains import check_value
+from ranke.runlock import claim_output_dir
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.tools import CAPTIONS_FILE
 
@@ -75,10 +79,9 @@ def load_backbone(
             raise UserError("pass either --ckpt (a post-training run, which names its backbone) or --backbone, not both")
         return load_configured_backbone(RunConfig(backbone=backbone), device)
     path = None if ckpt is None else Path(ckpt)
-    if path is not None and path.is_dir():
-        checkpoint = path if (path / checkpoint_lib.MANIFEST).is_file() else checkpoint_lib.latest_checkpoint(path)
-        if checkpoint is not None and (checkpoint / f"{DECODER_STEMS['online']}.safetensors").is_file():
-            return _checkpoint_backbone(checkpoint, device, policy, decoder)
+    checkpoint = posttrain_checkpoint(path)
+    if checkpoint is not None:
+        return _checkpoint_backbone(checkpoint, device, policy, decoder)
     if policy != "online" or decoder == "ema":
         raise UserError(
             f"'{ckpt or 'the committed toy assets'}' holds one policy and one tokenizer, no EMA copies; "
@@ -97,6 +100,52 @@ def load_backbone(
         f"'{ckpt}' is not a policy file, an SFT run directory (toy_policy.safetensors) or a post-training "
         f"run or checkpoint directory (checkpoints/step_*/ with vq.safetensors)"
     )
+
+
+def posttrain_checkpoint(path: Path | None) -> Path | None:
+    """The post-training checkpoint directory `path` names: itself (a checkpoints/step_* directory),
+    or for a run directory its newest intact checkpoint (a damaged newer one is passed over with a
+    warning); None when `path` is not a post-training run or checkpoint."""
+    if path is None or not path.is_dir():
+        return None
+    if (path / checkpoint_lib.MANIFEST).is_file():
+        return path if (path / f"{DECODER_STEMS['online']}.safetensors").is_file() else None
+    latest = checkpoint_lib.latest_checkpoint(path)
+    if latest is None or not (latest / f"{DECODER_STEMS['online']}.safetensors").is_file():
+        return None  # no checkpoints, or an SFT run's (policy only)
+    return checkpoint_lib.newest_intact_checkpoint(path) or latest  # none intact: loading it gives the error
+
+
+def resolve_ckpt(ckpt: str | None) -> str | None:
+    """`ckpt` with a post-training run directory replaced by the checkpoint it loads
+    (`posttrain_checkpoint`), so that loading and `model_source` name the same one."""
+    checkpoint = posttrain_checkpoint(None if ckpt is None else Path(ckpt))
+    return ckpt if checkpoint is None else str(checkpoint)
+
+
+def model_source(ckpt: str | None, policy: str, decoder: str, backbone: BackboneConfig | None = None) -> dict:
+    """What `load_backbone` loads, identified by content: the sha256 of a post-training
+    checkpoint's manifest (which holds every file's sha256), of a policy asset, or of the committed
+    assets; a real backbone's files by size and modification time (hashing many GB at every
+    `ranke sample` would dominate a short run)."""
+    record: dict = {"ckpt": ckpt, "policy": policy, "decoder": decoder}
+    if backbone is not None and backbone.kind != "toy":
+        files = [Path(f) for f in (backbone.gpt_ckpt, backbone.vq_ckpt, backbone.model_path) if f]
+        stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()}
+        return {**record, "backbone": dataclasses.asdict(backbone), "files": stats}
+    from ranke.assets import asset_path
+
+    path = None if ckpt is None else Path(ckpt)
+    checkpoint = posttrain_checkpoint(path)
+    if path is None:
+        files = [asset_path("policy"), asset_path("tokenizer")]
+    elif checkpoint is not None:
+        files = [checkpoint / checkpoint_lib.MANIFEST]
+    elif path.is_dir():
+        files = [path / "toy_policy.safetensors"]
+    else:
+        files = [path]
+    return {**record, "files": {str(f): checkpoint_lib.file_sha256(f) for f in files if Path(f).is_file()}}
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -123,20 +172,93 @@ def _save_png_atomically(pixels, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def sample_into_dir(model: Backbone, sampling, prompts: list[str], out_dir: str | Path, seed: int, batch_size: int) -> int:
+PROVENANCE_FILE = "sampling.json"
+SAMPLE_FILE = re.compile(r"^\d{5,}\.png(\.tmp)?$")
+
+
+def folder_provenance(source: dict, sampling, prompts: list[str], seed: int, batch_size: int) -> dict:
+    """What a sample folder's images depend on: the model (`model_source`), the sampling
+    settings, the prompts (their sha256), the seed and the batch size (each batch has its own seed)."""
+    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+    return {
+        "source": source, "sampling": dataclasses.asdict(sampling), "seed": seed, "batch_size": batch_size,
+        "n": len(prompts), "prompts_sha256": digest,
+    }  # fmt: skip
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    names = []
+    for key in sorted(set(saved) | set(wanted)):
+        before, now = saved.get(key), wanted.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            names += _differences(before, now, f"{prefix}{key}.")
+        elif before != now:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def check_sample_folder(out: Path, provenance: dict, overwrite: bool) -> bool:
+    """Whether `out` may be (re)filled with these samples: empty, or made by the same provenance
+    (a resume). Images of other settings, or of unknown origin, are refused with one line
+    unless `overwrite`; returns True when the folder's old samples must be removed first."""
+    if not out.is_dir():
+        return False
+    listed = out / PROVENANCE_FILE
+    holds_samples = any(SAMPLE_FILE.match(p.name) or p.name == CAPTIONS_FILE for p in out.iterdir())
+    if overwrite:
+        return holds_samples or listed.exists()
+    if listed.is_file():
+        try:
+            saved = json.loads(listed.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            saved = {}
+        changed = _differences(saved, json.loads(json.dumps(provenance)))
+        if changed:
+            raise UserError(
+                f"'{out}' holds samples made with other settings ({', '.join(changed[:3])} differ); "
+                "pass --overwrite to replace them, or choose another --out"
+            )
+    elif holds_samples:
+        raise UserError(
+            f"'{out}' already holds images of unknown origin (no {PROVENANCE_FILE}); "
+            "pass --overwrite to replace them, or choose another --out"
+        )
+    return False
+
+
+def _remove_samples(out: Path) -> None:
+    for path in out.iterdir():
+        if SAMPLE_FILE.match(path.name) or path.name in (CAPTIONS_FILE, PROVENANCE_FILE):
+            path.unlink()
+
+
+def sample_into_dir(
+    model: Backbone, sampling, prompts: list[str], out_dir: str | Path, seed: int, batch_size: int,
+    source: dict | None = None, overwrite: bool = False,
+) -> int:
     """One image per prompt into `out_dir` (NNNNN.png, then captions.jsonl); returns the number of processes.
 
     Resumable and splittable: batch k draws from its own generator (`batch_seed`), batches whose
-    images all exist are skipped, and images are written atomically. Under `torchrun` /
-    `accelerate launch` each process samples a contiguous share of every batch with that batch's
-    random draws for its rows (`row_offset`), so the folder holds the same images, under the
-    same names, whatever the number of processes.
+    images all exist are skipped, and images are written atomically. The folder records what
+    produced it (`sampling.json`: `source` from `model_source`, settings, prompts, seed) and is
+    resumed only by the same; anything else is refused unless `overwrite` (`check_sample_folder`).
+    Under `torchrun` / `accelerate launch` each process samples a contiguous share of every batch
+    with that batch's random draws for its rows (`row_offset`), so the folder holds the same
+    images, under the same names, whatever the number of processes.
     """
     from accelerate import PartialState
 
     state = PartialState(cpu=model.device.type == "cpu")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    provenance = folder_provenance(source or {}, sampling, prompts, seed, batch_size)
+    stale = check_sample_folder(out, provenance, overwrite)
+    state.wait_for_everyone()  # every process has checked before the main one changes the folder
+    if state.is_main_process:
+        claim_output_dir(out)
+        if stale:
+            _remove_samples(out)
+        (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    state.wait_for_everyone()
     starts = range(0, len(prompts), batch_size)
     todo = [s for s in starts if not all((out / image_name(i)).is_file() for i in range(s, min(s + batch_size, len(prompts))))]
     bar = progress(total=len(prompts), initial=len(prompts) - sum(min(batch_size, len(prompts) - s) for s in todo),
@@ -177,17 +299,22 @@ def sample_prompts_to_dir(
     decoder: str = "online",
     backbone: BackboneConfig | None = None,
     prompts: list[str] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """`ranke sample`: `n_per_prompt` images per prompt of `prompts_file` (or `prompts`) from the
     chosen model into `out_dir`, resumable and split across processes (`sample_into_dir`)."""
     if n_per_prompt < 1 or batch_size < 1:
         raise UserError("--n-per-prompt and --batch-size must be positive")
+    if cfg_scale is not None:
+        check_value("sampling.cfg_scale", cfg_scale)
     prompts = [p for p in (prompts if prompts is not None else read_prompts(prompts_file)) for _ in range(n_per_prompt)]
     if not prompts:
         raise UserError("no prompts to sample")
+    ckpt = resolve_ckpt(ckpt)
     model, cfg = load_backbone(ckpt, select_device(device), policy, decoder, backbone)
     sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
-    processes = sample_into_dir(model, sampling, prompts, out_dir, seed, batch_size)
+    source = model_source(ckpt, policy, decoder, backbone)
+    processes = sample_into_dir(model, sampling, prompts, out_dir, seed, batch_size, source, overwrite)
     return {
         "n": len(prompts),
         "out": str(out_dir),

@@ -39,6 +39,7 @@ from ranke.assets import asset_path
 from ranke.backbones.base import Backbone
 from ranke.backbones.toy import load_tokenizer
 from ranke.config import RunConfig, SamplingConfig
+from ranke.domains import check_value
 from ranke.eval.fid import frechet_distance_from_features
 from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits, token_kl
 from ranke.generate import batch_seed, load_backbone, process_rows
@@ -47,6 +48,7 @@ from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
 from ranke.rewards.toy_clip import load_toy_clip
 from ranke.rewards.toy_features import load_toy_features
+from ranke.runlock import claim_output_dir
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.captions import parse_caption
 from ranke.toy.data import split_scenes_and_prompts
@@ -232,6 +234,9 @@ def evaluate_to_dir(
 ) -> dict:
     """`ranke eval`: evaluate a backbone (`ranke.generate.load_backbone` sources) and write
     `out_dir/metrics.json`, `metrics.md` (one-row table) and `samples.png` (the first 64 images)."""
+    if cfg_scale is not None:
+        check_value("sampling.cfg_scale", cfg_scale)
+    claim_output_dir(out_dir)  # the main process locks it
     backbone, cfg = load_backbone(ckpt, select_device(device), policy, decoder)
     sampling = cfg.sampling if cfg_scale is None else dataclasses.replace(cfg.sampling, cfg_scale=cfg_scale)
     # Every decoder choice shares the base tokenizer's encoder and codebook (the frozen token space).
@@ -243,7 +248,6 @@ def evaluate_to_dir(
     if not _is_main_process():
         return metrics
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     label = f"{metrics['ckpt']} (policy {policy}, decoder {decoder}, cfg {sampling.cfg_scale:g})"
     (out / "metrics.md").write_text(metrics_table(metrics, label))
