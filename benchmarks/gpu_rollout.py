@@ -30,6 +30,7 @@ from ranke.parallel import Shard
 from ranke.rewards.build import build_reward
 from ranke.runtime import autocast
 from ranke.train import state as state_lib
+from ranke.train.guard import StepGuard
 from ranke.train.posttrain import Models, Optimizers, PosttrainRun, collect_rollout, decoder_stage, policy_stage
 
 
@@ -120,7 +121,10 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cfg = RunConfig(posttrain=pcfg, sampling=sampling)
-    run = PosttrainRun(cfg, None, backbone, models, optimizers, policy, reward, None, {}, accelerator, shard, precision, "ddp")
+    guards = {name: StepGuard(name, 0, device) for name in ("policy", "decoder", "disc")}  # 0: never stop
+    run = PosttrainRun(
+        cfg, None, backbone, models, optimizers, policy, reward, None, {}, accelerator, shard, precision, "ddp", guards
+    )
     for step in range(2):  # the second step is timed
         timings: dict[str, float] = {}
         synchronize(device)

@@ -7,7 +7,8 @@ Checkpoint layout (ARCHITECTURE.md "Conventions"):
         <stem>.safetensors     one per state dict (policy, decoder, their EMAs, discriminator, ...)
         trainer_state.pt       optimizer states, step, RNG states (loads with weights_only=True)
         config.yaml            the resolved config
-        manifest.json          written last: step and file list; marks the directory complete
+        manifest.json          written last: step, file list, each file's size and sha256;
+                               marks the directory complete
     run_dir/checkpoints/latest a text file holding the name of the newest complete directory
 
 A checkpoint is written into `.step_000100.tmp`, fsynced, then renamed to its final name,
@@ -15,10 +16,15 @@ and only then is `latest` replaced (os.replace), so a crash at any point leaves 
 naming a complete checkpoint. `latest` is a plain file rather than a symlink because
 symlinks are not portable (Windows, some network and object-store filesystems, archive tools).
 One process (rank 0) writes a run's checkpoints.
+
+Loading verifies every file against the manifest (size and sha256), so a checkpoint damaged
+after it was written (a full disk, a partial copy, bit rot) is refused with one line naming the
+file; `load_latest_checkpoint` then falls back to the newest intact checkpoint with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ranke.runtime import UserError
+from ranke.runtime import UserError, warn
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -131,7 +137,9 @@ def save_checkpoint(
     torch.save(trainer_state, temp / TRAINER_STATE)
     (temp / CONFIG).write_text(config_yaml)
     files += [TRAINER_STATE, CONFIG]
-    (temp / MANIFEST).write_text(json.dumps({"step": step, "tensors": list(tensors), "files": files}, indent=2))
+    checksums = {file: {"size": (temp / file).stat().st_size, "sha256": file_sha256(temp / file)} for file in files}
+    manifest = {"step": step, "tensors": list(tensors), "files": files, "checksums": checksums}
+    (temp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     for file in files + [MANIFEST]:
         _fsync_file(temp / file)
     _fsync_dir(temp)
@@ -177,22 +185,104 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """Why checkpoint directory `path` cannot be trusted, or None when every file matches its
+    manifest (size and sha256; manifests written before checksums were recorded are checked
+    for the presence of their files only)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "it does not exist"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files, checksums = list(manifest["files"]), dict(manifest.get("checksums", {}))
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (an interrupted save)"
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"its {MANIFEST} is unreadable"
+    for file in files:
+        if not (path / file).is_file():
+            return f"missing {file}"
+        expected = checksums.get(file)
+        if expected is None:
+            continue
+        if (path / file).stat().st_size != expected["size"]:
+            return f"{file} has {(path / file).stat().st_size} bytes, the manifest says {expected['size']}"
+        if file_sha256(path / file) != expected["sha256"]:
+            return f"{file} does not match its sha256 in the manifest"
+    return None
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, str]:
     """Read a checkpoint directory -> (tensors by stem, trainer_state, config_yaml), all on CPU.
 
-    `trainer_state` is loaded with torch.load(weights_only=True). Raises UserError when the
-    directory is missing or incomplete.
+    Every file is verified against the manifest first; `trainer_state` is loaded with
+    torch.load(weights_only=True). Raises UserError when the directory is missing, incomplete or
+    damaged.
     """
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint directory '{path}' does not exist; pass a checkpoints/step_* directory")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"checkpoint '{path}' is incomplete (no {MANIFEST}); use an earlier checkpoint")
-    manifest = json.loads(manifest_path.read_text())
-    missing = [file for file in manifest["files"] if not (path / file).is_file()]
-    if missing:
-        raise UserError(f"checkpoint '{path}' is incomplete (missing {', '.join(missing)}); use an earlier checkpoint")
-    tensors = {stem: load_file(path / f"{stem}.safetensors", device="cpu") for stem in manifest["tensors"]}
-    trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
-    return tensors, trainer_state, (path / CONFIG).read_text()
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise UserError(f"checkpoint '{path}' is damaged or incomplete ({damage}); use an earlier checkpoint")
+    manifest = json.loads((path / MANIFEST).read_text())
+    try:
+        tensors = {stem: load_file(path / f"{stem}.safetensors", device="cpu") for stem in manifest["tensors"]}
+        trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        config_yaml = (path / CONFIG).read_text(encoding="utf-8")
+    except Exception as err:  # an unchecksummed (old) checkpoint can still be torn; safetensors and torch raise many types
+        raise UserError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); use an earlier checkpoint") from None
+    return tensors, trainer_state, config_yaml
+
+
+def newest_intact_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run that passes `checkpoint_damage`, warning about each damaged
+    one passed over; None when it has no complete checkpoint."""
+    for path in _newest_first(run_dir):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        warn(f"checkpoint '{path}' is damaged ({damage}); trying the previous one")
+    return None
+
+
+def _newest_first(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories, the one `latest` names first, then by step, newest first."""
+    candidates = [path for _, path in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS))]
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and latest in candidates:
+        candidates.remove(latest)
+        candidates.insert(0, latest)
+    return candidates
+
+
+def load_latest_checkpoint(run_dir: str | Path) -> tuple[Path, tuple[dict, dict, str]] | None:
+    """The newest intact checkpoint of a run and its contents, or None when it has none.
+
+    A damaged checkpoint (newest first) is skipped with a warning naming what is wrong, so a
+    run resumes from the last good state; when none is intact the newest one's error is raised.
+    """
+    candidates = _newest_first(run_dir)
+    first_error = None
+    for path in candidates:
+        try:
+            contents = load_checkpoint(path)
+        except UserError as err:
+            first_error = first_error or err
+            warn(f"{err}; trying the previous one")
+            continue
+        if path != candidates[0]:
+            warn(f"using checkpoint '{path}' (the newest intact one)")
+        return path, contents
+    if first_error is not None:
+        raise UserError(f"no intact checkpoint in '{Path(run_dir) / CHECKPOINTS}' ({first_error})")
+    return None

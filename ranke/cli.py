@@ -12,6 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from ranke.runlock import release_all
 from ranke.runtime import UserError
 
 FLAG_KEYS = {  # flags that set a config key -> that key
@@ -36,6 +37,7 @@ EVAL_PROTOCOL_OPTIONS = {
     "metadata": ("geneval",),
     "n_per_prompt": ("geneval",),
     "detector": ("geneval",),
+    "overwrite": ("coco30k", "hpsv2", "geneval"),
     "features": ("coco30k",),
     "inception_weights": ("coco30k",),
     # the toy judges score toy-world models only
@@ -131,6 +133,7 @@ def cmd_sample(args) -> None:
         policy=args.policy,
         decoder=args.decoder,
         overrides=_overrides(args),
+        overwrite=args.overwrite,
     )
     print(json.dumps(summary))
 
@@ -164,7 +167,7 @@ def cmd_eval(args) -> None:
             raise UserError("--protocol hpsv2 needs --prompts-dir (HPDv2 benchmark prompts) and --hpsv2-path")
         metrics = evaluate_hpsv2_benchmark(
             args.prompts_dir, args.hpsv2_path, args.out, args.ckpt, 42 if args.seed is None else args.seed,
-            args.policy, args.decoder, args.batch_size, overrides,
+            args.policy, args.decoder, args.batch_size, overrides, bool(args.overwrite),
         )  # fmt: skip
     elif args.protocol == "coco30k":
         from ranke.eval.prompt_set import evaluate_prompt_set
@@ -172,9 +175,10 @@ def cmd_eval(args) -> None:
         if not args.captions or not args.ref_dir:
             raise UserError("--protocol coco30k needs --captions (COCO captions JSON or a prompt file) and --ref-dir")
         metrics = evaluate_prompt_set(
-            args.captions, args.ref_dir, args.out, args.ckpt, args.n or 30000, 42 if args.seed is None else args.seed,
+            args.captions, args.ref_dir, args.out, args.ckpt, 30000 if args.n is None else args.n,
+            42 if args.seed is None else args.seed,
             args.policy, args.decoder, args.features or "inception", args.inception_weights, args.clip_path,
-            args.batch_size, overrides,
+            args.batch_size, overrides, bool(args.overwrite),
         )  # fmt: skip
     elif args.protocol == "geneval":
         from ranke.eval.geneval import evaluate_geneval
@@ -184,14 +188,15 @@ def cmd_eval(args) -> None:
         metrics = evaluate_geneval(
             args.metadata, args.out, args.detector, args.clip_path, ckpt=args.ckpt, n_per_prompt=args.n_per_prompt or 4,
             seed=42 if args.seed is None else args.seed, policy=args.policy, decoder=args.decoder,
-            batch_size=args.batch_size, overrides=overrides,
+            batch_size=args.batch_size, overrides=overrides, overwrite=bool(args.overwrite),
         )  # fmt: skip
     else:
         from ranke.eval.evaluate import evaluate_to_dir
 
         metrics = evaluate_to_dir(
-            args.ckpt, args.out, args.n or 1000, args.seed or 0, args.policy, args.decoder, args.batch_size, overrides
-        )
+            args.ckpt, args.out, 1000 if args.n is None else args.n, args.seed or 0, args.policy, args.decoder,
+            args.batch_size, overrides,
+        )  # fmt: skip
     print(json.dumps(metrics))
 
 
@@ -299,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace samples in --out made with other settings")
     _add_backbone_args(p)
     _add_model_overrides(p)
     p.set_defaults(func=cmd_sample)
@@ -342,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", help="geneval: local transformers Mask2Former instance-segmentation directory")
     p.add_argument("--features", choices=["inception", "toy"], help="coco30k: FID features (default: inception)")
     p.add_argument("--inception-weights", help="coco30k: local clean-fid Inception file (inception-2015-12-05.pt)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="coco30k, hpsv2, geneval: replace samples in OUT made with other settings")  # fmt: skip
     _add_backbone_args(p)
     _add_model_overrides(p)
     p.set_defaults(func=cmd_eval)
@@ -382,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("ranke: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

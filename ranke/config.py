@@ -18,11 +18,12 @@ from typing import Any
 
 import yaml
 
+from ranke.domains import validate
 from ranke.models.gpt import GPT_PRESETS, GPTArgs
 from ranke.models.vq import VQ_PRESETS, VQArgs
 from ranke.rewards.toy_clip import ToyCLIPArgs
 from ranke.rewards.toy_features import ToyFeatureArgs
-from ranke.runtime import UserError
+from ranke.runtime import UserError, read_user_text
 from ranke.toy.data import ToyConfig
 from ranke.toy.text import ENCODING_VERSION
 
@@ -160,7 +161,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_user_text(path, "config file"))
     except yaml.YAMLError as err:
         raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if data is not None and not isinstance(data, dict):
@@ -169,10 +170,13 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load(cls, path: str | None, overrides: list[str] = (), section: str | None = None):
-    """Load config dataclass `cls` from a YAML file (or defaults) plus overrides."""
+    """Load config dataclass `cls` from a YAML file (or defaults) plus overrides, each number
+    checked against its domain (`ranke.domains`)."""
     data = read_yaml(resolve_config_path(path)) if path is not None else {}
     data = apply_overrides(cls, data, list(overrides), section)
-    return build(cls, data)
+    cfg = build(cls, data)
+    validate(cfg)
+    return cfg
 
 
 def save(cfg, path: str | Path) -> None:
@@ -458,6 +462,8 @@ class RunConfig:
     # where every recipe logs besides RUN/metrics.jsonl: tensorboard, wandb (the wandb extra), both
     # comma-separated, or none (ranke.train.logging.RunLogger)
     log_with: str = "tensorboard"
+    # optimizer steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run (0: never)
+    max_consecutive_skips: int = 10
     toy: ToyConfig = field(default_factory=ToyConfig)
     vq: VQArgs = field(default_factory=lambda: VQ_PRESETS["toy"])
     gpt: GPTArgs = field(default_factory=lambda: GPT_PRESETS["toy"])

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ranke.runtime import UserError, progress
+from ranke.runtime import UserError, progress, read_user_text
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -45,7 +45,7 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompt file '{path}' not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_user_text(path, "prompt file")
     if path.suffix == ".jsonl":
         prompts = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -140,7 +140,7 @@ def skipped_summary(stats: dict[str, int]) -> str:
 
 def read_listing(listing: Path) -> list[tuple[str, str | None]]:
     """(file, caption or None) per entry of a captions .jsonl or .csv file."""
-    text = listing.read_text(encoding="utf-8")
+    text = read_user_text(listing, "captions file")
     if listing.suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         columns = reader.fieldnames or []
@@ -418,7 +418,7 @@ def read_coco_captions(path: str | Path, n: int | None = None, one_per_image: bo
     if not path.is_file():
         raise UserError(f"captions file '{path}' not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_user_text(path, "captions file"))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     annotations = data.get("annotations") if isinstance(data, dict) else None

@@ -39,11 +39,13 @@ FORMAT_OF_BACKBONE = {"toy": "llamagen", "llamagen": "llamagen", "janus": "hf"}
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
-    """A post-training checkpoint directory, or a run directory's latest checkpoint."""
+    """A post-training checkpoint directory, or a run directory's newest intact checkpoint (a
+    damaged newer one is passed over with a warning; none intact: the latest, which loading refuses)."""
     path = Path(source)
     if (path / checkpoint_lib.MANIFEST).is_file():
         return path
     latest = checkpoint_lib.latest_checkpoint(path) if path.is_dir() else None
+    latest = latest and (checkpoint_lib.newest_intact_checkpoint(path) or latest)
     if latest is None:
         raise UserError(f"'{source}' is neither a post-training run nor a checkpoint directory (checkpoints/step_*)")
     return latest

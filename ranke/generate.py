@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,9 +17,11 @@ from PIL import Image
 
 from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
+from ranke.assets import asset_path
 from ranke.backbones import Backbone, load_configured_backbone
 from ranke.config import RunConfig
 from ranke.data import read_prompts
+from ranke.runlock import claim_output_dir
 from ranke.runtime import UserError, progress, select_device
 from ranke.toy.tools import CAPTIONS_FILE
 
@@ -81,10 +85,9 @@ def load_backbone(
             raise UserError("pass either --ckpt (a post-training run, which names its backbone) or --backbone, not both")
         return load_configured_backbone(requested, device)
     path = None if ckpt is None else Path(ckpt)
-    if path is not None and path.is_dir():
-        checkpoint = path if (path / checkpoint_lib.MANIFEST).is_file() else checkpoint_lib.latest_checkpoint(path)
-        if checkpoint is not None and (checkpoint / f"{DECODER_STEMS['online']}.safetensors").is_file():
-            return _checkpoint_backbone(checkpoint, device, policy, decoder, overrides)
+    checkpoint = posttrain_checkpoint(path)
+    if checkpoint is not None:
+        return _checkpoint_backbone(checkpoint, device, policy, decoder, overrides)
     if policy != "online" or decoder == "ema":
         raise UserError(
             f"'{ckpt or 'the committed toy assets'}' holds one policy and one tokenizer, no EMA copies; "
@@ -105,6 +108,45 @@ def load_backbone(
         )
     sources = dataclasses.replace(requested.posttrain, **assets)
     return load_configured_backbone(dataclasses.replace(requested, posttrain=sources), device)
+
+
+def posttrain_checkpoint(path: Path | None) -> Path | None:
+    """The post-training checkpoint directory `path` names: itself (a checkpoints/step_* directory),
+    or for a run directory its newest intact checkpoint (a damaged newer one is passed over with a
+    warning); None when `path` is not a post-training run or checkpoint."""
+    if path is None or not path.is_dir():
+        return None
+    if (path / checkpoint_lib.MANIFEST).is_file():
+        return path if (path / f"{DECODER_STEMS['online']}.safetensors").is_file() else None
+    latest = checkpoint_lib.latest_checkpoint(path)
+    if latest is None or not (latest / f"{DECODER_STEMS['online']}.safetensors").is_file():
+        return None  # no checkpoints, or an SFT run's (policy only)
+    return checkpoint_lib.newest_intact_checkpoint(path) or latest  # none intact: loading it gives the error
+
+
+def resolve_ckpt(ckpt: str | None) -> str | None:
+    """`ckpt` with a post-training run directory replaced by the checkpoint it loads
+    (`posttrain_checkpoint`), so that loading and `model_source` name the same one."""
+    checkpoint = posttrain_checkpoint(None if ckpt is None else Path(ckpt))
+    return ckpt if checkpoint is None else str(checkpoint)
+
+
+def model_source(ckpt: str | None, policy: str, decoder: str, cfg: RunConfig) -> dict:
+    """What `load_backbone(ckpt, policy, decoder, ...)` loaded (`cfg`: the config it returned),
+    identified by content: the sha256 of a post-training checkpoint's manifest (which holds every
+    file's sha256) or of the policy and tokenizer assets; a real backbone's files by size and
+    modification time (hashing many GB at every `ranke sample` would dominate a short run)."""
+    record: dict = {"ckpt": ckpt, "policy": policy, "decoder": decoder}
+    if cfg.backbone.kind != "toy":
+        files = [Path(f) for f in (cfg.backbone.gpt_ckpt, cfg.backbone.vq_ckpt, cfg.backbone.model_path) if f]
+        stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()}
+        return {**record, "backbone": dataclasses.asdict(cfg.backbone), "files": stats}
+    checkpoint = posttrain_checkpoint(None if ckpt is None else Path(ckpt))
+    if checkpoint is not None:
+        files = [checkpoint / checkpoint_lib.MANIFEST]
+    else:  # the starting models load_backbone put into the config
+        files = [cfg.posttrain.policy or asset_path("policy"), cfg.posttrain.tokenizer or asset_path("tokenizer")]
+    return {**record, "files": {str(f): checkpoint_lib.file_sha256(f) for f in files if Path(f).is_file()}}
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -131,25 +173,101 @@ def _save_png_atomically(pixels, path: Path) -> None:
     os.replace(temporary, path)
 
 
+PROVENANCE_FILE = "sampling.json"
+SAMPLE_FILE = re.compile(r"^\d{5,}\.png(\.tmp)?$")
+
+
+def folder_provenance(source: dict, sampling, prompts: list[str], seed: int, batch_size: int) -> dict:
+    """What a sample folder's images depend on: the model (`model_source`), the sampling
+    settings, the prompts (their sha256), the seed and the batch size (each batch has its own seed)."""
+    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+    return {
+        "source": source, "sampling": dataclasses.asdict(sampling), "seed": seed, "batch_size": batch_size,
+        "n": len(prompts), "prompts_sha256": digest,
+    }  # fmt: skip
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    names = []
+    for key in sorted(set(saved) | set(wanted)):
+        before, now = saved.get(key), wanted.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            names += _differences(before, now, f"{prefix}{key}.")
+        elif before != now:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def _sample_files(out: Path, names: list[str]) -> list[Path]:
+    """The files of `out` a sampling run writes or that an earlier one left: NNNNN.png at the top,
+    the run's own `names` (GenEval nests them), captions.jsonl."""
+    top = [p for p in out.iterdir() if SAMPLE_FILE.match(p.name) or p.name == CAPTIONS_FILE]
+    return top + [out / name for name in names if (out / name).is_file() and (out / name).parent != out]
+
+
+def check_sample_folder(out: Path, provenance: dict, overwrite: bool, names: list[str] = ()) -> bool:
+    """Whether `out` may be (re)filled with these samples: empty, or made by the same provenance
+    (a resume). Images of other settings, or of unknown origin, are refused with one line
+    unless `overwrite`; returns True when the folder's old samples must be removed first."""
+    if not out.is_dir():
+        return False
+    listed = out / PROVENANCE_FILE
+    holds_samples = bool(_sample_files(out, list(names)))
+    if overwrite:
+        return holds_samples or listed.exists()
+    if listed.is_file():
+        try:
+            saved = json.loads(listed.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            saved = {}
+        changed = _differences(saved, json.loads(json.dumps(provenance)))
+        if changed:
+            raise UserError(
+                f"'{out}' holds samples made with other settings ({', '.join(changed[:3])} differ); "
+                "pass --overwrite to replace them, or choose another --out"
+            )
+    elif holds_samples:
+        raise UserError(
+            f"'{out}' already holds images of unknown origin (no {PROVENANCE_FILE}); "
+            "pass --overwrite to replace them, or choose another --out"
+        )
+    return False
+
+
+def _remove_samples(out: Path, names: list[str]) -> None:
+    for path in [*_sample_files(out, names), out / PROVENANCE_FILE]:
+        path.unlink(missing_ok=True)
+
+
 def sample_into_dir(
     model: Backbone, sampling, prompts: list[str], out_dir: str | Path, seed: int, batch_size: int,
-    names: list[str] | None = None,
+    names: list[str] | None = None, source: dict | None = None, overwrite: bool = False,
 ) -> int:
     """One image per prompt into `out_dir` (NNNNN.png, or the relative paths `names`, then
     captions.jsonl); returns the number of processes.
 
     Resumable and splittable: batch k draws from its own generator (`batch_seed`), batches whose
-    images all exist are skipped, and images are written atomically. Under `torchrun` /
-    `accelerate launch` each process samples a contiguous share of every batch with that batch's
-    random draws for its rows (`row_offset`), so the folder holds the same images, under the
-    same names, whatever the number of processes.
+    images all exist are skipped, and images are written atomically. The folder records what
+    produced it (`sampling.json`: `source` from `model_source`, settings, prompts, seed) and is
+    resumed only by the same; anything else is refused unless `overwrite` (`check_sample_folder`).
+    Under `torchrun` / `accelerate launch` each process samples a contiguous share of every batch
+    with that batch's random draws for its rows (`row_offset`), so the folder holds the same
+    images, under the same names, whatever the number of processes.
     """
     from accelerate import PartialState
 
     state = PartialState(cpu=model.device.type == "cpu")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = names or [image_name(i) for i in range(len(prompts))]
+    provenance = folder_provenance(source or {}, sampling, prompts, seed, batch_size)
+    stale = check_sample_folder(out, provenance, overwrite, names)
+    state.wait_for_everyone()  # every process has checked before the main one changes the folder
+    if state.is_main_process:
+        claim_output_dir(out)
+        if stale:
+            _remove_samples(out, names)
+        (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    state.wait_for_everyone()
     starts = range(0, len(prompts), batch_size)
     todo = [s for s in starts if not all((out / names[i]).is_file() for i in range(s, min(s + batch_size, len(prompts))))]
     bar = progress(total=len(prompts), initial=len(prompts) - sum(min(batch_size, len(prompts) - s) for s in todo),
@@ -189,6 +307,7 @@ def sample_prompts_to_dir(
     decoder: str = "online",
     overrides: Sequence[str] = (),
     prompts: list[str] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """`ranke sample`: `n_per_prompt` images per prompt of `prompts_file` (or `prompts`) from the
     chosen model (`load_backbone`, with its config `overrides`) into `out_dir`, resumable and
@@ -198,8 +317,10 @@ def sample_prompts_to_dir(
     prompts = [p for p in (prompts if prompts is not None else read_prompts(prompts_file)) for _ in range(n_per_prompt)]
     if not prompts:
         raise UserError("no prompts to sample")
+    ckpt = resolve_ckpt(ckpt)
     model, cfg = load_backbone(ckpt, policy, decoder, overrides)
-    processes = sample_into_dir(model, cfg.sampling, prompts, out_dir, seed, batch_size)
+    source = model_source(ckpt, policy, decoder, cfg)
+    processes = sample_into_dir(model, cfg.sampling, prompts, out_dir, seed, batch_size, source=source, overwrite=overwrite)
     return {
         "n": len(prompts),
         "out": str(out_dir),

@@ -16,6 +16,26 @@ class UserError(Exception):
     """Bad input from the user. The CLI prints the message as one line and exits 2."""
 
 
+def read_user_text(path, what: str = "file") -> str:
+    """The UTF-8 text of a file the user named, with one line when it is missing, unreadable or not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} '{path}' is a folder, not a file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{what} '{path}' cannot be read ({err.strerror})") from None
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr, in the CLI's format (`ranke: warning: ...`)."""
+    print(f"ranke: warning: {message}", file=sys.stderr)
+
+
 def select_device(name: str = "auto") -> torch.device:
     """Resolve a device name; `auto` means CUDA when available, else CPU."""
     if name == "auto":

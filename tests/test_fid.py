@@ -17,6 +17,8 @@ from ranke.eval.fid import (
     feature_statistics,
     frechet_distance,
     frechet_distance_from_features,
+    FeatureMoments,
+    folder_statistics,
     kernel_distance,
     load_image_folder,
 )
@@ -146,6 +148,44 @@ def test_load_image_folder_errors(tmp_path):
     assert load_image_folder(tmp_path, size=4).shape == (2, 4, 4, 3)
 
 
+def test_streamed_moments_equal_the_statistics_of_all_features():
+    rng = np.random.default_rng(8)
+    features = rng.normal(50.0, 0.1, size=(301, 6)) + rng.normal(size=6)  # a large mean: the shifted sums matter
+    moments = FeatureMoments()
+    for start in range(0, len(features), 64):
+        moments.add(features[start : start + 64])
+    mean, covariance = moments.statistics()
+    expected_mean, expected_covariance = feature_statistics(features)
+    np.testing.assert_allclose(mean, expected_mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(covariance, expected_covariance, rtol=1e-9, atol=1e-15)
+
+
+def test_folder_statistics_stream_the_same_features_as_the_whole_folder(tmp_path):
+    rng = np.random.default_rng(9)
+    for index in range(7):
+        _save(tmp_path / f"{index:05d}.png", rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8))
+
+    def channel_means(batch: torch.Tensor) -> np.ndarray:
+        return batch.double().mean(dim=(2, 3)).numpy()
+
+    mean, covariance, count = folder_statistics(channel_means, tmp_path, size=4, batch_size=3)
+    expected = feature_statistics(extract_features(channel_means, load_image_folder(tmp_path, size=4)))
+    assert count == 7
+    np.testing.assert_allclose(mean, expected[0], rtol=1e-12)
+    np.testing.assert_allclose(covariance, expected[1], rtol=1e-9)
+
+
+def test_unreadable_or_truncated_images_are_one_line(tmp_path):
+    _save(tmp_path / "a.png", np.zeros((8, 8, 3), np.uint8))
+    png = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "b.png").write_bytes(png[: len(png) // 2])
+    with pytest.raises(UserError, match="b.png' cannot be read"):
+        load_image_folder(tmp_path)
+    (tmp_path / "b.png").write_text("not an image")
+    with pytest.raises(UserError, match="b.png' cannot be read"):
+        load_image_folder(tmp_path)
+
+
 def test_extract_features_batches_channels_first():
     images = np.random.default_rng(4).integers(0, 256, size=(5, 3, 2, 3), dtype=np.uint8)
 
@@ -220,7 +260,7 @@ def test_float_images_are_scored_as_their_8_bit_version(inception_file):
     np.testing.assert_array_equal(extractor(pixels), extractor(as_png))
 
 
-def test_inception_weights_come_from_argument_env_or_clean_fid_cache(inception_file, tmp_path, monkeypatch):
+def test_inception_weights_come_from_argument_env_or_this_users_clean_fid_cache(inception_file, tmp_path, monkeypatch):
     from ranke.eval import inception
 
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
@@ -230,9 +270,18 @@ def test_inception_weights_come_from_argument_env_or_clean_fid_cache(inception_f
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(inception_file))
     assert inception.resolve_inception_weights() == inception_file
     monkeypatch.delenv(inception.WEIGHTS_ENV)
-    monkeypatch.setattr(inception, "clean_fid_cache_path", lambda: tmp_path / "cache" / inception.WEIGHTS_NAME)
+    cached = tmp_path / "cache" / inception.WEIGHTS_NAME
+    monkeypatch.setattr(inception, "clean_fid_cache_path", lambda: cached)
     with pytest.raises(UserError, match="clean-fid's cache"):
         inception.resolve_inception_weights()
+    cached.parent.mkdir()
+    cached.write_bytes(inception_file.read_bytes())
+    cached.chmod(0o644)
+    assert inception.resolve_inception_weights() == cached  # this user's own copy
+    cached.chmod(0o666)  # anyone on the machine could have replaced it
+    with pytest.raises(UserError, match="writable by others; it is not loaded: pass --inception-weights"):
+        inception.resolve_inception_weights()
+    assert inception.resolve_inception_weights(inception_file) == inception_file  # a given path is the user's choice
 
 
 def test_inception_rejects_a_file_that_is_not_torchscript(tmp_path):

@@ -65,7 +65,7 @@ def relative_files(folder) -> list[str]:
 
 
 def expected_layout(n_prompts: int, n_per_prompt: int) -> list[str]:
-    files = ["captions.jsonl"]
+    files = ["captions.jsonl", ".lock", "sampling.json"]  # beside GenEval's folders: ours (caption list, writer lock, provenance)
     for i in range(n_prompts):
         files += [f"{i:05d}/grid.png", f"{i:05d}/metadata.jsonl"]
         files += [f"{i:05d}/samples/{s:04d}.png" for s in range(n_per_prompt)]
@@ -120,7 +120,7 @@ def test_toy_backbone_samples_into_the_geneval_layout_and_resumes(tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--protocol", "geneval", "--metadata", other, "--out", str(out), "--n-per-prompt", "2"])
     assert exit_info.value.code == 2
-    assert "holds another prompt than line 1" in capsys.readouterr().err
+    assert "holds samples made with other settings (batch_size, n, prompts_sha256 differ)" in capsys.readouterr().err
 
 
 def test_two_processes_sample_the_folder_of_one(tmp_path):
@@ -137,6 +137,8 @@ def test_two_processes_sample_the_folder_of_one(tmp_path):
     assert '"processes": 2' in done.stdout.decode()  # the rows were split, not sampled twice
     check_layout(tmp_path / "two", records, 2, 64)
     for name in relative_files(tmp_path / "one"):
+        if name == ".lock":  # the writer's pid
+            continue
         one, two = tmp_path / "one" / name, tmp_path / "two" / name
         if name.endswith(".png"):
             assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(two))), name

@@ -253,7 +253,7 @@ def test_existing_run_needs_resume(both_run, capsys):
     "overrides, message",
     [
         (["stepz=3"], "unknown config key 'stepz' (did you mean 'steps'?)"),
-        (["group_size=1"], "group_size=1: GRPO and rank selection need at least 2 rollouts per prompt"),
+        (["group_size=1"], "config key 'posttrain.group_size' is 1; allowed: a finite number >= 2"),
         (["mode=decoders"], "unknown mode 'decoders'"),
         (["rewards={toy_clip: 1.0, clipp: 1.0}"], "unknown reward 'clipp'"),
         (["kl_kind=k4"], "unknown kl_kind 'k4'"),

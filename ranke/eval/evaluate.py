@@ -57,6 +57,7 @@ from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
 from ranke.rewards.toy_clip import load_toy_clip
 from ranke.rewards.toy_features import load_toy_features
+from ranke.runlock import claim_output_dir
 from ranke.runtime import UserError, progress
 from ranke.toy.captions import parse_caption
 from ranke.toy.data import scene_for_caption, split_scenes_and_prompts
@@ -288,6 +289,7 @@ def evaluate_to_dir(
             f"--protocol toy scores toy-world models with the toy judges; backbone.kind={cfg.backbone.kind} "
             f"is evaluated with --protocol coco30k or hpsv2"
         )
+    claim_output_dir(out_dir)  # the main process locks it, once the command is accepted
     # Every decoder choice shares the base tokenizer's encoder and codebook (the frozen token space).
     evaluator = Evaluator(
         cfg, backbone.device, n, seed, batch_size, cfg.sampling, tokenizer=backbone.tokenizer, split_over_processes=True
@@ -297,7 +299,6 @@ def evaluate_to_dir(
     if not _is_main_process():
         return metrics
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     label = f"{metrics['ckpt']} (policy {policy}, decoder {decoder}, cfg {cfg.sampling.cfg_scale:g})"
     (out / "metrics.md").write_text(metrics_table(metrics, label))

@@ -151,30 +151,96 @@ def kernel_distance(
     return float(np.mean(values)), standard_error
 
 
-def load_image_folder(directory: str | Path, size: int | None = None) -> np.ndarray:
-    """All PNG/JPEG images of `directory` (sorted by name) as uint8 [N, H, W, 3].
-
-    With `size`, each image is center-cropped to a square and resized to `size` x `size` with
-    PIL bicubic (the paper crops and resizes both FID sides to the model resolution). Without
-    it, all images must already share one shape.
-    """
+def image_paths(directory: str | Path) -> list[Path]:
+    """The PNG/JPEG files of `directory`, sorted by name."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"image folder '{directory}' not found")
     paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise UserError(f"no PNG/JPEG images in '{directory}'")
-    images = []
-    for path in paths:
+    return paths
+
+
+def read_image(path: Path, size: int | None = None) -> np.ndarray:
+    """One image as uint8 [H, W, 3]; with `size`, center-cropped to a square and resized to
+    `size` x `size` with PIL bicubic (the paper crops and resizes both FID sides to the model
+    resolution). An unreadable or truncated file is one line naming it."""
+    try:
         with Image.open(path) as image:
             image = image.convert("RGB")
-        if size is not None:
-            image = center_crop_resize(image, size)
-        images.append(np.asarray(image, dtype=np.uint8))
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise UserError(f"images in '{directory}' have different sizes {sorted(shapes)}; pass a size to resize them")
-    return np.stack(images)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: unidentified, truncated or corrupt data
+        raise UserError(f"image '{path}' cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if size is not None:
+        image = center_crop_resize(image, size)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def image_batches(paths: list[Path], size: int | None = None, batch_size: int = 64):
+    """uint8 batches [B, H, W, 3] of the images at `paths`, read as they are needed. Without
+    `size` all images must share the first one's shape."""
+    shape = None
+    for start in range(0, len(paths), batch_size):
+        batch = [read_image(path, size) for path in paths[start : start + batch_size]]
+        for path, image in zip(paths[start : start + batch_size], batch):
+            shape = shape or image.shape
+            if image.shape != shape:
+                raise UserError(
+                    f"images in '{path.parent}' have different sizes ({path.name} is {image.shape[1]}x{image.shape[0]}, "
+                    f"the first {shape[1]}x{shape[0]}); pass --size to resize them"
+                )
+        yield np.stack(batch)
+
+
+def load_image_folder(directory: str | Path, size: int | None = None) -> np.ndarray:
+    """All PNG/JPEG images of `directory` (sorted by name) as uint8 [N, H, W, 3] (`read_image`);
+    for small sets: Frechet distances of folders stream them instead (`folder_statistics`)."""
+    paths = image_paths(directory)
+    return np.concatenate(list(image_batches(paths, size, len(paths))))
+
+
+class FeatureMoments:
+    """Running mean and unbiased covariance of feature batches, in float64, in memory [D, D]
+    whatever the number of images. Sums are taken about the first batch's mean (the shifted
+    formula), which keeps the covariance as accurate as `np.cov` of all features at once."""
+
+    def __init__(self):
+        self.count, self.shift, self.total, self.outer = 0, None, None, None
+
+    def add(self, features: np.ndarray) -> None:
+        features = np.asarray(features, dtype=np.float64)
+        if self.shift is None:
+            self.shift = features.mean(axis=0)
+            self.total = np.zeros_like(self.shift)
+            self.outer = np.zeros((len(self.shift), len(self.shift)))
+        centred = features - self.shift
+        self.count += len(features)
+        self.total += centred.sum(axis=0)
+        self.outer += centred.T @ centred
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean [D] and unbiased covariance [D, D], as `feature_statistics` of all features."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.count}")
+        mean = self.total / self.count
+        return self.shift + mean, (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+
+
+def folder_statistics(
+    extractor: FeatureExtractor, directory: str | Path, size: int | None = None, batch_size: int = 64,
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean, covariance, number of images) of the features of a folder's images, streamed batch
+    by batch from the files: memory does not grow with the number of images."""
+    paths = image_paths(directory)
+    if len(paths) < 2:
+        raise UserError(f"'{directory}' holds {len(paths)} image; a Frechet distance needs at least 2 per side")
+    moments = FeatureMoments()
+    batches = image_batches(paths, size, batch_size)
+    total = (len(paths) + batch_size - 1) // batch_size
+    for batch in batches if desc is None else progress(batches, total=total, desc=desc):
+        moments.add(extractor(torch.from_numpy(batch).permute(0, 3, 1, 2)))
+    return *moments.statistics(), len(paths)
 
 
 def build_feature_extractor(
@@ -204,21 +270,15 @@ def folder_distance(
 ) -> dict:
     """`ranke fid`: Frechet distance between the images of two folders -> {fd, n_a, n_b, features}.
 
-    `size` center-crops and resizes both sides first (`load_image_folder`), as the paper does
-    at the model resolution; the feature network then applies its own input convention.
+    `size` center-crops and resizes both sides first (`read_image`), as the paper does at the
+    model resolution; the feature network then applies its own input convention. Images are
+    read and featurised batch by batch (`folder_statistics`).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if size is not None and size < 1:
+        raise UserError(f"--size must be a positive number of pixels, got {size}")
     extractor = build_feature_extractor(features, inception_weights, select_device(device))
-    images_a, images_b = load_image_folder(dir_a, size), load_image_folder(dir_b, size)
-    for name, images in ((dir_a, images_a), (dir_b, images_b)):
-        if len(images) < 2:
-            raise UserError(f"'{name}' holds {len(images)} image; a Frechet distance needs at least 2 per side")
-    features_a = extract_features(extractor, images_a, batch_size, desc=f"{features} features A")
-    features_b = extract_features(extractor, images_b, batch_size, desc=f"{features} features B")
-    return {
-        "fd": frechet_distance_from_features(features_a, features_b),
-        "n_a": len(images_a),
-        "n_b": len(images_b),
-        "features": features,
-    }
+    mu_a, sigma_a, n_a = folder_statistics(extractor, dir_a, size, batch_size, desc=f"{features} features A")
+    mu_b, sigma_b, n_b = folder_statistics(extractor, dir_b, size, batch_size, desc=f"{features} features B")
+    return {"fd": frechet_distance(mu_a, sigma_a, mu_b, sigma_b), "n_a": n_a, "n_b": n_b, "features": features}

@@ -48,7 +48,7 @@ from PIL import Image
 from ranke import config as config_lib
 from ranke.config import RunConfig
 from ranke.eval.geneval_models import COLORS, ColorClassifier, Detection, Mask2FormerDetector, detector_classes
-from ranke.generate import load_backbone, sample_into_dir
+from ranke.generate import load_backbone, model_source, resolve_ckpt, sample_into_dir
 from ranke.images import save_image_grid
 from ranke.runtime import UserError, progress, select_device
 
@@ -126,8 +126,9 @@ def sample_path(index: int, sample: int) -> str:
     return f"{prompt_folder(index)}/{SAMPLES_DIR}/{sample:04d}.png"
 
 
-def write_prompt_metadata(out: Path, records: list[dict], write: bool) -> None:
-    """Check `OUT/NNNNN/metadata.jsonl` against the records; with `write`, create the missing ones.
+def write_prompt_metadata(out: Path, records: list[dict], write: bool, overwrite: bool = False) -> None:
+    """Check `OUT/NNNNN/metadata.jsonl` against the records; with `write`, create the missing ones
+    (and with `overwrite` replace those of other prompts).
 
     A folder sampled from another metadata file is refused rather than mixed (resuming must see
     the same prompts). Files are written under a temporary name and renamed, so another process
@@ -140,12 +141,14 @@ def write_prompt_metadata(out: Path, records: list[dict], write: bool) -> None:
                 existing = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 existing = None
-            if existing != record:
+            if existing == record:
+                continue
+            if not overwrite:
                 raise UserError(
                     f"'{path}' holds another prompt than line {index + 1} of the metadata file: "
-                    f"this folder was sampled from other metadata; choose a new --out"
+                    f"this folder was sampled from other metadata; choose a new --out or pass --overwrite"
                 )
-        elif write:
+        if write:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(path.name + ".tmp")
             temporary.write_text(json.dumps(record) + "\n", encoding="utf-8")
@@ -171,6 +174,7 @@ def sample_geneval(
     decoder: str = "online",
     batch_size: int = 64,
     overrides: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> dict:
     """Sample every prompt of a GenEval metadata file into the benchmark's layout (module docstring).
 
@@ -186,15 +190,17 @@ def sample_geneval(
     out = Path(out_dir)
     # cpu=...: a PartialState first made without it stays one process on a CPU-only machine
     state = PartialState(cpu=select_device(config_lib.load(RunConfig, None, overrides).device).type == "cpu")
-    write_prompt_metadata(out, records, write=state.is_main_process)
     names = [sample_path(i, s) for i in range(len(records)) for s in range(n_per_prompt)]
     prompts = [record["prompt"] for record in records for _ in range(n_per_prompt)]
     summary = {"n_prompts": len(records), "n_per_prompt": n_per_prompt, "n": len(names), "seed": seed,
                "out": str(out), "ckpt": ckpt, "policy": policy, "decoder": decoder}  # fmt: skip
-    if not all((out / name).is_file() for name in names):
-        model, cfg = load_backbone(ckpt, policy, decoder, overrides)
-        summary["cfg_scale"] = cfg.sampling.cfg_scale
-        summary["processes"] = sample_into_dir(model, cfg.sampling, prompts, out, seed, batch_size, names)
+    ckpt = resolve_ckpt(ckpt)
+    model, cfg = load_backbone(ckpt, policy, decoder, overrides)  # also for a complete folder: its provenance is checked
+    summary["cfg_scale"] = cfg.sampling.cfg_scale
+    summary["processes"] = sample_into_dir(
+        model, cfg.sampling, prompts, out, seed, batch_size, names, model_source(ckpt, policy, decoder, cfg), overwrite
+    )
+    write_prompt_metadata(out, records, state.is_main_process, overwrite)  # after sample_into_dir's provenance check
     if state.is_main_process:
         write_grids(out, len(records), n_per_prompt)
     return summary

@@ -10,7 +10,9 @@ standardises them itself as (x - 128) / 128 before its layers.
 We call clean-fid's own resizer and feed the network the way clean-fid does. The weights are
 never downloaded: they come from a path given by the caller, from $RANKE_INCEPTION_WEIGHTS, or
 from clean-fid's download location (/tmp, or the working directory on Windows) when a previous
-clean-fid run left the file there.
+clean-fid run of this user left the file there. That location is shared by every user of the
+machine, so the cached file is used only when this user owns it and nobody else can write it
+(a network planted there by someone else is refused); TorchScript runs code, so this matters.
 
 clean-fid is an optional dependency. Beside a CPU-only torch, install it without its
 dependencies (`pip install --no-deps clean-fid requests`): its declared torchvision dependency
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 import platform
+import stat
 import warnings
 from pathlib import Path
 
@@ -41,8 +44,18 @@ def clean_fid_cache_path() -> Path:
     return Path("./" if platform.system() == "Windows" else "/tmp") / WEIGHTS_NAME
 
 
+def only_this_user_can_write(path: Path) -> bool:
+    """True when `path` belongs to this user and no group or other user may write it (always
+    true where file ownership is not POSIX)."""
+    if not hasattr(os, "getuid"):
+        return True
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 def resolve_inception_weights(path: str | Path | None = None) -> Path:
-    """The weights file: `path`, else $RANKE_INCEPTION_WEIGHTS, else clean-fid's cache; never a download."""
+    """The weights file: `path`, else $RANKE_INCEPTION_WEIGHTS, else clean-fid's cache when this
+    user's own (`only_this_user_can_write`); never a download."""
     if path is not None:
         candidate, source = Path(path), "--inception-weights"
     elif os.environ.get(WEIGHTS_ENV):
@@ -53,6 +66,11 @@ def resolve_inception_weights(path: str | Path | None = None) -> Path:
         raise UserError(
             f"Inception weights not found at '{candidate}' ({source}); place clean-fid's {WEIGHTS_NAME} "
             f"there or pass --inception-weights PATH (nothing is downloaded)"
+        )
+    if source == "clean-fid's cache" and not only_this_user_can_write(candidate):
+        raise UserError(
+            f"'{candidate}' (clean-fid's cache, a shared folder) belongs to another user or is writable by others; "
+            "it is not loaded: pass --inception-weights PATH to a copy you trust"
         )
     return candidate
 

@@ -27,8 +27,9 @@ from accelerate import PartialState
 from ranke import config as config_lib
 from ranke.config import RunConfig
 from ranke.eval.fid import folder_distance
-from ranke.generate import load_backbone, sample_into_dir, sample_prompts_to_dir
-from ranke.runtime import UserError, progress, select_device
+from ranke.generate import load_backbone, model_source, resolve_ckpt, sample_into_dir, sample_prompts_to_dir
+from ranke.runlock import claim_output_dir
+from ranke.runtime import UserError, progress, read_user_text, select_device
 from ranke.toy.tools import CAPTIONS_FILE
 
 CLIP_SCORE_PREFIX = "A photo depicts"
@@ -36,7 +37,7 @@ CLIP_SCORE_PREFIX = "A photo depicts"
 
 def score_folder(folder: Path, scorer, batch_size: int = 64) -> torch.Tensor:
     """Scores [N] of a reward model (`ranke.rewards` protocol) on a sample folder's images and captions."""
-    records = [json.loads(line) for line in (folder / CAPTIONS_FILE).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in read_user_text(folder / CAPTIONS_FILE, "caption list").splitlines() if line.strip()]
     scores = []
     with torch.no_grad():
         for start in progress(range(0, len(records), batch_size), desc=f"{scorer.name} scores"):
@@ -77,18 +78,23 @@ def evaluate_prompt_set(
     clip_path: str | None = None,
     batch_size: int = 64,
     overrides: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> dict:
     """Sample the prompt set (the model and config `overrides` as `ranke.generate.load_backbone`
-    takes them), then FID against `ref_dir` and the CLIP score; writes OUT/metrics.json."""
+    takes them), then FID against `ref_dir` and the CLIP score; writes OUT/metrics.json.
+
+    OUT/images is resumed only when it was sampled with the same model and settings
+    (`ranke.generate.sample_into_dir`); `overwrite` replaces it."""
     from ranke.data import read_eval_prompts
 
     if not Path(ref_dir).is_dir():
         raise UserError(f"reference image folder '{ref_dir}' not found")
     prompts = read_eval_prompts(captions, n=n, seed=seed)
+    claim_output_dir(out_dir)  # the main process locks it; the others only see it exist
     out = Path(out_dir)
     images = out / "images"
     summary = sample_prompts_to_dir(
-        ckpt, None, str(images), seed, 1, batch_size, policy, decoder, overrides, prompts=prompts
+        ckpt, None, str(images), seed, 1, batch_size, policy, decoder, overrides, prompts=prompts, overwrite=overwrite
     )
     if not PartialState().is_main_process:
         return summary
@@ -125,6 +131,7 @@ def evaluate_hpsv2_benchmark(
     decoder: str = "online",
     batch_size: int = 64,
     overrides: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> dict:
     """The HPSv2 benchmark: one image per HPDv2 test prompt of each style (`<style>.json`, a JSON
     list of prompts, as the HPSv2 repository ships them), scored by HPSv2.1; per-style means and
@@ -136,13 +143,16 @@ def evaluate_hpsv2_benchmark(
     if missing:
         raise UserError(f"'{prompts_dir}' lacks {', '.join(f'{m}.json' for m in missing)} (HPDv2 benchmark prompts)")
     scorer = HPSv2Reward(hpsv2_path, select_device(config_lib.load(RunConfig, None, overrides).device))
+    ckpt = resolve_ckpt(ckpt)
     model, cfg = load_backbone(ckpt, policy, decoder, overrides)  # once for the four styles
+    claim_output_dir(out_dir)  # the main process locks it; the others only see it exist
     out = Path(out_dir)
+    source = model_source(ckpt, policy, decoder, cfg)
     metrics: dict = {"protocol": "hpsv2", "seed": seed, "cfg_scale": cfg.sampling.cfg_scale}
     for style in HPSV2_STYLES:
-        prompts = json.loads((Path(prompts_dir) / f"{style}.json").read_text())
+        prompts = json.loads(read_user_text(Path(prompts_dir) / f"{style}.json", "HPDv2 prompt file"))
         folder = out / "images" / style
-        sample_into_dir(model, cfg.sampling, prompts, folder, seed, batch_size)
+        sample_into_dir(model, cfg.sampling, prompts, folder, seed, batch_size, source=source, overwrite=overwrite)
         if PartialState().is_main_process:
             metrics[style] = score_folder(folder, scorer, batch_size).mean().item()
     if not PartialState().is_main_process:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -37,13 +38,18 @@ def _first_line(err: BaseException) -> str:
 
 def _load_pickle(path: Path, trust_pickle: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing the file
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # torch.load raises many unrelated types on bad input
+        # torch's weights-only refusal names the global when there is one ("Unsupported global"),
+        # otherwise only the pickle operation (e.g. "Unsupported operand 149" for plain pickles)
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if not trust_pickle and unsupported:
+        if not trust_pickle and (unsupported or "Weights only load failed" in str(err)):
+            what = f"a Python object ({unsupported.group(1)})" if unsupported else "pickled Python data"
             raise UserError(
-                f"checkpoint '{path}' contains a Python object ({unsupported.group(1)}) that needs arbitrary "
-                "unpickling; pass --trust-checkpoint to allow unpickling if you trust the file"
+                f"checkpoint '{path}' contains {what} that needs arbitrary unpickling; "
+                "pass --trust-checkpoint to allow unpickling if you trust the file"
             ) from None
         raise UserError(f"'{path}' is not a readable PyTorch checkpoint ({_first_line(err)})") from None
 

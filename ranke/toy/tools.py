@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ranke.runtime import UserError, progress
+from ranke.runlock import prepare_output_dir
+from ranke.runtime import UserError, progress, read_user_text
 from ranke.toy.captions import parse_caption
 from ranke.toy.data import ToyConfig, heldout_prompts, render_caption, sample_training_pair
 from ranke.toy.render import render_scene
@@ -40,8 +41,7 @@ def write_samples(n: int, out_dir, split: str = "train", seed: int = 0, cfg: Toy
                 f"the held-out split has {len(prompts)} prompts, asked for {n}: lower n or raise heldout_size"
             )
         captions = prompts[:n]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir)
     with open(out / CAPTIONS_FILE, "w") as lines:
         for index in progress(range(n), desc=f"toy {split} samples"):
             if split == "heldout":
@@ -64,7 +64,7 @@ def _read_entries(folder: Path) -> list[tuple[str, str]]:
         raise UserError(f"'{listing}' not found: a sample folder needs a {CAPTIONS_FILE} with one "
                         '{"file": ..., "caption": ...} line per image')
     entries = []
-    for number, line in enumerate(listing.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_user_text(listing, 'caption list').splitlines(), start=1):
         if not line.strip():
             continue
         try:

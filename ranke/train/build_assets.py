@@ -6,7 +6,8 @@ Runs, in order, the tokenizer recipe, the SFT recipe on that tokenizer's codes (
 what the policy learns; in bf16, as the committed policy was trained), and the reward recipe (the two toy CLIPs and the feature network, which
 see only rendered images). The five files are gathered in `OUT/assets/` under their committed
 names; `--install` copies them into the package (`ranke/assets/`). A stage whose asset already
-exists in its run directory is reused, so an interrupted build continues where it stopped.
+exists in its run directory is reused, and an interrupted tokenizer or SFT stage resumes from its
+last checkpoint, so an interrupted build continues where it stopped.
 Overrides use dotted keys (`tokenizer.steps=1200`, `sft.steps=2000`, `reward.features.steps=300`).
 """
 
@@ -30,12 +31,14 @@ def build_toy_assets(out_dir: str, config: str = "toy", overrides: list[str] = (
     out = Path(out_dir)
     tokenizer_file = out / "tokenizer" / ASSET_FILES["tokenizer"]
     stages = [
-        ("tokenizer", tokenizer_file, lambda: train_tokenizer(config, str(out / "tokenizer"), list(overrides))),
+        ("tokenizer", tokenizer_file, lambda: train_tokenizer(config, str(out / "tokenizer"), list(overrides), resume=True)),
         (
             "policy",
             out / "sft" / ASSET_FILES["policy"],
             # the committed policy trained in bf16 (faster steps; the toy policy is compute-limited)
-            lambda: train_sft(config, str(out / "sft"), ["precision=bf16", *overrides, f"sft.tokenizer={tokenizer_file}"]),
+            lambda: train_sft(
+                config, str(out / "sft"), ["precision=bf16", *overrides, f"sft.tokenizer={tokenizer_file}"], resume=True
+            ),
         ),
         ("reward", out / "reward" / ASSET_FILES["features"], lambda: train_reward(config, str(out / "reward"), list(overrides))),
     ]

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from ranke import checkpoint as checkpoint_lib
-from ranke import config as config_lib
 from ranke.algo.decoder import (
     CONSISTENCY_SCHEDULES,
     DecoderTerms,
@@ -86,7 +85,9 @@ from ranke.rewards.combine import CombinedReward
 from ranke.runtime import UserError, autocast, progress, set_deterministic
 from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
 from ranke.train import state as state_lib
-from ranke.train.logging import MetricsWriter, RunLogger, start_run
+from ranke.train.guard import StepGuard, gradient_norm, guarded_step
+from ranke.train.logging import MetricsWriter, RunLogger, start_run, write_run_config
+from ranke.train.resume import resume_point, set_learning_rate
 
 MODES = ("policy", "decoder", "both")
 REFERENCES = ("frozen", "ema")
@@ -95,19 +96,14 @@ SOFT_TOKEN_CODEBOOKS = ("unit", "raw")
 
 
 def check_posttrain_config(pcfg: PosttrainConfig) -> None:
-    """One clear line for settings the loop cannot run with."""
+    """One clear line for settings the loop cannot run with (beyond each number's own range,
+    `ranke.domains`, checked when the config is built)."""
     if pcfg.mode not in MODES:
         raise UserError(f"unknown mode '{pcfg.mode}' (one of: {', '.join(MODES)})")
-    if pcfg.group_size < 2:
-        raise UserError(f"group_size={pcfg.group_size}: GRPO and rank selection need at least 2 rollouts per prompt")
-    if pcfg.prompts_per_step < 1 or pcfg.steps < 1:
-        raise UserError("prompts_per_step and steps must be >= 1")
     if not 1 <= pcfg.rank_top_k <= pcfg.group_size:
         raise UserError(f"rank_top_k={pcfg.rank_top_k} must be between 1 and group_size={pcfg.group_size}")
     if pcfg.reference not in REFERENCES:
         raise UserError(f"unknown reference '{pcfg.reference}' (one of: {', '.join(REFERENCES)})")
-    if pcfg.micro_batch_size < 0 or pcfg.grpo_epochs < 1:
-        raise UserError("micro_batch_size must be >= 0 and grpo_epochs >= 1")
     if pcfg.kl_kind not in KL_ANCHORS:
         raise UserError(f"unknown kl_kind '{pcfg.kl_kind}' (one of: {', '.join(KL_ANCHORS)})")
     if pcfg.soft_token_logits not in SOFT_TOKEN_LOGITS or pcfg.soft_token_codebook not in SOFT_TOKEN_CODEBOOKS:
@@ -206,6 +202,7 @@ class Rollout:
     images: torch.Tensor  # [B*G, 3, H, W] in [0, 1], decoded by the EMA decoder
     reward: torch.Tensor  # [B*G] combined, normalised reward
     components: dict[str, torch.Tensor]  # raw score of each reward [B*G]
+    nonfinite: dict[str, int]  # non-finite raw scores of each reward (counted as 0 in `reward`)
     soft_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # top-k (logits, codes) [B*G, N, k] at rollout time
 
 
@@ -240,6 +237,7 @@ class PosttrainRun:
     shard: Shard  # this process's share of every step's prompts
     precision: str
     sharding: str  # how the policy is spread over processes: ddp | fsdp
+    guards: dict[str, StepGuard]  # the non-finite step guard of each optimizer, by its name
 
     @property
     def pcfg(self) -> PosttrainConfig:
@@ -288,7 +286,7 @@ def collect_rollout(run: PosttrainRun, prompts: list[str], timings: dict[str, fl
         soft_logits = logits.topk(min(pcfg.soft_token_top_k, logits.shape[-1]), dim=-1)
     return Rollout(
         group_prompts, text_emb, text_mask, sample.tokens, sample.logprobs, logp_ref, images, scored.total,
-        scored.components, soft_logits,
+        scored.components, scored.nonfinite, soft_logits,
     )  # fmt: skip
 
 
@@ -299,6 +297,7 @@ def reward_statistics(rollout: Rollout, group_size: int) -> dict[str, float]:
     for name, values in rollout.components.items():
         record[f"reward/{name}_mean"] = float(values.float().nanmean())
         record[f"reward/{name}_std"] = float(values.float().std())
+        record[f"reward/{name}_nonfinite"] = rollout.nonfinite[name]
     grouped = rollout.reward.view(-1, group_size)
     record["reward/zero_std_groups"] = float((grouped.std(dim=1) < 1e-4).float().mean())
     return record
@@ -307,15 +306,18 @@ def reward_statistics(rollout: Rollout, group_size: int) -> dict[str, float]:
 def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
     """METHOD.md "Policy stage": `grpo_epochs` passes of clipped GRPO with the KL anchor on the
     group-relative advantages, each one optimizer step over all rollouts (micro-batched
-    forward/backward); then the EMA policy follows every `policy_ema_every` steps."""
-    pcfg, models, optimizer = run.pcfg, run.models, run.optimizers.policy
+    forward/backward), skipped when its loss or gradient norm is not finite (`run.guards`); then
+    the EMA policy follows every `policy_ema_every` steps, unless no pass updated the policy."""
+    pcfg, models, optimizer, guard = run.pcfg, run.models, run.optimizers.policy, run.guards["policy"]
     # the release's ablation: every rollout reinforced alike, the ranking ignored
     advantages = torch.ones_like(rollout.reward) if pcfg.uniform_advantages else group_advantages(rollout.reward, pcfg.group_size)
     count = rollout.tokens.shape[0]
     micro = pcfg.micro_batch_size or count
     totals: dict[str, float] = {}
+    stepped = False
     for _ in range(pcfg.grpo_epochs):
         optimizer.zero_grad(set_to_none=True)
+        epoch_loss = 0.0
         for start in range(0, count, micro):
             part = slice(start, start + micro)
             share = (min(start + micro, count) - start) / count
@@ -334,14 +336,19 @@ def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
                 kl_kind=pcfg.kl_kind,
             )
             run.accelerator.backward(loss * share)
+            epoch_loss += float(loss.detach()) * share
             stats = {**stats, "loss": loss.detach(), "entropy": entropy.detach().mean()}
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0.0) + float(value) * share / pcfg.grpo_epochs
         totals["grad_norm"] = clip_gradients(run.policy_for_loss.parameters(), pcfg.grad_clip)
-        optimizer.step()
-    if (step + 1) % pcfg.policy_ema_every == 0:
+        checked = {"policy/loss": epoch_loss, "policy/grad_norm": totals["grad_norm"]}
+        stepped = guarded_step(guard, optimizer, step + 1, checked) or stepped
+    if stepped and (step + 1) % pcfg.policy_ema_every == 0:
         models.policy_ema.update(models.policy)
-    return {**{f"policy/{name}": value for name, value in totals.items()}, "lr/policy": optimizer.param_groups[0]["lr"]}
+    return {
+        **{f"policy/{name}": value for name, value in totals.items()}, **guard.metrics(),
+        "lr/policy": optimizer.param_groups[0]["lr"],
+    }  # fmt: skip
 
 
 @dataclass
@@ -366,9 +373,12 @@ def select_rollouts(rollout: Rollout, batch: int, pcfg: PosttrainConfig, step: i
     return RankSelection(indices, weights_grid.flatten(), weights_grid, tau, rollout.tokens[indices], prompts)
 
 
-def discriminator_step(run: PosttrainRun, real: torch.Tensor, recon: torch.Tensor, disc_factor: float) -> dict:
+def discriminator_step(
+    run: PosttrainRun, real: torch.Tensor, recon: torch.Tensor, disc_factor: float, step: int
+) -> dict:
     """One hinge step of the discriminator on real images vs reconstructions of their codes
-    (none before `disc_start`); the discriminator is left frozen for the decoder step."""
+    (none before `disc_start`; skipped when not finite); the discriminator is left frozen for the
+    decoder step."""
     disc, zero = run.models.disc, torch.zeros((), device=real.device)
     disc_loss, logits_real, logits_fake = zero, zero, zero
     if disc_factor > 0:
@@ -379,14 +389,16 @@ def discriminator_step(run: PosttrainRun, real: torch.Tensor, recon: torch.Tenso
         run.optimizers.disc.zero_grad(set_to_none=True)
         run.accelerator.backward(disc_loss)
         average_gradients(disc.parameters(), run.accelerator)
-        run.optimizers.disc.step()
+        checked = {"disc/loss": disc_loss, "disc/grad_norm": gradient_norm(disc.parameters())}
+        guarded_step(run.guards["disc"], run.optimizers.disc, step + 1, checked)
     disc.requires_grad_(False)
     return {"disc/loss": disc_loss, "disc/logits_real": logits_real.mean(), "disc/logits_fake": logits_fake.mean()}
 
 
 def decoder_stage(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor, step: int) -> dict:
-    """METHOD.md "Decoder stage": rank selection, one discriminator step, one decoder step; then
-    the EMA decoder follows every `decoder_ema_every` steps.
+    """METHOD.md "Decoder stage": rank selection, one discriminator step, one decoder step (each
+    skipped when its loss terms or gradient norm are not finite, `run.guards`); then the EMA
+    decoder follows every `decoder_ema_every` steps, unless the decoder step was skipped.
 
     Forward passes run under the run's precision; decoded pixels, discriminator logits and every
     loss term are float32."""
@@ -399,16 +411,18 @@ def decoder_stage(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor
             real_codes = models.vq.encode_codes(real)
         # one decode of the real codes serves both steps: the discriminator step sees it detached
         recon = models.vq.decode_codes(real_codes)
-    disc_logged = discriminator_step(run, real, recon, disc_factor)
+    disc_logged = discriminator_step(run, real, recon, disc_factor, step)
     with autocast(run.backbone.device, run.precision):
         loss, logged = decoder_loss(run, rollout, selection, real, recon, step, disc_factor)
     optimizer.zero_grad(set_to_none=True)
     run.accelerator.backward(loss)
     average_gradients(models.vq.decoder_parameters(), run.accelerator)
     grad_norm = clip_gradients(models.vq.decoder_parameters(), pcfg.grad_clip)
-    optimizer.step()
+    stepped = guarded_step(run.guards["decoder"], optimizer, step + 1, {**logged, "decoder/grad_norm": grad_norm})
     logged = {
         **logged,
+        **run.guards["decoder"].metrics(),
+        **run.guards["disc"].metrics(),
         "decoder/grad_norm": grad_norm,
         "decoder/tau": selection.tau,
         "decoder/weights_entropy": rank_weight_entropy(selection.weights_grid),
@@ -416,7 +430,7 @@ def decoder_stage(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor
         **disc_logged,
     }
     logged = {name: float(value.detach()) if torch.is_tensor(value) else value for name, value in logged.items()}
-    if (step + 1) % pcfg.decoder_ema_every == 0:
+    if stepped and (step + 1) % pcfg.decoder_ema_every == 0:
         models.vq_ema.update(models.vq)
     return {**logged, "lr/decoder": optimizer.param_groups[0]["lr"]}
 
@@ -619,11 +633,13 @@ def trainer_state_of(run: PosttrainRun, step: int) -> dict:
         "reward_stats": run.reward.state_dict(),
         "rng": state_lib.rng_state(run.generators),
         "data": run.prompt_source.state_dict(),
+        "guards": {name: guard.state_dict() for name, guard in run.guards.items()},
     }
 
 
 def restore_trainer_state(run: PosttrainRun, trainer_state: dict) -> int:
-    """Load optimizer, reward, RNG and data state (after sharding); returns the step to continue from."""
+    """Load optimizer, reward, RNG, data and skip-count state (after sharding), with the configured
+    learning rates set into the optimizers; returns the step to continue from."""
     saved_sharding = trainer_state.get("policy_sharding", "ddp")
     if saved_sharding != run.sharding:
         raise UserError(
@@ -635,6 +651,11 @@ def restore_trainer_state(run: PosttrainRun, trainer_state: dict) -> int:
             load_optimizer_state_dict(run.models.policy, optimizer, state)
         else:
             optimizer.load_state_dict(state)
+        pcfg = run.pcfg
+        set_learning_rate(optimizer, {"policy": pcfg.policy_lr, "decoder": pcfg.decoder_lr, "disc": pcfg.disc_lr}[name])
+    for name, guard in run.guards.items():
+        if name in trainer_state.get("guards", {}):
+            guard.load_state_dict(trainer_state["guards"][name])
     run.reward.load_state_dict(trainer_state["reward_stats"])
     state_lib.restore_rng_state(trainer_state["rng"], run.generators)
     run.prompt_source.load_state_dict(trainer_state["data"])
@@ -661,6 +682,7 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     cfg, run_dir, device = start_run(config_path, out_dir, overrides, section="posttrain")
     pcfg = cfg.posttrain
     check_posttrain_config(pcfg)
+    resumed = resume_point(run_dir, cfg, "posttrain", resume)
     if pcfg.deterministic:
         set_deterministic(True)
     # gradients live in DDP's all-reduce buckets rather than in a second copy
@@ -672,12 +694,9 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
 
     models, backbone, cfg = build_models(cfg, device)
     if accelerator.is_main_process:
-        config_lib.save(cfg, run_dir / "config.yaml")
-    latest = checkpoint_lib.latest_checkpoint(run_dir)
-    if latest is not None and not resume:
-        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or choose a new --out")
-    if latest is not None:
-        tensors, trainer_state, _ = checkpoint_lib.load_checkpoint(latest)
+        write_run_config(cfg, run_dir)
+    if resumed is not None:
+        tensors, trainer_state, _ = resumed[1]
         restore_weights(models, tensors)
     if pcfg.policy_grad_checkpointing:
         models.policy.enable_gradient_checkpointing()
@@ -699,8 +718,9 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         cfg, run_dir, backbone, models, optimizers, policy_for_loss, reward,
         build_prompt_source(cfg, backbone.image_size, data_rng), generators, accelerator,
         Shard.of(accelerator, pcfg.prompts_per_step), precision, sharding,
+        {name: StepGuard(name, cfg.max_consecutive_skips, device) for name in optimizers.present()},
     )  # fmt: skip
-    start_step = 0 if latest is None else restore_trainer_state(run, trainer_state)
+    start_step = 0 if resumed is None else restore_trainer_state(run, trainer_state)
     return run, start_step
 
 

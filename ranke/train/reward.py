@@ -42,7 +42,8 @@ from ranke.runtime import UserError, progress, seed_everything, select_device
 from ranke.toy.captions import NUM_PHRASINGS, CaptionSpec, describe, parse_caption
 from ranke.toy.data import ToyConfig, heldout_prompts, heldout_scenes, reference_images, render_caption, train_batch
 from ranke.toy.render import render_scenes
-from ranke.train.logging import RunLogger, start_run
+from ranke.train.guard import StepGuard, guarded_step
+from ranke.train.logging import RunLogger, start_run, write_run_config
 from ranke.train.schedule import warmup_cosine
 
 CLIP_ASSET = "toy_clip.safetensors"
@@ -178,6 +179,7 @@ def evaluate_toy_clip(
 def train_toy_clip(
     cfg: ToyCLIPConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
     log_with: str = "tensorboard",
+    max_consecutive_skips: int = 10,
 ) -> dict:
     """Train one toy CLIP, evaluate it on held-out prompts, write `out_dir/toy_clip.safetensors`.
 
@@ -198,6 +200,7 @@ def train_toy_clip(
     )
     data_rng = np.random.default_rng(run_seed)
     logger = RunLogger(run, log_with, cfg, device)  # a rerun replaces the run's log, it does not extend it
+    guard = StepGuard("model", max_consecutive_skips, device)
 
     start = time.perf_counter()
     bar = progress(range(cfg.steps), total=cfg.steps, desc="toy clip")
@@ -212,8 +215,8 @@ def train_toy_clip(
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale, image_keys.to(device), text_keys.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        guarded_step(guard, optimizer, step + 1, {"loss": loss, "grad_norm": grad_norm})
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             with torch.no_grad():
@@ -225,6 +228,7 @@ def train_toy_clip(
                     "loss": loss.item(),
                     "logit_scale": model.logit_scale.item(),
                     "lr": lr,
+                    **guard.metrics(),
                     # the batch's own caption beats every one of its hard negatives
                     "batch_hard_negative_accuracy": (
                         (own[:, None] > cosines[:, batch:].view(batch, batch, -1).diagonal().T).float().mean().item()
@@ -338,6 +342,7 @@ def evaluate_toy_features(
 def train_toy_features(
     cfg: ToyFeatureConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
     log_with: str = "tensorboard",
+    max_consecutive_skips: int = 10,
 ) -> dict:
     """Train the feature network, evaluate it, write `out_dir/toy_features.safetensors`.
 
@@ -353,6 +358,7 @@ def train_toy_features(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data_rng = np.random.default_rng(run_seed)
     logger = RunLogger(run, log_with, cfg, device)  # a rerun replaces the run's log, it does not extend it
+    guard = StepGuard("model", max_consecutive_skips, device)
 
     start = time.perf_counter()
     bar = progress(range(cfg.steps), total=cfg.steps, desc="toy features")
@@ -365,10 +371,11 @@ def train_toy_features(
         losses = feature_losses(predictions, _targets_to(scene_targets(scenes), device), cfg.color_weight)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        guarded_step(guard, optimizer, step + 1, {**losses, "grad_norm": grad_norm})
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            logger.log({"step": step + 1, "lr": lr, **{f"loss_{k}": v.item() for k, v in losses.items()}})
+            record = {"step": step + 1, "lr": lr, **{f"loss_{k}": v.item() for k, v in losses.items()}}
+            logger.log({**record, **guard.metrics()})
             bar.set_postfix(loss=f"{losses['total'].item():.3f}")
     train_seconds = time.perf_counter() - start
     logger.close()
@@ -403,9 +410,12 @@ def train_reward(config_path: str, out_dir: str, overrides: list[str]) -> dict:
     unknown = [name for name in cfg.reward.models if name not in TRAINERS]
     if unknown or not cfg.reward.models:
         raise UserError(f"reward.models must list some of {', '.join(TRAINERS)}; got {cfg.reward.models}")
+    write_run_config(cfg, run)
     summary = {}
     for name in cfg.reward.models:
-        result = TRAINERS[name](getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with)
+        result = TRAINERS[name](
+            getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with, cfg.max_consecutive_skips
+        )
         asset = run / ASSET_FILES[name]
         Path(result["asset"]).replace(asset)
         summary[name] = {**result, "asset": str(asset)}

@@ -35,7 +35,9 @@ from ranke.runtime import autocast, progress
 from ranke.toy.data import heldout_prompts, train_batch
 from ranke.toy.verifier import score_image, summarize
 from ranke.train import state as state_lib
-from ranke.train.logging import RunLogger, start_run
+from ranke.train.guard import StepGuard, guarded_step
+from ranke.train.logging import RunLogger, start_run, write_run_config
+from ranke.train.resume import resume_point, set_learning_rate
 from ranke.train.schedule import warmup_cosine
 
 
@@ -57,6 +59,7 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
 
     cfg, run, device = start_run(config_path, out_dir, overrides, section="sft")
     scfg = cfg.sft
+    resumed = resume_point(run, cfg, "sft", resume)
     accelerator = Accelerator(cpu=device.type == "cpu")
     device, main_process = accelerator.device, accelerator.is_main_process
     shard = Shard.of(accelerator, scfg.batch_size, "sft.batch_size")
@@ -64,6 +67,8 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
 
     tokenizer = load_tokenizer(scfg.tokenizer, device).requires_grad_(False)
     check_compatible(cfg.gpt, tokenizer.args, cfg.text, cfg.toy.image_size)
+    if main_process:
+        write_run_config(cfg, run)
     policy = Transformer(cfg.gpt).to(device)
     policy_for_loss = accelerator.prepare(policy)  # DDP with several processes
     backbone = Backbone(build_text_encoder(cfg.text, device), policy, tokenizer)
@@ -80,14 +85,16 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
     data_rng = np.random.default_rng(cfg.seed)
     preview_prompts = heldout_prompts(cfg.toy)[: scfg.eval_prompts]
 
+    guard = StepGuard("policy", cfg.max_consecutive_skips, device)
     start_step = 0
-    latest = checkpoint_lib.latest_checkpoint(run) if resume else None
-    if latest is not None:
-        tensors, trainer_state, _ = checkpoint_lib.load_checkpoint(latest)
+    if resumed is not None:
+        tensors, trainer_state, _ = resumed[1]
         policy.load_state_dict(tensors["policy"])
         opt.load_state_dict(trainer_state["optimizer"])
         schedule.load_state_dict(trainer_state["schedule"])
+        set_learning_rate(opt, scfg.lr, schedule)
         state_lib.restore_rng_state(trainer_state["rng"], {"data": data_rng})
+        guard.load_state_dict(trainer_state.get("guard", guard.state_dict()))
         start_step = trainer_state["step"]
 
     logger = RunLogger(run, cfg.log_with, cfg, device, start_step)
@@ -111,11 +118,14 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), scfg.grad_clip)
-        opt.step()
+        guarded_step(guard, opt, step + 1, {"loss": loss, "grad_norm": grad_norm})
         schedule.step()
 
         if (step + 1) % scfg.log_every == 0 or step + 1 == scfg.steps:
-            record = {"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0]}
+            record = {
+                "step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0],
+                **guard.metrics(),
+            }  # fmt: skip
             record = mean_over_processes(record, accelerator)
             if main_process:
                 logger.log(record)
@@ -133,6 +143,7 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
                     "optimizer": opt.state_dict(),
                     "schedule": schedule.state_dict(),
                     "rng": state_lib.rng_state({"data": data_rng}),
+                    "guard": guard.state_dict(),
                 },
                 (run / "config.yaml").read_text(),
                 keep_last=2,

@@ -36,7 +36,9 @@ from ranke.parallel import Shard, average_gradients, mean_over_processes, recipe
 from ranke.runtime import autocast, progress
 from ranke.toy.data import reference_images, train_batch
 from ranke.train import state as state_lib
-from ranke.train.logging import RunLogger, start_run
+from ranke.train.guard import StepGuard, gradient_norm, guarded_step
+from ranke.train.logging import RunLogger, start_run, write_run_config
+from ranke.train.resume import resume_point, set_learning_rate
 from ranke.train.schedule import warmup_cosine
 
 
@@ -66,6 +68,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
 
     cfg, run, device = start_run(config_path, out_dir, overrides, section="tokenizer")
     tcfg = cfg.tokenizer
+    resumed = resume_point(run, cfg, "tokenizer", resume)
     accelerator = Accelerator(cpu=device.type == "cpu")
     device, main_process = accelerator.device, accelerator.is_main_process
     shard = Shard.of(accelerator, tcfg.batch_size, "tokenizer.batch_size")
@@ -86,17 +89,23 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
     eval_images = reference_images(cfg.toy, tcfg.eval_images)
     preview = torch.from_numpy(eval_images[:16].copy()).permute(0, 3, 1, 2).float().div(255).to(device)
 
+    guards = {name: StepGuard(name, cfg.max_consecutive_skips, device) for name in ("vq", "disc")}
     start_step = 0
-    latest = checkpoint_lib.latest_checkpoint(run) if resume else None
-    if latest is not None:
-        tensors, trainer_state, _ = checkpoint_lib.load_checkpoint(latest)
+    if resumed is not None:
+        tensors, trainer_state, _ = resumed[1]
         model.load_state_dict(tensors["vq"])
         disc.load_state_dict(tensors["discriminator"])
         opt.load_state_dict(trainer_state["optimizer"])
         opt_disc.load_state_dict(trainer_state["optimizer_disc"])
         schedule.load_state_dict(trainer_state["schedule"])
+        set_learning_rate(opt, tcfg.lr, schedule)
+        set_learning_rate(opt_disc, tcfg.disc_lr)
         state_lib.restore_rng_state(trainer_state["rng"], {"data": data_rng, "restart": restart_gen})
+        for name, guard in guards.items():
+            guard.load_state_dict(trainer_state.get("guards", {}).get(name, guard.state_dict()))
         start_step = trainer_state["step"]
+    if main_process:
+        write_run_config(cfg, run)
 
     logger = RunLogger(run, cfg.log_with, cfg, device, start_step)
     t0 = time.perf_counter()
@@ -124,8 +133,8 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(model.parameters(), accelerator)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        guarded_step(guards["vq"], opt, step + 1, {"loss": loss, "grad_norm": grad_norm})
         schedule.step()
         if tcfg.restart_dead_codes_every and (step + 1) % tcfg.restart_dead_codes_every == 0:
             with torch.no_grad(), autocast(device, precision):
@@ -140,7 +149,8 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
             opt_disc.zero_grad(set_to_none=True)
             disc_loss.backward()
             average_gradients(disc.parameters(), accelerator)
-            opt_disc.step()
+            checked = {"discriminator": disc_loss, "disc_grad_norm": gradient_norm(disc.parameters())}
+            guarded_step(guards["disc"], opt_disc, step + 1, checked)
 
         record = {
             "step": step + 1,
@@ -153,6 +163,8 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
             "generator_weight": float(gen_weight),
             "discriminator": disc_loss.item(),
             "batch_code_usage": codes.unique().numel() / cfg.vq.codebook_size,
+            **guards["vq"].metrics(),
+            **guards["disc"].metrics(),
         }
         if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
             record = mean_over_processes(record, accelerator)
@@ -175,6 +187,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
                     "optimizer_disc": opt_disc.state_dict(),
                     "schedule": schedule.state_dict(),
                     "rng": state_lib.rng_state({"data": data_rng, "restart": restart_gen}),
+                    "guards": {name: guard.state_dict() for name, guard in guards.items()},
                 },
                 (run / "config.yaml").read_text(),
                 keep_last=2,

@@ -1,0 +1,166 @@
+"""Every bad input a user can give, across the commands: exit code 2, one line on stderr naming
+the problem, no traceback, and the existing run, sample folder and inputs left byte for byte as
+they were. The commands run in-process (`ranke.cli.main`); each case fails before any long work."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_posttrain import TINY
+
+from ranke.cli import main
+from ranke.toy.data import ToyConfig, heldout_prompts
+
+LATIN1 = "a small red circle caf\u00e9\n".encode("latin-1")  # not UTF-8
+RUN_SETTINGS = [*TINY, "mode=both", "steps=1", "disc_start=0", "grid_every=100"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_thread) -> dict[str, Path]:
+    """A finished post-training run, a sample folder, and input files good and bad."""
+    root = tmp_path_factory.mktemp("world")
+    paths = {"root": root, "run": root / "run", "samples": root / "samples", "new": root / "new"}
+    main(["posttrain", "--out", str(paths["run"]), *RUN_SETTINGS])
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(heldout_prompts(ToyConfig())[:2]) + "\n")
+    paths["prompts"] = prompts
+    main(["sample", "--prompts", str(prompts), "--out", str(paths["samples"])])
+
+    inputs = root / "inputs"
+    inputs.mkdir()
+    for name in ("latin1.txt", "latin1.yaml", "latin1.json"):
+        (inputs / name).write_bytes(LATIN1)
+    (inputs / "file").write_text("a file, not a folder\n")
+    verify = inputs / "verify"
+    verify.mkdir()
+    (verify / "captions.jsonl").write_bytes(b'{"file": "00000.png", "caption": "caf\xe9"}\n')
+    images = inputs / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * index, np.uint8)).save(images / f"{index:05d}.png")
+    truncated = inputs / "truncated"
+    shutil.copytree(images, truncated)
+    png = (truncated / "00001.png").read_bytes()
+    (truncated / "00001.png").write_bytes(png[: len(png) // 2])
+    not_images = inputs / "not_images"
+    shutil.copytree(images, not_images)
+    (not_images / "00002.png").write_text("not a PNG")
+    sizes = inputs / "sizes"
+    shutil.copytree(images, sizes)
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(sizes / "00003.png")
+    with open(inputs / "pickled.pt", "wb") as handle:
+        pickle.dump({"model": {"w": [1, 2]}, "args": Path("x")}, handle)
+    paths["inputs"] = inputs
+    return paths
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` except the places the cases may create (`new`)."""
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).parts[0] != "new"
+    }
+
+
+# (case id, argv with {placeholders} from the world fixture, a piece of the expected message)
+CASES = [
+    # numeric settings outside their domain
+    ("lr_nan", ["posttrain", "--out", "{new}/a", "policy_lr=nan"], "'posttrain.policy_lr' is nan; allowed: a finite number > 0"),
+    ("lr_negative", ["posttrain", "--out", "{new}/a", "policy_lr=-1e-4"], "'posttrain.policy_lr' is -0.0001"),
+    ("lr_inf", ["posttrain", "--out", "{new}/a", "decoder_lr=.inf"], "'posttrain.decoder_lr' is inf"),
+    ("lr_zero", ["posttrain", "--out", "{new}/a", "disc_lr=0"], "'posttrain.disc_lr' is 0.0"),
+    ("save_every_0", ["posttrain", "--out", "{new}/a", "save_every=0"], "'posttrain.save_every' is 0; allowed: a finite number >= 1"),
+    ("log_every_0", ["posttrain", "--out", "{new}/a", "log_every=0"], "'posttrain.log_every' is 0"),
+    ("grid_every_0", ["posttrain", "--out", "{new}/a", "grid_every=0"], "'posttrain.grid_every' is 0"),
+    ("keep_negative", ["posttrain", "--out", "{new}/a", "keep_checkpoints=-1"], "'posttrain.keep_checkpoints' is -1; allowed: a finite number >= 0"),
+    ("ema_decay_above_1", ["posttrain", "--out", "{new}/a", "policy_ema_decay=1.5"], "'posttrain.policy_ema_decay' is 1.5; allowed: a number in [0, 1]"),
+    ("ema_decay_negative", ["posttrain", "--out", "{new}/a", "decoder_ema_decay=-0.1"], "'posttrain.decoder_ema_decay' is -0.1"),
+    ("prompts_per_step_0", ["posttrain", "--out", "{new}/a", "prompts_per_step=0"], "'posttrain.prompts_per_step' is 0"),
+    ("group_size_1", ["posttrain", "--out", "{new}/a", "group_size=1"], "'posttrain.group_size' is 1; allowed: a finite number >= 2"),
+    ("clip_eps_0", ["posttrain", "--out", "{new}/a", "clip_eps=0"], "'posttrain.clip_eps' is 0.0; allowed: a number in (0, 1)"),
+    ("grad_clip_0", ["posttrain", "--out", "{new}/a", "grad_clip=0"], "'posttrain.grad_clip' is 0.0"),
+    ("tau_0", ["posttrain", "--out", "{new}/a", "tau_end=0"], "'posttrain.tau_end' is 0.0"),
+    ("rank_top_k_0", ["posttrain", "--out", "{new}/a", "rank_top_k=0"], "'posttrain.rank_top_k' is 0"),
+    ("rank_top_k_above_group", ["posttrain", "--out", "{new}/a", "rank_top_k=9"], "rank_top_k=9 must be between 1 and group_size=8"),
+    ("skips_negative", ["posttrain", "--out", "{new}/a", "max_consecutive_skips=-1"], "'max_consecutive_skips' is -1"),
+    ("temperature_0", ["posttrain", "--out", "{new}/a", "sampling.temperature=0"], "'sampling.temperature' is 0.0"),
+    ("top_p_0", ["posttrain", "--out", "{new}/a", "sampling.top_p=0"], "'sampling.top_p' is 0.0; allowed: a number in (0, 1]"),
+    ("seed_negative", ["posttrain", "--out", "{new}/a", "seed=-1"], "'seed' is -1"),
+    ("loss_weight_negative", ["posttrain", "--out", "{new}/a", "consistency_weight=-1"], "'posttrain.consistency_weight' is -1.0"),
+    ("sft_batch_0", ["sft", "--out", "{new}/a", "batch_size=0"], "'sft.batch_size' is 0"),
+    ("sft_lr_nan", ["sft", "--out", "{new}/a", "lr=nan"], "'sft.lr' is nan"),
+    ("sft_betas", ["sft", "--out", "{new}/a", "betas=[0.9, 1.5]"], "'sft.betas[1]' is 1.5; allowed: a number in [0, 1)"),
+    ("gpt_dim_0", ["sft", "--out", "{new}/a", "gpt.dim=0"], "'gpt.dim' is 0"),
+    ("tokenizer_steps_0", ["train-tokenizer", "--out", "{new}/a", "steps=0"], "'tokenizer.steps' is 0"),
+    ("tokenizer_ratio", ["train-tokenizer", "--out", "{new}/a", "min_lr_ratio=2"], "'tokenizer.min_lr_ratio' is 2.0"),
+    ("reward_steps_0", ["train-reward", "--out", "{new}/a", "reward.features.steps=0"], "'reward.features.steps' is 0"),
+    ("reward_lr_negative", ["train-reward", "--out", "{new}/a", "reward.reward_clip.lr=-1"], "'reward.reward_clip.lr' is -1.0"),
+    ("steps_not_int", ["posttrain", "--out", "{new}/a", "steps=abc"], "config key 'posttrain.steps' must be int"),
+    # text inputs that are not UTF-8
+    ("yaml_latin1", ["posttrain", "--config", "{inputs}/latin1.yaml", "--out", "{new}/a"], "latin1.yaml' is not UTF-8 text"),
+    ("prompts_latin1", ["sample", "--prompts", "{inputs}/latin1.txt", "--out", "{new}/a"], "latin1.txt' is not UTF-8 text"),
+    ("posttrain_prompts_latin1", ["posttrain", "--out", "{new}/a", *TINY, "prompts={inputs}/latin1.txt"], "latin1.txt' is not UTF-8"),
+    ("captions_latin1", ["toy", "verify", "{inputs}/verify"], "captions.jsonl' is not UTF-8 text"),
+    ("coco_captions_latin1", ["eval", "--protocol", "coco30k", "--captions", "{inputs}/latin1.json", "--ref-dir",
+                              "{inputs}/images", "--out", "{new}/a"], "latin1.json' is not UTF-8 text"),
+    # output folders that cannot be one
+    ("posttrain_out_file", ["posttrain", "--out", "{inputs}/file", *TINY], "'{inputs}/file' is an existing file"),
+    ("tokenizer_out_under_file", ["train-tokenizer", "--out", "{inputs}/file/run"], "cannot be created"),
+    ("sample_out_file", ["sample", "--prompts", "{prompts}", "--out", "{inputs}/file"], "is an existing file"),
+    ("toy_sample_out_file", ["toy", "sample", "--n", "2", "--out", "{inputs}/file"], "is an existing file"),
+    ("eval_out_file", ["eval", "--n", "2", "--out", "{inputs}/file"], "is an existing file"),
+    # images for ranke fid
+    ("fid_truncated", ["fid", "{inputs}/truncated", "{inputs}/images"], "00001.png' cannot be read"),
+    ("fid_not_an_image", ["fid", "{inputs}/images", "{inputs}/not_images"], "00002.png' cannot be read"),
+    ("fid_sizes", ["fid", "{inputs}/sizes", "{inputs}/images"], "have different sizes"),
+    ("fid_size_0", ["fid", "{inputs}/images", "{inputs}/images", "--size", "0"], "--size must be a positive"),
+    ("fid_batch_0", ["fid", "{inputs}/images", "{inputs}/images", "--batch-size", "0"], "--batch-size must be positive"),
+    ("fid_missing", ["fid", "{inputs}/missing", "{inputs}/images"], "image folder '{inputs}/missing' not found"),
+    # sampling and evaluation settings
+    ("sample_cfg_nan", ["sample", "--prompts", "{prompts}", "--out", "{new}/a", "--cfg", "nan"], "'sampling.cfg_scale' is nan"),
+    ("sample_cfg_negative", ["sample", "--prompts", "{prompts}", "--out", "{new}/a", "--cfg", "-1"], "'sampling.cfg_scale' is -1.0"),
+    ("sample_n_per_prompt_0", ["sample", "--prompts", "{prompts}", "--out", "{new}/a", "--n-per-prompt", "0"], "must be positive"),
+    ("sample_ckpt_missing", ["sample", "--prompts", "{prompts}", "--out", "{new}/a", "--ckpt", "{inputs}/missing"], "missing' is not a policy file"),
+    ("sample_reused_other_seed", ["sample", "--prompts", "{prompts}", "--out", "{samples}", "--seed", "7"], "holds samples made with other settings (seed differ)"),
+    ("eval_n_0", ["eval", "--n", "0", "--out", "{new}/a"], "--n must be between 2 and"),
+    ("eval_cfg_nan", ["eval", "--cfg", "nan", "--out", "{new}/a"], "'sampling.cfg_scale' is nan"),
+    ("coco_n_0", ["eval", "--protocol", "coco30k", "--captions", "{prompts}", "--ref-dir", "{inputs}/images", "--n", "0",
+                  "--out", "{new}/a"], "n must be between 1 and 2, got 0"),
+    # resuming a run
+    ("no_resume", ["posttrain", "--out", "{run}", *RUN_SETTINGS], "already holds checkpoints; pass --resume"),
+    ("resume_mode", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "steps=2", "mode=policy"], "--resume cannot change posttrain.mode"),
+    ("resume_seed", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "steps=2", "seed=5"], "--resume cannot change seed"),
+    ("resume_disc", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "steps=2", "disc_channels=32"], "cannot change posttrain.disc_channels"),
+    ("resume_lr_nan", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "policy_lr=nan"], "'posttrain.policy_lr' is nan"),
+    # checkpoint files
+    ("pickle_needs_trust", ["check-checkpoint", "--kind", "vq", "--preset", "toy", "{inputs}/pickled.pt"], "pass --trust-checkpoint"),
+    ("checkpoint_missing", ["check-checkpoint", "--kind", "vq", "--preset", "toy", "{inputs}/none.pt"], "none.pt' not found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(world, capsys, argv, expected):
+    fill = {name: str(path) for name, path in world.items()}
+    before = snapshot(world["root"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([part.format(**fill) for part in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and err.startswith("ranke: error: ")
+    assert expected.format(**fill) in err
+    assert snapshot(world["root"]) == before
+
+
+def test_the_table_covers_every_command():
+    assert len(CASES) >= 40
+    commands = {case[1][0] if case[1][0] != "toy" else " ".join(case[1][:2]) for case in CASES}
+    assert commands >= {"posttrain", "sft", "train-tokenizer", "train-reward", "sample", "eval", "fid", "toy verify",
+                        "toy sample", "check-checkpoint"}  # fmt: skip
