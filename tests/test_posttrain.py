@@ -265,7 +265,7 @@ def test_existing_run_needs_resume(both_run, capsys):
         (["consistency_schedule=linear", "steps=100", "consistency_end_step=300"],
          "posttrain.consistency_end_step=300 must be <= steps=100"),
         (["consistency_schedule=linear", "consistency_start_weight=-1"],
-         "posttrain.consistency_start_weight=-1.0 must be >= 0"),
+         "config key 'posttrain.consistency_start_weight' is -1.0; allowed: a finite number >= 0"),
     ],
 )
 def test_bad_settings_give_one_line_and_exit_2(tmp_path, capsys, overrides, message):

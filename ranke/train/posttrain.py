@@ -122,19 +122,14 @@ def consistency_span(pcfg: PosttrainConfig) -> tuple[int, int]:
 
 
 def check_consistency_schedule(pcfg: PosttrainConfig) -> None:
-    """One line naming the key when the lambda_c schedule cannot ramp as asked."""
+    """One line naming the key when the lambda_c schedule cannot ramp as asked (each weight's and
+    step's own range is `ranke.domains`')."""
     if pcfg.consistency_schedule not in CONSISTENCY_SCHEDULES:
         choices = ", ".join(CONSISTENCY_SCHEDULES)
         raise UserError(f"posttrain.consistency_schedule='{pcfg.consistency_schedule}' is not one of: {choices}")
-    if pcfg.consistency_weight < 0:
-        raise UserError(f"posttrain.consistency_weight={pcfg.consistency_weight} must be >= 0")
     if pcfg.consistency_schedule == "none":
         return
     start, end = consistency_span(pcfg)
-    if pcfg.consistency_start_weight < 0:
-        raise UserError(f"posttrain.consistency_start_weight={pcfg.consistency_start_weight} must be >= 0")
-    if start < 0:
-        raise UserError(f"posttrain.consistency_start_step={start} must be >= 0")
     if end > pcfg.steps:
         raise UserError(f"posttrain.consistency_end_step={end} must be <= steps={pcfg.steps}")
     if start >= end:
