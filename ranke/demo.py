@@ -203,6 +203,7 @@ def describe(sft: dict, methods: list[Method], real: dict | None = None) -> str:
             f"{real['fd']:.1f} and KID {real['kid']:.3f}{kid_se} from the first, about what a perfect generator "
             "would score; FD or KID differences well inside that are sampling noise of the evaluation."
         )
+        lines.append("")  # a paragraph of its own in the markdown
     if seeds < 2:
         lines.append(
             "One seed per method: each figure is one training run evaluated once, so there is no interval and "

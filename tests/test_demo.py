@@ -53,7 +53,8 @@ def test_describe_with_one_seed_gives_figures_and_calls_nothing(tmp_path):
     lines = describe(sft, [Method("RankE", "ema", [tmp_path])], real).splitlines()
     assert lines[0].startswith("The evaluation's own noise: a second real image of each of the same 300 prompts is "
                                "FD 6.1 and KID 0.021 (standard error 0.015) from the first")  # fmt: skip
-    assert lines[1].startswith("One seed per method:") and "nothing here is called better or worse" in lines[1]
+    assert lines[1] == ""  # its own paragraph
+    assert lines[2].startswith("One seed per method:") and "nothing here is called better or worse" in lines[2]
     assert lines[-1] == (
         "* RankE (ema decoder) vs the SFT start, one seed: reward +0.36, CLIP score -0.15, FD +7.8, KID +1.250, "
         "verifier accuracy +0.000, token KL +0.071 (one seed: no interval)."

@@ -353,9 +353,10 @@ def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=180)
     plt.close(fig)
-    return (f"Reward against FD along each method's trajectory ({_seeds_text(methods)}: the mean over seeds at "
-            f"each evaluation; numbers: the evaluation step, up to {PARETO_LABELS} per line; square: the last "
-            "evaluation; star: the SFT start). Down and to the right is better on both.")  # fmt: skip
+    points = "each point one evaluation of the run" if _seed_count(methods) < 2 else "each point the mean over seeds at one evaluation"
+    return (f"Reward against FD along each method's trajectory ({_seeds_text(methods)}, {points}; numbers: the "
+            f"evaluation step, up to {PARETO_LABELS} per line; square: the last evaluation; star: the SFT start). "
+            "Down and to the right is better on both.")  # fmt: skip
 
 
 def _final_preview(method: Method) -> tuple[np.ndarray, list[bool]] | None:
