@@ -128,7 +128,8 @@ def run_demo(
         _run_unfinished(adapted_jobs, config, workers, threads, pcfg.steps, preset_name)
         methods, jobs = methods + adapted, jobs + adapted_jobs
 
-    mechanism = decoder_mechanism(evaluator, methods, device)
+    with autocast(device, cfg.precision):  # as the SFT start's reconstruction above
+        mechanism = decoder_mechanism(evaluator, methods, device)
     (out / "mechanism.json").write_text(json.dumps(mechanism, indent=2))
     commands = [" ".join(["ranke posttrain", "--config", config, "--out", str(job.run), *job.overrides]) for job in jobs]
     minutes = (time.perf_counter() - started) / 60
