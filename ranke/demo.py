@@ -43,6 +43,7 @@ from ranke.eval.report import (
     gains_over_start,
     paired_comparison,
     per_run_table,
+    plot_decoder_mechanism,
     plot_metric,
     plot_pareto,
     plot_samples,
@@ -122,8 +123,8 @@ def run_demo(
     methods, jobs = _method_jobs(out, studied, settings)
     _run_unfinished(jobs, config, workers, threads, pcfg.steps, preset_name)
     if preset.ablation_seeds:  # the mechanism runs start from the GRPO runs' final policies
-        grpo_runs = dict(zip(preset.seeds, methods[0].runs))
-        adapted_settings = {seed: [f"policy={export_final_policy(grpo_runs[seed])}"] for seed in preset.ablation_seeds}
+        grpo_runs = dict(zip(preset.seeds, methods[0].runs))  # absolute: the runs' configs are read from anywhere
+        adapted_settings = {seed: [f"policy={export_final_policy(grpo_runs[seed]).resolve()}"] for seed in preset.ablation_seeds}
         adapted, adapted_jobs = _method_jobs(out, [(ADAPTED, preset.ablation_seeds)], settings, adapted_settings)
         _run_unfinished(adapted_jobs, config, workers, threads, pcfg.steps, preset_name)
         methods, jobs = methods + adapted, jobs + adapted_jobs
@@ -133,7 +134,7 @@ def run_demo(
     (out / "mechanism.json").write_text(json.dumps(mechanism, indent=2))
     commands = [" ".join(["ranke posttrain", "--config", config, "--out", str(job.run), *job.overrides]) for job in jobs]
     minutes = (time.perf_counter() - started) / 60
-    report_paths = build_report(out, sft, methods, preset_name, pcfg, preset.seeds, commands, minutes)
+    report_paths = build_report(out, sft, methods, preset_name, pcfg, preset.seeds, commands, minutes, mechanism)
     print(f"demo[{preset_name}]: {minutes:.1f} min -> {report_paths[0]} and {report_paths[1]}")
     return {"report": str(report_paths[0]), "html": str(report_paths[1]), "minutes": round(minutes, 2)}
 
@@ -244,8 +245,11 @@ def _summary(title: str, subject: str, differences: dict) -> str:
     return text + "."
 
 
-def build_report(out: Path, sft: dict, methods: list[Method], preset_name, pcfg, seeds, commands, minutes) -> tuple[Path, Path]:
-    """`report.md` / `report.html` in `out` from the SFT metrics, the saved `RealReference` and the runs."""
+def build_report(
+    out: Path, sft: dict, methods: list[Method], preset_name, pcfg, seeds, commands, minutes, mechanism: dict | None = None
+) -> tuple[Path, Path]:
+    """`report.md` / `report.html` in `out` from the SFT metrics, the saved `RealReference`, the runs
+    and (`decoder_mechanism`) the trained decoders' reconstructions of ground-truth codes."""
     reference = RealReference.load(out)
     real = reference.metrics
     banded = [plot_metric(sft, methods, key, out / f"curve_{key}.png", real) for key, *_ in COLUMNS]
@@ -276,6 +280,10 @@ def build_report(out: Path, sft: dict, methods: list[Method], preset_name, pcfg,
     for a, b in comparisons(methods):
         results += f"\n{a.name} - {b.name}, paired by seed ({a.decoder} vs {b.decoder} decoder):\n\n" + comparison_table(a, b)
     results += "\nGain over the SFT start (mean [95% interval] over seeds):\n\n" + gain_table(sft, methods)
+    by_name = {method.name: method for method in methods}
+    if ADAPTED[0] in by_name and mechanism:
+        caption = plot_decoder_mechanism(by_name[METHODS[0][0]], by_name[ADAPTED[0]], mechanism, sft, out / "mechanism.png")
+        results += f"\n![{caption}](mechanism.png)\n"
     sections = [
         ("Methods", method_lines),
         ("Results", results),

@@ -134,3 +134,24 @@ def test_real_reference_survives_save_and_load(tmp_path):
     loaded = RealReference.load(tmp_path)
     assert loaded.prompts == heldout_prompts()[:PREVIEW] and loaded.metrics == {"fd": 6.1, "n": 300}
     np.testing.assert_array_equal(loaded.images, images)
+
+
+def test_mechanism_figure_pairs_the_frozen_and_adapted_decoder_by_seed(tmp_path):
+    """With the adapted-decoder runs and the reconstructions, the report shows the mechanism
+    figure and the paired comparison of the same GRPO policy's tokens under the two decoders."""
+    out = tmp_path / "report"
+    _build(out, [0, 1])
+    adapted = []
+    for seed in (0, 1):
+        run = out / "runs" / f"grpo_policy_adapted_decoder_seed{seed}"
+        _write_run(run, seed, ["ema"], FINAL_FD[seed][0] - 1.0, FINAL_REWARD[seed][0])
+        adapted.append(run)
+    methods = [Method("GRPO", "base", [out / "runs" / f"grpo_seed{s}" for s in (0, 1)]),
+               Method("GRPO policy, adapted decoder", "ema", adapted)]  # fmt: skip
+    reconstruction = {run.name: {"method": "GRPO policy, adapted decoder", "recon_fd": 27.5} for run in adapted}
+    markdown = build_report(out, SFT | {"recon_fd": 27.8}, methods, "test", RunConfig().posttrain, [0, 1], [], 0.5,
+                            reconstruction)[0].read_text()  # fmt: skip
+    assert "![Left: FD of the final GRPO policy's samples decoded by the frozen decoder" in markdown
+    assert (out / "mechanism.png").is_file()
+    fd_row = next(line for line in markdown.splitlines() if line.startswith("| FD (toy features) |"))
+    assert "| -1.0 [-1.0, -1.0] | 2 | GRPO policy, adapted decoder lower FD (better) |" in fd_row
