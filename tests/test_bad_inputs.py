@@ -141,6 +141,11 @@ CASES = [
     # checkpoint files
     ("pickle_needs_trust", ["check-checkpoint", "--kind", "vq", "--preset", "toy", "{inputs}/pickled.pt"], "pass --trust-checkpoint"),
     ("checkpoint_missing", ["check-checkpoint", "--kind", "vq", "--preset", "toy", "{inputs}/none.pt"], "none.pt' not found"),
+    # export and GenEval
+    ("export_not_a_run", ["export", "{inputs}/images", "--format", "llamagen", "--out", "{new}/export"], "is neither a post-training run nor a checkpoint"),
+    ("geneval_no_metadata", ["eval", "--protocol", "geneval", "--out", "{new}/a"], "--protocol geneval needs --metadata"),
+    ("geneval_metadata_not_utf8", ["eval", "--protocol", "geneval", "--metadata", "{inputs}/latin1.json", "--out", "{new}/a"], "not UTF-8"),
+    ("overwrite_on_toy_eval", ["eval", "--overwrite", "--out", "{new}/a"], "--overwrite does not apply to --protocol toy"),
 ]  # fmt: skip
 
 
@@ -163,4 +168,4 @@ def test_the_table_covers_every_command():
     assert len(CASES) >= 40
     commands = {case[1][0] if case[1][0] != "toy" else " ".join(case[1][:2]) for case in CASES}
     assert commands >= {"posttrain", "sft", "train-tokenizer", "train-reward", "sample", "eval", "fid", "toy verify",
-                        "toy sample", "check-checkpoint"}  # fmt: skip
+                        "toy sample", "check-checkpoint", "export"}  # fmt: skip

@@ -50,7 +50,7 @@ from ranke.config import RunConfig
 from ranke.eval.geneval_models import COLORS, ColorClassifier, Detection, Mask2FormerDetector, detector_classes
 from ranke.generate import load_backbone, model_source, resolve_ckpt, sample_into_dir
 from ranke.images import save_image_grid
-from ranke.runtime import UserError, progress, select_device
+from ranke.runtime import UserError, progress, read_user_text, select_device
 
 METADATA_FILE = "metadata.jsonl"
 SAMPLES_DIR = "samples"
@@ -90,7 +90,7 @@ def read_metadata(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"GenEval metadata file '{path}' not found (the benchmark's prompts/evaluation_metadata.jsonl)")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_user_text(path, "GenEval metadata file").splitlines(), 1):
         if not line.strip():
             continue
         try:
