@@ -200,9 +200,19 @@ def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
 
 def _sample_files(out: Path, names: list[str]) -> list[Path]:
     """The files of `out` a sampling run writes or that an earlier one left: NNNNN.png at the top,
-    the run's own `names` (GenEval nests them), captions.jsonl."""
+    this run's `names` and those the earlier run listed in captions.jsonl (GenEval nests them),
+    captions.jsonl itself."""
     top = [p for p in out.iterdir() if SAMPLE_FILE.match(p.name) or p.name == CAPTIONS_FILE]
-    return top + [out / name for name in names if (out / name).is_file() and (out / name).parent != out]
+    listing = out / CAPTIONS_FILE
+    listed = []
+    if listing.is_file():
+        for line in listing.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                listed.append(str(json.loads(line)["file"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a damaged listing: its files are still found by name
+    nested = {out / name for name in [*names, *listed] if "/" in name and ".." not in Path(name).parts}
+    return top + sorted(path for path in nested if path.is_file())
 
 
 def check_sample_folder(out: Path, provenance: dict, overwrite: bool, names: list[str] = ()) -> bool:

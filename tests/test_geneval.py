@@ -122,6 +122,12 @@ def test_toy_backbone_samples_into_the_geneval_layout_and_resumes(tmp_path, caps
     assert exit_info.value.code == 2
     assert "holds samples made with other settings (batch_size, n, prompts_sha256 differ)" in capsys.readouterr().err
 
+    # --overwrite replaces the samples, the prompt folders and the listing with those of the new metadata
+    main(["eval", "--protocol", "geneval", "--metadata", other, "--out", str(out), "--n-per-prompt", "1", "--overwrite"])
+    swapped = [TOY_METADATA[1], TOY_METADATA[0]]
+    check_layout(out, swapped, 1, 64)
+    assert json.loads((out / "00000" / "metadata.jsonl").read_text()) == swapped[0]
+
 
 def test_two_processes_sample_the_folder_of_one(tmp_path):
     """Under torchrun each process samples 2 rows of every batch of 4 (`ranke.generate.sample_into_dir`)."""

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,10 @@ def sample_geneval(
                "out": str(out), "ckpt": ckpt, "policy": policy, "decoder": decoder}  # fmt: skip
     ckpt = resolve_ckpt(ckpt)
     model, cfg = load_backbone(ckpt, policy, decoder, overrides)  # also for a complete folder: its provenance is checked
+    if overwrite and state.is_main_process:  # prompt folders beyond the new metadata would be evaluated too
+        for folder in out.glob("[0-9]" * 5):
+            if folder.is_dir() and int(folder.name) >= len(records):
+                shutil.rmtree(folder)
     summary["cfg_scale"] = cfg.sampling.cfg_scale
     summary["processes"] = sample_into_dir(
         model, cfg.sampling, prompts, out, seed, batch_size, names, model_source(ckpt, policy, decoder, cfg), overwrite
