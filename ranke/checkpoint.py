@@ -255,6 +255,12 @@ def newest_intact_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def newest_loadable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a run directory loads from: its newest intact one (`newest_intact_checkpoint`),
+    or when none is intact its latest, whose load then names the damage; None when it has none."""
+    return newest_intact_checkpoint(run_dir) or latest_checkpoint(run_dir)
+
+
 def _newest_first(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories, the one `latest` names first, then by step, newest first."""
     candidates = [path for _, path in reversed(_step_dirs(Path(run_dir) / CHECKPOINTS))]

@@ -44,8 +44,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
     path = Path(source)
     if (path / checkpoint_lib.MANIFEST).is_file():
         return path
-    latest = checkpoint_lib.latest_checkpoint(path) if path.is_dir() else None
-    latest = latest and (checkpoint_lib.newest_intact_checkpoint(path) or latest)
+    latest = checkpoint_lib.newest_loadable_checkpoint(path) if path.is_dir() else None
     if latest is None:
         raise UserError(f"'{source}' is neither a post-training run nor a checkpoint directory (checkpoints/step_*)")
     return latest

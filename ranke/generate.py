@@ -121,7 +121,7 @@ def posttrain_checkpoint(path: Path | None) -> Path | None:
     latest = checkpoint_lib.latest_checkpoint(path)
     if latest is None or not (latest / f"{DECODER_STEMS['online']}.safetensors").is_file():
         return None  # no checkpoints, or an SFT run's (policy only)
-    return checkpoint_lib.newest_intact_checkpoint(path) or latest  # none intact: loading it gives the error
+    return checkpoint_lib.newest_loadable_checkpoint(path)
 
 
 def resolve_ckpt(ckpt: str | None) -> str | None:
