@@ -122,6 +122,11 @@ def prompt_folder(index: int) -> str:
     return f"{index:05d}"
 
 
+def prompt_folders(folder: Path) -> list[Path]:
+    """The numbered prompt folders of a GenEval folder, in order, as the official evaluator finds them."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def sample_path(index: int, sample: int) -> str:
     """Path of sample `sample` of prompt `index`, relative to the output folder."""
     return f"{prompt_folder(index)}/{SAMPLES_DIR}/{sample:04d}.png"
@@ -197,14 +202,14 @@ def sample_geneval(
                "out": str(out), "ckpt": ckpt, "policy": policy, "decoder": decoder}  # fmt: skip
     ckpt = resolve_ckpt(ckpt)
     model, cfg = load_backbone(ckpt, policy, decoder, overrides)  # also for a complete folder: its provenance is checked
-    if overwrite and state.is_main_process:  # prompt folders beyond the new metadata would be evaluated too
-        for folder in out.glob("[0-9]" * 5):
-            if folder.is_dir() and int(folder.name) >= len(records):
-                shutil.rmtree(folder)
     summary["cfg_scale"] = cfg.sampling.cfg_scale
     summary["processes"] = sample_into_dir(
         model, cfg.sampling, prompts, out, seed, batch_size, names, model_source(ckpt, policy, decoder, cfg), overwrite
     )
+    if overwrite and state.is_main_process:  # prompt folders beyond the new metadata would be evaluated too
+        for folder in prompt_folders(out):
+            if int(folder.name) >= len(records):
+                shutil.rmtree(folder)
     write_prompt_metadata(out, records, state.is_main_process, overwrite)  # after sample_into_dir's provenance check
     if state.is_main_process:
         write_grids(out, len(records), n_per_prompt)
@@ -352,7 +357,7 @@ def folder_images(folder: Path) -> list[tuple[Path, dict]]:
     """(image path, metadata record) of every sample of a GenEval folder, as the official
     evaluator finds them: numbered subfolders with metadata.jsonl, samples/<digits>.png."""
     found = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
+    for sub in prompt_folders(folder):
         if not (sub / METADATA_FILE).is_file():
             raise UserError(f"'{sub}' has no {METADATA_FILE}: not a GenEval prompt folder")
         record = json.loads((sub / METADATA_FILE).read_text(encoding="utf-8"))
