@@ -186,7 +186,8 @@ def cmd_eval(args) -> None:
         if not args.metadata:
             raise UserError("--protocol geneval needs --metadata (GenEval's prompts/evaluation_metadata.jsonl)")
         metrics = evaluate_geneval(
-            args.metadata, args.out, args.detector, args.clip_path, ckpt=args.ckpt, n_per_prompt=args.n_per_prompt or 4,
+            args.metadata, args.out, args.detector, args.clip_path, ckpt=args.ckpt,
+            n_per_prompt=4 if args.n_per_prompt is None else args.n_per_prompt,
             seed=42 if args.seed is None else args.seed, policy=args.policy, decoder=args.decoder,
             batch_size=args.batch_size, overrides=overrides, overwrite=bool(args.overwrite),
         )  # fmt: skip

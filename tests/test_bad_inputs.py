@@ -4,6 +4,8 @@ they were. The commands run in-process (`ranke.cli.main`); each case fails befor
 
 from __future__ import annotations
 
+import json
+
 import pickle
 import shutil
 from pathlib import Path
@@ -36,6 +38,8 @@ def world(tmp_path_factory, one_thread) -> dict[str, Path]:
     for name in ("latin1.txt", "latin1.yaml", "latin1.json"):
         (inputs / name).write_bytes(LATIN1)
     (inputs / "file").write_text("a file, not a folder\n")
+    (inputs / "geneval.jsonl").write_text(json.dumps({"tag": "single_object", "include": [{"class": "circle", "count": 1}],
+                                                      "prompt": "a red circle"}) + "\n")  # fmt: skip
     verify = inputs / "verify"
     verify.mkdir()
     (verify / "captions.jsonl").write_bytes(b'{"file": "00000.png", "caption": "caf\xe9"}\n')
@@ -143,6 +147,8 @@ CASES = [
     ("checkpoint_missing", ["check-checkpoint", "--kind", "vq", "--preset", "toy", "{inputs}/none.pt"], "none.pt' not found"),
     # export and GenEval
     ("export_not_a_run", ["export", "{inputs}/images", "--format", "llamagen", "--out", "{new}/export"], "is neither a post-training run nor a checkpoint"),
+    ("geneval_n_per_prompt_0", ["eval", "--protocol", "geneval", "--metadata", "{inputs}/geneval.jsonl", "--n-per-prompt", "0",
+                                "--out", "{new}/a"], "--n-per-prompt and --batch-size must be positive"),
     ("geneval_no_metadata", ["eval", "--protocol", "geneval", "--out", "{new}/a"], "--protocol geneval needs --metadata"),
     ("geneval_metadata_not_utf8", ["eval", "--protocol", "geneval", "--metadata", "{inputs}/latin1.json", "--out", "{new}/a"], "not UTF-8"),
     ("overwrite_on_toy_eval", ["eval", "--overwrite", "--out", "{new}/a"], "--overwrite does not apply to --protocol toy"),
