@@ -9,7 +9,9 @@ table, curves, a reward-vs-FD plot and a captioned sample grid. The runs go to w
 others. `--full` runs five paired seeds of GRPO and RankE, three seeds of each ablation (rank-
 weighted vs uniform GAN at K = 4, no EMA-consistency anchor, decoder stage only) and of the
 mechanism runs (the decoder stage alone on each of three final GRPO policies), and measures how
-each trained decoder renders ground-truth codes.
+each trained decoder renders ground-truth codes. `--mechanism` runs three paired seeds and the
+mechanism runs without the ablations: the question to ask of a new reward or toy world (does
+GRPO's token shift cost fidelity, and does RankE remove the cost?).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class DemoPreset:
 
     overrides: tuple[str, ...]
     seeds: tuple[int, ...]  # paired seeds of GRPO and RankE
-    ablation_seeds: tuple[int, ...] = ()  # seeds of each ablation and of the mechanism runs; () = none
+    ablation_seeds: tuple[int, ...] = ()  # seeds of each ablation; () = none
+    mechanism_seeds: tuple[int, ...] = ()  # seeds of the mechanism runs (a subset of `seeds`); () = none
 
 
 PRESETS = {
@@ -71,7 +74,9 @@ PRESETS = {
         ("steps=8", "prompts_per_step=4", "group_size=4", "eval_samples=64", "eval_every=4", "disc_start=2"), (0,)
     ),
     "default": DemoPreset(("precision=bf16", "steps=100"), (0,)),
-    "full": DemoPreset(("precision=bf16",), (0, 1, 2, 3, 4), (0, 1, 2)),
+    "full": DemoPreset(("precision=bf16",), (0, 1, 2, 3, 4), (0, 1, 2), (0, 1, 2)),
+    # the question of a new reward or world: does GRPO's token shift cost fidelity, and does RankE remove it?
+    "mechanism": DemoPreset(("precision=bf16",), (0, 1, 2), (), (0, 1, 2)),
 }
 
 # name, posttrain overrides, decoder of its table row, extra decoder rows, what it is
@@ -122,10 +127,10 @@ def run_demo(
     studied = [(method, preset.seeds) for method in METHODS] + [(method, preset.ablation_seeds) for method in ABLATIONS]
     methods, jobs = _method_jobs(out, studied, settings)
     _run_unfinished(jobs, config, workers, threads, pcfg.steps, preset_name)
-    if preset.ablation_seeds:  # the mechanism runs start from the GRPO runs' final policies
+    if preset.mechanism_seeds:  # the mechanism runs start from the GRPO runs' final policies
         grpo_runs = dict(zip(preset.seeds, methods[0].runs))  # absolute: the runs' configs are read from anywhere
-        adapted_settings = {seed: [f"policy={export_final_policy(grpo_runs[seed]).resolve()}"] for seed in preset.ablation_seeds}
-        adapted, adapted_jobs = _method_jobs(out, [(ADAPTED, preset.ablation_seeds)], settings, adapted_settings)
+        adapted_settings = {seed: [f"policy={export_final_policy(grpo_runs[seed]).resolve()}"] for seed in preset.mechanism_seeds}
+        adapted, adapted_jobs = _method_jobs(out, [(ADAPTED, preset.mechanism_seeds)], settings, adapted_settings)
         _run_unfinished(adapted_jobs, config, workers, threads, pcfg.steps, preset_name)
         methods, jobs = methods + adapted, jobs + adapted_jobs
 
@@ -245,6 +250,13 @@ def _summary(title: str, subject: str, differences: dict) -> str:
     return text + "."
 
 
+def reward_description(weights: dict[str, float]) -> str:
+    """The training reward's terms and weights, e.g. `toy_clip` or `1 x toy_clip + 1 x colorfulness`."""
+    if len(weights) == 1:
+        return f"`{next(iter(weights))}`"
+    return " + ".join(f"{weight:g} x `{name}`" for name, weight in weights.items())
+
+
 def build_report(
     out: Path, sft: dict, methods: list[Method], preset_name, pcfg, seeds, commands, minutes, mechanism: dict | None = None
 ) -> tuple[Path, Path]:
@@ -262,7 +274,7 @@ def build_report(
     intro = (
         f"The toy world's version of the paper's experiment (preset `{preset_name}`, {minutes:.1f} min). "
         f"From the committed toy SFT policy and tokenizer, each method post-trains for {pcfg.steps} steps of "
-        f"{pcfg.prompts_per_step} prompts x {pcfg.group_size} rollouts against the toy CLIP reward, with "
+        f"{pcfg.prompts_per_step} prompts x {pcfg.group_size} rollouts against the reward {reward_description(pcfg.rewards)}, with "
         f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}. Every evaluation samples the "
         f"same {pcfg.eval_samples} held-out prompts with the same sampling seed ({pcfg.eval_seed})."
     )

@@ -6,7 +6,7 @@ import json
 import re
 
 from ranke.cli import main
-from ranke.demo import describe
+from ranke.demo import PRESETS, describe, reward_description
 from ranke.eval.report import COLUMNS, Method, read_eval
 
 
@@ -23,6 +23,7 @@ def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
         numbers = [cell.strip() for cell in row.strip("|").split("|")[4:]]
         assert len(numbers) == len(COLUMNS) and all(re.fullmatch(r"-?\d+\.\d+", n) for n in numbers), row
     assert "| FD (toy features) |" in report and "one seed: no interval" in report  # the paired comparison
+    assert "rollouts against the reward `toy_clip`, with seed 0." in report
 
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert sorted(figures) == sorted([f"curve_{key}.png" for key, *_ in COLUMNS] + ["pareto.png", "samples_1.png", "samples_2.png"])
@@ -59,3 +60,15 @@ def test_describe_with_one_seed_gives_figures_and_calls_nothing(tmp_path):
         "* RankE (ema decoder) vs the SFT start, one seed: reward +0.36, CLIP score -0.15, FD +7.8, KID +1.250, "
         "verifier accuracy +0.000, token KL +0.071 (one seed: no interval)."
     )
+
+
+def test_reward_description_names_each_term_with_its_weight():
+    assert reward_description({"toy_clip": 1.0}) == "`toy_clip`"
+    assert reward_description({"toy_clip": 1.0, "colorfulness": 0.5}) == "1 x `toy_clip` + 0.5 x `colorfulness`"
+
+
+def test_mechanism_runs_start_from_grpo_runs_of_the_same_preset():
+    """The decoder-only mechanism runs start from the final policy of the GRPO run of their seed."""
+    for name, preset in PRESETS.items():
+        assert set(preset.mechanism_seeds) <= set(preset.seeds), name
+    assert PRESETS["mechanism"].ablation_seeds == () and len(PRESETS["mechanism"].mechanism_seeds) >= 3

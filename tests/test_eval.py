@@ -17,6 +17,7 @@ from ranke.eval.fid import frechet_distance_from_features, kernel_distance
 from ranke.eval.shift import code_histogram, token_entropy_bits, token_kl
 from ranke.generate import batch_seed
 from ranke.models.vq import to_model_range
+from ranke.rewards.colorfulness import colorfulness
 from ranke.rewards.toy_clip import load_toy_clip
 from ranke.rewards.toy_features import load_toy_features
 from ranke.runtime import UserError
@@ -57,6 +58,7 @@ def test_metrics_are_the_judges_applied_to_the_samples(backbone_and_evaluator, m
     assert result["reward"] == pytest.approx(reward, rel=1e-5)
     assert result["clip_score"] == pytest.approx(clip_score, rel=1e-5)
     assert result["reward"] != pytest.approx(result["clip_score"], rel=1e-3)  # two different judges
+    assert result["colorfulness"] == pytest.approx(colorfulness(images).mean().item(), rel=1e-6)
     features = load_toy_features(asset_path("features"))(images)
     assert result["fd"] == pytest.approx(frechet_distance_from_features(features, evaluator.real_features), rel=1e-6)
     kid = kernel_distance(features, evaluator.real_features, num_subsets=1, paired=True)  # N = 12: one subset
@@ -96,6 +98,7 @@ def test_real_reference_scores_another_real_image_of_each_prompt(backbone_and_ev
     assert reference["fd"] == pytest.approx(frechet_distance_from_features(features, evaluator.real_features), rel=1e-6)
     reward = load_toy_clip(asset_path("reward_clip"))(second.float() / 255.0, evaluator.prompts).mean().item()
     assert reference["reward"] == pytest.approx(reward, rel=1e-5)
+    assert reference["colorfulness"] == pytest.approx(colorfulness(second.float() / 255.0).mean().item(), rel=1e-6)
     assert reference["verifier_accuracy"] >= 0.75  # real images of the captions: the verifier mostly agrees
     assert reference["fd"] != evaluator.real_reference(seed=2)["fd"]
 

@@ -15,6 +15,8 @@ from PIL import Image
 
 from ranke.rewards import CLIPReward, CombinedReward, HPSv2Reward, Reward, RunningStats
 from ranke.rewards.base import resize_center_crop
+from ranke.rewards.build import build_reward
+from ranke.rewards.colorfulness import ColorfulnessReward, colorfulness
 from ranke.runtime import UserError
 
 
@@ -299,3 +301,37 @@ def test_hpsv2_scores_plain_cosine_with_openai_normalisation(fake_open_clip, tmp
     torch.testing.assert_close(scores, expected)
     scores.sum().backward()
     assert images.grad.abs().sum() > 0
+
+
+# --- colorfulness --------------------------------------------------------------------------------
+
+
+def test_colorfulness_matches_hand_computation():
+    """Hasler and Suesstrunk on [0, 1] pixels, x100. A flat pure red image: rg = 1, yb = 0.5, no
+    spread, so M = 100 * 0.3 * sqrt(1 + 0.25) = 33.541. Half pure red, half black: rg is 1 or 0
+    (mean 0.5, population std 0.5), yb is 0.5 or 0 (mean 0.25, std 0.25), so
+    M = 100 * (sqrt(0.25 + 0.0625) + 0.3 * sqrt(0.25 + 0.0625)) = 130 * 0.559017 = 72.672."""
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = 1.0
+    half = red.clone()
+    half[:, :, :, 1] = 0.0
+    grey = torch.full((1, 3, 2, 2), 0.4)
+    scores = colorfulness(torch.cat([red, half, grey]))
+    assert scores.tolist() == pytest.approx([33.5410, 72.6722, 0.0], abs=2e-3)
+
+
+def test_colorfulness_reward_is_differentiable_and_finite_on_a_flat_image():
+    images = torch.full((2, 3, 4, 4), 0.5, requires_grad=True)
+    reward = ColorfulnessReward()
+    reward(images, ["a", "b"]).sum().backward()
+    assert reward.differentiable and reward.name == "colorfulness"
+    assert torch.isfinite(images.grad).all()
+    vivid = torch.rand(2, 3, 4, 4, requires_grad=True)
+    reward(vivid, ["a", "b"]).sum().backward()
+    assert vivid.grad.abs().sum() > 0  # a gradient the decoder stage's reward term can follow
+
+
+def test_build_reward_names_colorfulness():
+    combined = build_reward({"toy_clip": 1.0, "colorfulness": 0.5})
+    assert [term.reward.name for term in combined.terms] == ["toy_clip", "colorfulness"]
+    assert isinstance(combined.terms[1].reward, ColorfulnessReward) and combined.terms[1].weight == 0.5

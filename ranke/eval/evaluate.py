@@ -5,6 +5,9 @@ decoded, rounded to 8-bit pixels (as they would be saved) and scored:
 
 * reward: the training reward model (toy CLIP "reward", 100 x cosine), mean over the images;
 * clip_score: the evaluation-only toy CLIP (other seed and width), mean; the paper's CLIP score;
+* colorfulness: Hasler and Suesstrunk's colorfulness (`ranke.rewards.colorfulness`), mean; real
+  renders are low-saturation backgrounds with saturated objects, so it shows a drift towards
+  vivid colour that a reward with that direction can cause;
 * fd: Frechet distance in the toy feature network's space between the generated images and the
   real images of the same prompts, i.e. the renders of the held-out scenes the captions were
   written for (COCO's protocol: generated images vs the val images of the captions);
@@ -55,6 +58,7 @@ from ranke.generate import batch_seed, load_backbone, process_rows
 from ranke.images import save_image_grid
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
+from ranke.rewards.colorfulness import colorfulness
 from ranke.rewards.toy_clip import load_toy_clip
 from ranke.rewards.toy_features import load_toy_features
 from ranke.runlock import claim_output_dir
@@ -63,6 +67,9 @@ from ranke.toy.captions import parse_caption
 from ranke.toy.data import scene_for_caption, split_scenes_and_prompts
 from ranke.toy.render import render_scenes
 from ranke.toy.verifier import score_image, summarize
+
+# The per-image scores averaged into the metrics of the same name
+SCORES = ("reward", "clip_score", "colorfulness")
 
 # The metrics of the one-row markdown table, in order, with their number formats.
 TABLE_COLUMNS = {
@@ -166,13 +173,13 @@ class Evaluator:
         if state is not None and state.num_processes > 1:
             chunks = sorted(gather_object(chunks), key=lambda chunk: chunk["first"])
         self.preview = torch.cat([chunk["preview"] for chunk in chunks])
-        rewards, clip_scores = [torch.cat([c[key] for c in chunks]) for key in ("reward", "clip_score")]
+        scores = {key: torch.cat([chunk[key] for chunk in chunks]) for key in SCORES}
         features = np.concatenate([chunk["features"] for chunk in chunks])
         codes = torch.cat([chunk["codes"] for chunk in chunks])
         verdicts = [verdict for chunk in chunks for verdict in chunk["verdicts"]]
         return {
             "n": self.n,
-            **self._metrics(rewards, clip_scores, features, codes, verdicts),
+            **self._metrics(scores, features, codes, verdicts),
             "preview_correct": [bool(verdict.correct) for verdict in verdicts[: len(self.preview)]],
             "cfg_scale": self.sampling.cfg_scale,
             "seed": self.seed,
@@ -187,30 +194,31 @@ class Evaluator:
         rng = np.random.default_rng(seed)
         scenes = [scene_for_caption(spec, rng) for spec in self.specs]
         real = torch.from_numpy(render_scenes(scenes, self.toy.image_size, self.toy.supersample)).permute(0, 3, 1, 2)
-        scores = {key: [] for key in ("reward", "clip_score", "features", "codes", "verdicts")}
+        scores = {key: [] for key in (*SCORES, "features", "codes", "verdicts")}
         for begin in range(0, self.n, self.batch_size):
             images = real[begin : begin + self.batch_size].float().div(255.0).to(self.device)
             prompts = self.prompts[begin : begin + self.batch_size]
             scores["reward"].append(self.reward(images, prompts).cpu())
             scores["clip_score"].append(self.clip(images, prompts).cpu())
+            scores["colorfulness"].append(colorfulness(images).cpu())
             scores["features"].append(self.features(images))
             scores["codes"].append(self.tokenizer.encode_codes(to_model_range(images)).flatten(1).cpu())
             pixels = images.permute(0, 2, 3, 1).cpu().numpy()
             scores["verdicts"] += [score_image(im, spec) for im, spec in zip(pixels, self.specs[begin : begin + len(prompts)])]
         metrics = self._metrics(
-            torch.cat(scores["reward"]), torch.cat(scores["clip_score"]), np.concatenate(scores["features"]),
+            {key: torch.cat(scores[key]) for key in SCORES}, np.concatenate(scores["features"]),
             torch.cat(scores["codes"]), scores["verdicts"],
         )  # fmt: skip
         return {"n": self.n, **metrics, "seed": seed}
 
-    def _metrics(self, rewards, clip_scores, features, codes, verdicts) -> dict:
-        """The metrics of n scored images against the real side (see the module docstring)."""
+    def _metrics(self, scores: dict, features, codes, verdicts) -> dict:
+        """The metrics of n scored images (`scores`: the per-image `SCORES`) against the real side
+        (see the module docstring)."""
         histogram = code_histogram(codes, self.codebook_size)
         verifier = summarize(verdicts)
         kid, kid_se = kernel_distance(features, self.real_features, kid_subsets(self.n), seed=self.seed, paired=True)
         return {
-            "reward": rewards.mean().item(),
-            "clip_score": clip_scores.mean().item(),
+            **{key: scores[key].mean().item() for key in SCORES},
             "fd": frechet_distance_from_features(features, self.real_features),
             "kid": kid,
             "kid_se": kid_se,
@@ -255,6 +263,7 @@ class Evaluator:
             "first": first,
             "reward": self.reward(images, prompts).cpu(),
             "clip_score": self.clip(images, prompts).cpu(),
+            "colorfulness": colorfulness(images).cpu(),
             "features": self.features(images),
             "codes": tokens.cpu(),
             "verdicts": [score_image(image, spec) for image, spec in zip(pixels, self.specs[first:last])],

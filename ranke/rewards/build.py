@@ -11,7 +11,7 @@ from ranke.assets import asset_path
 from ranke.rewards.combine import CombinedReward, RewardTerm
 from ranke.runtime import UserError
 
-REWARD_NAMES = ("toy_clip", "verifier", "clip", "aesthetic", "image_reward", "hpsv2")
+REWARD_NAMES = ("toy_clip", "verifier", "colorfulness", "clip", "aesthetic", "image_reward", "hpsv2")
 
 
 @dataclass
@@ -60,7 +60,8 @@ def build_reward(
     """A `CombinedReward` of the named rewards (see `RewardSettings` for the switches).
 
     toy_clip: the committed toy CLIP reward asset; verifier: the toy verifier (0/1, not
-    differentiable); clip: CLIP from a local directory; aesthetic: the LAION predictor over that
+    differentiable); colorfulness: Hasler and Suesstrunk's colorfulness, an image statistic that is
+    not realism (`ranke.rewards.colorfulness`); clip: CLIP from a local directory; aesthetic: the LAION predictor over that
     CLIP's image tower; image_reward: ImageReward from a local checkpoint and BERT tokenizer;
     hpsv2: HPSv2 from a local checkpoint (optional extra)."""
     if not weights:
@@ -86,6 +87,10 @@ def build_reward(
             from ranke.rewards.verifier import VerifierReward
 
             reward = VerifierReward()
+        elif name == "colorfulness":
+            from ranke.rewards.colorfulness import ColorfulnessReward
+
+            reward = ColorfulnessReward()
         elif name == "clip":
             reward = shared_clip()
         elif name == "aesthetic":
