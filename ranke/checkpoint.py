@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,19 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Checkpoints found intact by this process, with each file's (size, mtime) at the time: resolving a
+# run directory verifies its newest checkpoint and loading verifies it again, and a multi-GB
+# checkpoint should be hashed once; a file whose size or mtime has changed is hashed again. As in
+# git's index, files modified within the last RACY_SECONDS are never trusted by their stat alone
+# (a change in the same timestamp tick would not show in the mtime).
+_INTACT: dict[Path, tuple] = {}
+RACY_SECONDS = 2.0
+
+
+def _file_signature(path: Path, files: list[str]) -> tuple:
+    return tuple((file, (path / file).stat().st_size, (path / file).stat().st_mtime_ns) for file in (MANIFEST, *files))
+
+
 def checkpoint_damage(path: str | Path) -> str | None:
     """Why checkpoint directory `path` cannot be trusted, or None when every file matches its
     manifest (size and sha256; manifests written before checksums were recorded are checked
@@ -212,12 +226,16 @@ def checkpoint_damage(path: str | Path) -> str | None:
         if not (path / file).is_file():
             return f"missing {file}"
         expected = checksums.get(file)
-        if expected is None:
-            continue
-        if (path / file).stat().st_size != expected["size"]:
+        if expected is not None and (path / file).stat().st_size != expected["size"]:
             return f"{file} has {(path / file).stat().st_size} bytes, the manifest says {expected['size']}"
-        if file_sha256(path / file) != expected["sha256"]:
+    signature = _file_signature(path, files)
+    if _INTACT.get(path.resolve()) == signature:
+        return None
+    for file in files:
+        if file in checksums and file_sha256(path / file) != checksums[file]["sha256"]:
             return f"{file} does not match its sha256 in the manifest"
+    if all(time.time_ns() - mtime > RACY_SECONDS * 1e9 for _, _, mtime in signature):
+        _INTACT[path.resolve()] = signature
     return None
 
 

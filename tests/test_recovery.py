@@ -206,3 +206,28 @@ def test_sample_folder_resumes_only_the_same_settings(tmp_path, capsys):
     (unknown / "00000.png").write_bytes(first["00000.png"])
     code, _, err = cli(capsys, "sample", "--prompts", str(prompts), "--out", str(unknown))
     assert code == 2 and "images of unknown origin" in err
+
+
+def test_an_intact_checkpoint_is_hashed_once_until_a_file_changes(tmp_path, monkeypatch):
+    """Resolving a run directory and then loading its checkpoint verifies it twice; the second
+    check trusts the first while no file's size or mtime has changed, and never for files written
+    within the racy window."""
+    path = checkpoint_lib.save_checkpoint(tmp_path, 1, {"policy": {"w": torch.arange(6.0)}}, {"step": 1}, "seed: 0\n")
+    hashed = []
+    real_sha256 = checkpoint_lib.file_sha256
+    monkeypatch.setattr(checkpoint_lib, "file_sha256", lambda file: hashed.append(Path(file).name) or real_sha256(file))
+    assert checkpoint_lib.checkpoint_damage(path) is None and checkpoint_lib.checkpoint_damage(path) is None
+    assert hashed.count("policy.safetensors") == 2  # just written: racy, hashed every time
+    old = time.time() - 10
+    for file in path.iterdir():
+        os.utime(file, (old, old))
+    hashed.clear()
+    checkpoint_lib.checkpoint_damage(path)
+    checkpoint_lib.load_checkpoint(path)
+    assert hashed.count("policy.safetensors") == 1
+    weights = path / "policy.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, (old + 1, old + 1))  # same size, another mtime
+    assert checkpoint_lib.checkpoint_damage(path) == "policy.safetensors does not match its sha256 in the manifest"
