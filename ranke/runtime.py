@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import sys
@@ -29,6 +30,14 @@ def read_user_text(path, what: str = "file") -> str:
         raise UserError(f"{what} '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except OSError as err:
         raise UserError(f"{what} '{path}' cannot be read ({err.strerror})") from None
+
+
+def read_user_json(path, what: str = "file"):
+    """The parsed JSON of a file the user named (`read_user_text`), with one line when it is not JSON."""
+    try:
+        return json.loads(read_user_text(path, what))
+    except ValueError as err:
+        raise UserError(f"{what} '{path}' is not valid JSON (line {err.lineno}: {err.msg})") from None
 
 
 def warn(message: str) -> None:

@@ -270,6 +270,12 @@ def test_load_refuses_missing_or_non_janus_directories(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UserError, match="'llama' model, not a transformers Janus model"):
         load_janus_backbone(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "janus",')  # a torn download
+    with pytest.raises(UserError, match=r"Janus config '.*config.json' is not valid JSON \(line 1: "):
+        load_janus_backbone(tmp_path)
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(UserError, match="'None' model, not a transformers Janus model"):
+        load_janus_backbone(tmp_path)
 
 
 def test_cli_sample_and_one_ranke_step_on_janus(janus_dir, tmp_path, capsys):

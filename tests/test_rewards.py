@@ -222,6 +222,19 @@ def test_clip_reward_is_100_times_cosine_of_the_hf_model(tiny_clip_dir):
     assert scores.abs().max() <= 100.0
 
 
+def test_clip_reward_refuses_a_damaged_preprocessor_config_with_one_line(tiny_clip_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, broken)
+    (broken / "preprocessor_config.json").write_text('{"image_mean": [0.5')
+    with pytest.raises(UserError, match=r"CLIP preprocessor config '.*' is not valid JSON \(line 1: "):
+        CLIPReward(broken)
+    (broken / "preprocessor_config.json").write_text('{"size": 8}')
+    with pytest.raises(UserError, match="has no image_mean / image_std"):
+        CLIPReward(broken)
+
+
 def test_clip_reward_prefix_gradients_and_text_cache(tiny_clip_dir):
     plain = CLIPReward(tiny_clip_dir)
     prefixed = CLIPReward(tiny_clip_dir, prefix="a photo depicts")

@@ -6,7 +6,6 @@ Unconditional CFG rows are built as transformers' Janus `generate` builds them (
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from transformers import DynamicCache, JanusForConditionalGeneration, JanusProce
 
 from ranke.backbones.base import Backbone
 from ranke.models.janus import JanusDecoder, JanusPolicy, JanusPrompts, positions_from_mask
-from ranke.runtime import UserError
+from ranke.runtime import UserError, read_user_json
 from ranke.sampling import SampleOutput, check_sampling_settings, guided_position, guided_sampling_step, uses_guidance
 
 
@@ -101,7 +100,8 @@ def _check_janus_directory(path: Path) -> None:
             f"no Janus model at '{path}' (no config.json): pass a local directory written by save_pretrained "
             "or downloaded from the hub (e.g. deepseek-community/Janus-Pro-1B)"
         )
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = read_user_json(config_file, "Janus config")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "janus":
         raise UserError(
             f"'{path}' holds a '{model_type}' model, not a transformers Janus model (model_type 'janus'): "

@@ -11,13 +11,12 @@ and its ranking everywhere, and matching captions score well above 0 anyway.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ranke.rewards.base import DualEncoderReward
-from ranke.runtime import UserError
+from ranke.runtime import UserError, read_user_json
 
 
 def _features(output) -> torch.Tensor:
@@ -50,7 +49,9 @@ class CLIPReward(DualEncoderReward):
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.prefix = prefix
         self.max_text_tokens = self.model.config.text_config.max_position_embeddings
-        processor = json.loads(processor_config.read_text())
+        processor = read_user_json(processor_config, "CLIP preprocessor config")
+        if not isinstance(processor, dict) or not {"image_mean", "image_std"} <= processor.keys():
+            raise UserError(f"CLIP preprocessor config '{processor_config}' has no image_mean / image_std")
         super().__init__(
             name=name,
             image_size=self.model.config.vision_config.image_size,
