@@ -45,6 +45,9 @@ TRAINER_STATE = "trainer_state.pt"
 CONFIG = "config.yaml"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TEMP_SUFFIX = ".tmp"
+# the file stem of each policy / decoder a post-training checkpoint holds (--policy / --decoder choices)
+POLICY_STEMS = {"online": "policy", "ema": "policy_ema"}
+DECODER_STEMS = {"online": "vq", "ema": "vq_ema"}
 
 
 def _check_weights_only(value: Any, where: str = "trainer_state") -> None:

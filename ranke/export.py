@@ -29,12 +29,11 @@ import yaml
 
 from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
+from ranke.checkpoint import DECODER_STEMS, POLICY_STEMS
 from ranke.config import RunConfig
 from ranke.runtime import UserError
 
 FORMATS = ("llamagen", "hf")
-POLICY_STEMS = {"online": "policy", "ema": "policy_ema"}
-DECODER_STEMS = {"online": "vq", "ema": "vq_ema"}
 FORMAT_OF_BACKBONE = {"toy": "llamagen", "llamagen": "llamagen", "janus": "hf"}
 
 

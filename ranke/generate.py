@@ -27,9 +27,9 @@ from ranke.toy.tools import CAPTIONS_FILE
 
 POLICY_CHOICES = ("online", "ema")
 DECODER_CHOICES = ("online", "ema", "base")
-# checkpoint file stem of each choice; the base decoder is the tokenizer asset the run started from
-POLICY_STEMS = {"online": "policy", "ema": "policy_ema"}
-DECODER_STEMS = {"online": "vq", "ema": "vq_ema", "base": None}
+POLICY_STEMS = checkpoint_lib.POLICY_STEMS
+# the base decoder is the tokenizer asset the run started from, not a checkpoint file
+DECODER_STEMS = {**checkpoint_lib.DECODER_STEMS, "base": None}
 
 
 def _checkpoint_backbone(
