@@ -278,7 +278,7 @@ def build_report(
         f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}. Every evaluation samples the "
         f"same {pcfg.eval_samples} held-out prompts with the same sampling seed ({pcfg.eval_seed})."
     )
-    arrows = ", ".join(f"{SHORT[key]} {better}" for key, _, _, better in COLUMNS)
+    arrows = ", ".join(f"{SHORT[key]} {better}" for key, _, _, better in COLUMNS if better)
     results = (
         results_table(sft, methods, real)
         + "\nMean over seeds at the last evaluation; ± is the half-width of the 95% interval (Student t over "
@@ -287,7 +287,9 @@ def build_report(
         "model; CLIP score: a second toy CLIP never used in training (reward hacking of the first shows as a "
         "gap); FD and KID: Frechet and kernel distances of toy features to the real images of the same "
         "prompts; verifier accuracy: exact object/attribute/relation check; token KL: KL between the codebook "
-        "histograms of the sampled tokens and of the real images' tokens.\n"
+        "histograms of the sampled tokens and of the real images' tokens; colorfulness: Hasler and Suesstrunk's "
+        "colorfulness, where real images are the reference and no direction is better (a reward that favours "
+        "vivid colour raises it).\n"
     )
     for a, b in comparisons(methods):
         results += f"\n{a.name} - {b.name}, paired by seed ({a.decoder} vs {b.decoder} decoder):\n\n" + comparison_table(a, b)

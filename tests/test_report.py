@@ -18,7 +18,7 @@ from ranke.images import grid_tiles, image_grid, save_image_grid
 
 PREVIEW = 8
 SFT = {"reward": 89.0, "clip_score": 89.5, "fd": 45.0, "kid": 1.5, "kid_se": 0.4, "verifier_accuracy": 0.55,
-       "token_kl": 0.05, "preview_correct": [True, False] * 4}  # fmt: skip
+       "token_kl": 0.05, "colorfulness": 24.0, "preview_correct": [True, False] * 4}  # fmt: skip
 # per seed: (GRPO, RankE) final values; RankE - GRPO FD: -2, -3, -4 -> mean -3, half 4.302653 / sqrt(3) = 2.484
 FINAL_FD = {0: (48.0, 46.0), 1: (47.0, 44.0), 2: (49.0, 45.0)}
 FINAL_REWARD = {0: (90.0, 91.0), 1: (91.0, 90.0), 2: (90.5, 91.0)}  # differences +1, -1, +0.5: not separated

@@ -54,6 +54,8 @@ def test_verdict_follows_the_interval_and_the_direction_of_the_metric():
     rising = mean_interval([1.0, 1.2, 0.8])
     assert verdict(rising, "higher", "RankE", "CLIP score") == "RankE higher CLIP score (better)"
     assert verdict(rising, "lower") == "higher (worse)"
+    assert verdict(rising, None, "GRPO", "colorfulness") == "GRPO higher colorfulness"  # no better direction
+    assert verdict(mean_interval([-0.1, 0.1]), None, "GRPO", "colorfulness") == NOT_SEPARATED
     assert verdict(mean_interval([0.5]), "lower", "RankE", "FD") == ONE_SEED  # never better/worse from one seed
     assert verdict(mean_interval([0.0, 0.0]), "lower") == NOT_SEPARATED  # a zero-width interval at 0
     with pytest.raises(ValueError, match="higher"):

@@ -38,9 +38,11 @@ COLUMNS = (
     ("kid", "KID (toy features)", "{:.3f}", "lower"),
     ("verifier_accuracy", "verifier accuracy", "{:.3f}", "higher"),
     ("token_kl", "token KL (nats)", "{:.3f}", "lower"),
+    # no better direction: real images are the reference (a reward that favours vivid colour raises it)
+    ("colorfulness", "colorfulness", "{:.1f}", None),
 )
 SHORT = {"reward": "reward", "clip_score": "CLIP score", "fd": "FD", "kid": "KID",
-         "verifier_accuracy": "verifier accuracy", "token_kl": "token KL"}  # fmt: skip
+         "verifier_accuracy": "verifier accuracy", "token_kl": "token KL", "colorfulness": "colorfulness"}  # fmt: skip
 # The comparisons the report makes when both methods are present: (A, B) gives A - B.
 COMPARISONS = (
     ("RankE", "GRPO"),
@@ -300,7 +302,7 @@ def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: di
     if real is not None and key in real:
         axis.axhline(real[key], color="tab:green", linestyle=":", linewidth=1.6, label="real images")
     axis.set_xlabel("post-training step")
-    axis.set_ylabel(f"{SHORT[key]} ({better} is better)")
+    axis.set_ylabel(SHORT[key] if better is None else f"{SHORT[key]} ({better} is better)")
     axis.set_title(title)
     axis.grid(alpha=0.3)
     _legend_below(axis, len(methods) + 1 + (real is not None and key in real))

@@ -75,17 +75,21 @@ def gain_interval(values: list[float], start: float, confidence: float = 0.95) -
     return mean_interval([v - start for v in values], confidence)
 
 
-def verdict(difference: Interval, better: str, subject: str = "", metric: str = "") -> str:
+def verdict(difference: Interval, better: str | None, subject: str = "", metric: str = "") -> str:
     """What an interval of a difference (subject minus something) allows one to say.
 
-    `better` is "higher" or "lower" (which way the metric improves). Returns ONE_SEED without an
-    interval, NOT_SEPARATED when it contains 0, else e.g. "RankE lower FD (better)"."""
-    if better not in ("higher", "lower"):
-        raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
+    `better` is "higher" or "lower" (which way the metric improves), or None for a metric with no
+    better direction (a statistic to compare with real images). Returns ONE_SEED without an
+    interval, NOT_SEPARATED when it contains 0, else e.g. "RankE lower FD (better)" (with None:
+    "RankE higher colorfulness")."""
+    if better not in ("higher", "lower", None):
+        raise ValueError(f"better must be 'higher', 'lower' or None, got {better!r}")
     if not difference.defined:
         return ONE_SEED
     if not difference.excludes_zero():
         return NOT_SEPARATED
     direction = "higher" if difference.low > 0 else "lower"
-    judgement = "better" if direction == better else "worse"
-    return " ".join(part for part in (subject, direction, metric) if part) + f" ({judgement})"
+    said = " ".join(part for part in (subject, direction, metric) if part)
+    if better is None:
+        return said
+    return said + f" ({'better' if direction == better else 'worse'})"
