@@ -342,6 +342,8 @@ def test_colorfulness_reward_is_differentiable_and_finite_on_a_flat_image():
     vivid = torch.rand(2, 3, 4, 4, requires_grad=True)
     reward(vivid, ["a", "b"]).sum().backward()
     assert vivid.grad.abs().sum() > 0  # a gradient the decoder stage's reward term can follow
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        reward(vivid, ["a"])
 
 
 def test_build_reward_names_colorfulness():
