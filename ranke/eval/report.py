@@ -307,7 +307,7 @@ def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: di
     axis.grid(alpha=0.3)
     _legend_below(axis, len(methods) + 1 + (real is not None and key in real))
     fig.tight_layout()
-    fig.savefig(path, dpi=190)
+    fig.savefig(path, dpi=190, bbox_inches="tight")  # a long legend label stays inside the image
     plt.close(fig)
     return banded
 
@@ -353,7 +353,7 @@ def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
     axis.grid(alpha=0.3)
     _legend_below(axis, len(methods) + 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=180)
+    fig.savefig(path, dpi=180, bbox_inches="tight")  # a long legend label stays inside the image
     plt.close(fig)
     points = "each point one evaluation of the run" if _seed_count(methods) < 2 else "each point the mean over seeds at one evaluation"
     return (f"Reward against FD along each method's trajectory ({_seeds_text(methods)}, {points}; numbers: the "
