@@ -208,7 +208,8 @@ RACY_SECONDS = 2.0
 
 
 def _file_signature(path: Path, files: list[str]) -> tuple:
-    return tuple((file, (path / file).stat().st_size, (path / file).stat().st_mtime_ns) for file in (MANIFEST, *files))
+    stats = {file: (path / file).stat() for file in (MANIFEST, *files)}
+    return tuple((file, stat.st_size, stat.st_mtime_ns) for file, stat in stats.items())
 
 
 def checkpoint_damage(path: str | Path) -> str | None:
@@ -231,14 +232,14 @@ def checkpoint_damage(path: str | Path) -> str | None:
         expected = checksums.get(file)
         if expected is not None and (path / file).stat().st_size != expected["size"]:
             return f"{file} has {(path / file).stat().st_size} bytes, the manifest says {expected['size']}"
-    signature = _file_signature(path, files)
-    if _INTACT.get(path.resolve()) == signature:
+    signature, key = _file_signature(path, files), path.resolve()
+    if _INTACT.get(key) == signature:
         return None
     for file in files:
         if file in checksums and file_sha256(path / file) != checksums[file]["sha256"]:
             return f"{file} does not match its sha256 in the manifest"
     if all(time.time_ns() - mtime > RACY_SECONDS * 1e9 for _, _, mtime in signature):
-        _INTACT[path.resolve()] = signature
+        _INTACT[key] = signature
     return None
 
 

@@ -36,7 +36,7 @@ def read_user_json(path, what: str = "file"):
     """The parsed JSON of a file the user named (`read_user_text`), with one line when it is not JSON."""
     try:
         return json.loads(read_user_text(path, what))
-    except ValueError as err:
+    except json.JSONDecodeError as err:
         raise UserError(f"{what} '{path}' is not valid JSON (line {err.lineno}: {err.msg})") from None
 
 

@@ -379,10 +379,10 @@ def plot_decoder_mechanism(frozen: Method, adapted: Method, reconstruction: dict
     left.set_ylabel("FD of the samples (lower is better)")
     left.set_title(f"{frozen.name} policy's tokens, two decoders", fontsize=10)
     names = sorted({row["method"] for row in reconstruction.values()})
-    right.axhline(base["recon_fd"], color="0.35", linestyle="--", linewidth=1.2, label="base decoder")
+    right.axhline(base["recon_fd"], color="0.35", linestyle="--", linewidth=1.2)  # the base decoder (caption)
     for index, name in enumerate(names):
         values = [row["recon_fd"] for row in reconstruction.values() if row["method"] == name]
-        right.scatter([index] * len(values), values, s=22, label=name)
+        right.scatter([index] * len(values), values, s=22)
     right.set_xticks(range(len(names)), [textwrap.fill(name, 14) for name in names], fontsize=7)
     right.set_ylabel("FD of ground-truth codes decoded")
     right.set_title("reconstruction of real images' codes", fontsize=10)
