@@ -2,6 +2,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_progress_bars():
+    """Tests read stderr (one line per bad input), so progress bars are off for the whole suite:
+    the README's bare `python -m pytest` then runs as CI does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKE_NO_PROGRESS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small ops run fastest on one thread; on a busy 2-core machine two threads per process
