@@ -1,13 +1,19 @@
-"""GRPO trajectories for the settings that decide the toy baseline (policy lr, rollouts per step,
-KL coefficient, GRPO passes per batch), charted against steps on the VALIDATION prompts (never
-the held-out evaluation prompts), seed 0.
+"""GRPO trajectories charted against steps on the VALIDATION prompts (never the held-out evaluation
+prompts), seed 0. Two sweeps:
 
-    python benchmarks/grpo_sweep.py --out runs/sweep --workers 2     # runs (resumable) + chart
-    python benchmarks/grpo_sweep.py --out runs/sweep --plot-only     # chart what has finished
+* `preset` (default): the settings that decided the toy baseline (policy lr, rollouts per step,
+  KL coefficient, GRPO passes per batch), in bf16, up to 300 steps.
+* `frontier`: the candidate levels of optimisation pressure for the frontier study (issue: where
+  does GRPO's reward start to cost fidelity?): longer horizons, a higher rate, no KL anchor, a
+  reward with a direction other than realism; fp32 throughout, 400 steps.
 
-Each setting is `ranke posttrain mode=policy` from the committed toy SFT policy, in bf16, with
-an evaluation of 500 validation prompts every 50 steps; runs go to OUT/<setting>, the chart to
-OUT/grpo_sweep.png (and --figure), the table to stdout.
+    python benchmarks/grpo_sweep.py --out runs/sweep --workers 2                      # runs (resumable) + chart
+    python benchmarks/grpo_sweep.py --sweep frontier --out runs/frontier_sweep        # the frontier's levels
+    python benchmarks/grpo_sweep.py --out runs/sweep --plot-only                      # chart what has finished
+
+Each setting is `ranke posttrain mode=policy` from the committed toy SFT policy with an evaluation
+of 500 validation prompts every 50 steps; runs go to OUT/<setting>, the chart to OUT/grpo_sweep.png
+(and --figure), the table to stdout.
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from ranke.runtime import autocast, select_device  # noqa: E402
 from ranke.workers import Job, run_jobs  # noqa: E402
 
 COMMON = (
-    "mode=policy", "precision=bf16", "eval_split=validation", "eval_samples=500", "eval_every=50",
+    "mode=policy", "eval_split=validation", "eval_samples=500", "eval_every=50",
     "save_every=50", "grid_every=100000", "seed=0",
 )  # fmt: skip
-# setting -> overrides; 64 rollouts per step (8 prompts x 8) unless stated
-SETTINGS = {
+# sweep -> (its precision, {setting -> overrides}); 64 rollouts per step (8 prompts x 8) unless stated
+PRESET_SETTINGS = {
     "lr1e-4": ("policy_lr=1e-4", "steps=100"),
     "lr2e-5": ("policy_lr=2e-5", "steps=200"),
     "lr5e-5": ("policy_lr=5e-5", "steps=300"),
@@ -42,15 +48,25 @@ SETTINGS = {
     "lr5e-5_2epochs": ("policy_lr=5e-5", "grpo_epochs=2", "steps=200"),
     "lr5e-5_kl0": ("policy_lr=5e-5", "kl_coef=0", "steps=200"),
 }
+COLORFUL = "rewards={toy_clip: 1.0, colorfulness: 1.0}"
+FRONTIER_SETTINGS = {
+    "lr5e-5_400": ("policy_lr=5e-5", "steps=400"),
+    "lr1e-4_400": ("policy_lr=1e-4", "steps=400"),
+    "lr5e-5_kl0_400": ("policy_lr=5e-5", "kl_coef=0", "steps=400"),
+    "lr5e-5_color_400": ("policy_lr=5e-5", COLORFUL, "steps=400"),
+    "lr1e-4_color_400": ("policy_lr=1e-4", COLORFUL, "steps=400"),
+    "lr5e-5_128rollouts_300": ("policy_lr=5e-5", "prompts_per_step=16", "steps=300"),
+}
+SWEEPS = {"preset": ("bf16", PRESET_SETTINGS), "frontier": ("fp32", FRONTIER_SETTINGS)}
 PANELS = (("reward", "reward (train toy CLIP)"), ("clip_score", "CLIP score (eval toy CLIP)"),
           ("fd", "FD (toy features)"), ("token_kl", "token KL (nats)"))  # fmt: skip
 
 
-def sft_validation(out: Path, config: str) -> dict:
+def sft_validation(out: Path, config: str, common: tuple[str, ...]) -> dict:
     """The SFT start's metrics on the same validation prompts and sampling seed (cached)."""
     path = out / "sft_validation.json"
     if not path.is_file():
-        cfg = config_lib.load(RunConfig, config, list(COMMON), section="posttrain")
+        cfg = config_lib.load(RunConfig, config, list(common), section="posttrain")
         device = select_device(cfg.device)
         backbone, _ = load_toy_backbone(cfg.posttrain.policy, cfg.posttrain.tokenizer, device)
         evaluator = Evaluator(cfg, device, n=cfg.posttrain.eval_samples, seed=cfg.posttrain.eval_seed, split="validation")
@@ -65,10 +81,10 @@ def read_trajectory(run: Path) -> list[dict]:
     return sorted(rows, key=lambda row: row["step"])
 
 
-def chart(out: Path, sft: dict, figure: Path | None) -> None:
+def chart(out: Path, sft: dict, settings: dict, precision: str, figure: Path | None) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
     for axis, (key, title) in zip(axes.flat, PANELS):
-        for name in SETTINGS:
+        for name in settings:
             rows = read_trajectory(out / name)
             if rows:
                 axis.plot([0] + [r["step"] for r in rows], [sft[key]] + [r[key] for r in rows], marker="o", ms=3, label=name)
@@ -77,7 +93,7 @@ def chart(out: Path, sft: dict, figure: Path | None) -> None:
         axis.set_ylabel(title)
         axis.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("GRPO (frozen decoder) on 500 validation prompts, seed 0; 64 rollouts/step unless named")
+    fig.suptitle(f"GRPO (frozen decoder, {precision}) on 500 validation prompts, seed 0; 64 rollouts/step unless named")
     fig.tight_layout()
     fig.savefig(out / "grpo_sweep.png", dpi=110)
     if figure is not None:
@@ -86,10 +102,10 @@ def chart(out: Path, sft: dict, figure: Path | None) -> None:
     plt.close(fig)
 
 
-def table(out: Path, sft: dict) -> str:
+def table(out: Path, sft: dict, settings: dict) -> str:
     lines = ["| setting | step | reward | CLIP score | FD | token KL | verifier |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| SFT | 0 | {sft['reward']:.2f} | {sft['clip_score']:.2f} | {sft['fd']:.1f} | {sft['token_kl']:.3f} | {sft['verifier_accuracy']:.3f} |")
-    for name in SETTINGS:
+    for name in settings:
         for r in read_trajectory(out / name):
             lines.append(
                 f"| {name} | {r['step']} | {r['reward']:.2f} | {r['clip_score']:.2f} | {r['fd']:.1f} | "
@@ -100,6 +116,7 @@ def table(out: Path, sft: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", choices=SWEEPS, default="preset")
     parser.add_argument("--out", default="runs/sweep")
     parser.add_argument("--config", default="toy")
     parser.add_argument("--workers", type=int, default=2)
@@ -110,15 +127,17 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    precision, settings = SWEEPS[args.sweep]
+    common = (*COMMON, f"precision={precision}")
     if not args.plot_only:
-        names = args.only or list(SETTINGS)
-        jobs = [Job(out / name, (*COMMON, *SETTINGS[name])) for name in names]
+        names = args.only or list(settings)
+        jobs = [Job(out / name, (*common, *settings[name])) for name in names]
         seconds = run_jobs(jobs, args.config, args.workers, args.threads)
         for run, s in seconds.items():
             print(f"{run.name}: {s / 60:.1f} min")
-    sft = sft_validation(out, args.config)
-    chart(out, sft, args.figure)
-    print(table(out, sft))
+    sft = sft_validation(out, args.config, common)
+    chart(out, sft, settings, precision, args.figure)
+    print(table(out, sft, settings))
 
 
 if __name__ == "__main__":
