@@ -458,7 +458,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes; ranke.runtime.autocast)
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast of forward passes where it is fast (ranke.precision)
     # where every recipe logs besides RUN/metrics.jsonl: tensorboard, wandb (the wandb extra), both
     # comma-separated, or none (ranke.train.logging.RunLogger)
     log_with: str = "tensorboard"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from ranke import config as config_lib
 from ranke.assets import save_asset
@@ -55,6 +56,7 @@ from ranke.eval.report import (
 from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, verdict
 from ranke.generate import load_backbone
 from ranke.images import save_image_grid
+from ranke.precision import PrecisionChoice, choose_precision, machine_description
 from ranke.runtime import UserError, autocast, select_device
 from ranke.workers import Job, run_jobs
 
@@ -73,10 +75,10 @@ PRESETS = {
     "quick": DemoPreset(
         ("steps=8", "prompts_per_step=4", "group_size=4", "eval_samples=64", "eval_every=4", "disc_start=2"), (0,)
     ),
-    "default": DemoPreset(("precision=bf16", "steps=100"), (0,)),
-    "full": DemoPreset(("precision=bf16",), (0, 1, 2, 3, 4), (0, 1, 2), (0, 1, 2)),
+    "default": DemoPreset(("steps=100",), (0,)),
+    "full": DemoPreset((), (0, 1, 2, 3, 4), (0, 1, 2), (0, 1, 2)),
     # the question of a new reward or world: does GRPO's token shift cost fidelity, and does RankE remove it?
-    "mechanism": DemoPreset(("precision=bf16",), (0, 1, 2), (), (0, 1, 2)),
+    "mechanism": DemoPreset((), (0, 1, 2), (), (0, 1, 2)),
 }
 
 # name, posttrain overrides, decoder of its table row, extra decoder rows, what it is
@@ -114,11 +116,14 @@ def run_demo(
         raise UserError("the demo evaluates its runs: set eval_samples >= 2")
     device = select_device(cfg.device)
     threads = max(1, (os.cpu_count() or 1) // workers)
+    precision = study_precision(out, cfg, device, threads)
+    settings.append(f"precision={precision.name}")  # every run of the study computes alike
+    print(f"demo[{preset_name}]: precision {precision.name} ({precision.reason})")
 
     print(f"demo[{preset_name}]: evaluating the SFT starting point on {pcfg.eval_samples} held-out prompts")
     backbone, _ = load_toy_backbone(pcfg.policy, pcfg.tokenizer, device)
     evaluator = Evaluator(cfg, device, n=pcfg.eval_samples, seed=pcfg.eval_seed)
-    with autocast(device, cfg.precision):  # the runs are evaluated under their precision too
+    with autocast(device, precision.name):  # the runs are evaluated under their precision too
         sft = {**evaluator(backbone, preview=32), **evaluator.reconstruction(backbone.tokenizer)}
     (out / "sft_metrics.json").write_text(json.dumps(sft, indent=2))
     save_image_grid(evaluator.preview, out / "sft_samples.png", nrow=8)
@@ -134,14 +139,50 @@ def run_demo(
         _run_unfinished(adapted_jobs, config, workers, threads, pcfg.steps, preset_name)
         methods, jobs = methods + adapted, jobs + adapted_jobs
 
-    with autocast(device, cfg.precision):  # as the SFT start's reconstruction above
+    with autocast(device, precision.name):  # as the SFT start's reconstruction above
         mechanism = decoder_mechanism(evaluator, methods, device)
     (out / "mechanism.json").write_text(json.dumps(mechanism, indent=2))
     commands = [" ".join(["ranke posttrain", "--config", config, "--out", str(job.run), *job.overrides]) for job in jobs]
     minutes = (time.perf_counter() - started) / 60
-    report_paths = build_report(out, sft, methods, preset_name, pcfg, preset.seeds, commands, minutes, mechanism)
+    report_paths = build_report(out, sft, methods, preset_name, pcfg, preset.seeds, commands, minutes, mechanism, precision)
     print(f"demo[{preset_name}]: {minutes:.1f} min -> {report_paths[0]} and {report_paths[1]}")
     return {"report": str(report_paths[0]), "html": str(report_paths[1]), "minutes": round(minutes, 2)}
+
+
+PRECISION_FILE = "precision.json"
+
+
+def study_precision(out: Path, cfg: RunConfig, device: torch.device, threads: int) -> PrecisionChoice:
+    """The one precision of every run of the study in `out`, recorded in OUT/precision.json with its
+    reason and the machine that chose it. A study that has started keeps the precision of its runs
+    (`precision=auto` takes it; another explicit value is refused, as is a folder whose runs already
+    differ); a new one asks `choose_precision` at the workers' thread count. bf16 and fp32 sampling
+    move a run's FD by up to 2.4 points (docs/results.md): mixed runs would compare arithmetic too."""
+    recorded = out / PRECISION_FILE
+    held = {yaml.safe_load(path.read_text()).get("precision") for path in out.glob("runs/*/config.yaml")}
+    if recorded.is_file():
+        held.add(json.loads(recorded.read_text())["precision"])
+    if len(held) > 1:
+        raise UserError(f"{out} holds runs in {' and '.join(sorted(map(str, held)))}: a study's runs share one precision; choose a new --out")
+    if held and cfg.precision not in ("auto", *held):
+        raise UserError(
+            f"{out}'s runs were started in {held.pop()}: precision={cfg.precision} would mix precisions within the "
+            "study; pass the study's precision (or auto), or choose a new --out"
+        )
+    if recorded.is_file():
+        saved = json.loads(recorded.read_text())
+        return PrecisionChoice(saved["precision"], cfg.precision, saved["precision_reason"])
+    if held:  # a study started before precision.json existed
+        choice, machine = PrecisionChoice(held.pop(), cfg.precision, "the study's runs were started in it"), "not recorded"
+    else:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)  # measured as the workers will run
+        try:
+            choice, machine = choose_precision(cfg.precision, device, cfg.gpt.dim), machine_description()
+        finally:
+            torch.set_num_threads(previous_threads)
+    recorded.write_text(json.dumps({**choice.as_record(), "machine": machine}, indent=2))
+    return choice
 
 
 def _run_unfinished(jobs: list[Job], config: str, workers: int, threads: int, steps: int, preset_name: str) -> None:
@@ -258,10 +299,12 @@ def reward_description(weights: dict[str, float]) -> str:
 
 
 def build_report(
-    out: Path, sft: dict, methods: list[Method], preset_name, pcfg, seeds, commands, minutes, mechanism: dict | None = None
+    out: Path, sft: dict, methods: list[Method], preset_name, pcfg, seeds, commands, minutes, mechanism: dict | None = None,
+    precision: PrecisionChoice | None = None,
 ) -> tuple[Path, Path]:
-    """`report.md` / `report.html` in `out` from the SFT metrics, the saved `RealReference`, the runs
-    and (`decoder_mechanism`) the trained decoders' reconstructions of ground-truth codes."""
+    """`report.md` / `report.html` in `out` from the SFT metrics, the saved `RealReference`, the runs,
+    (`decoder_mechanism`) the trained decoders' reconstructions of ground-truth codes and the
+    study's precision."""
     reference = RealReference.load(out)
     real = reference.metrics
     banded = [plot_metric(sft, methods, key, out / f"curve_{key}.png", real) for key, *_ in COLUMNS]
@@ -278,6 +321,12 @@ def build_report(
         f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}. Every evaluation samples the "
         f"same {pcfg.eval_samples} held-out prompts with the same sampling seed ({pcfg.eval_seed})."
     )
+    if precision is not None:
+        chosen_on = json.loads((out / PRECISION_FILE).read_text())["machine"]
+        intro += (
+            f" Every run trained and every table and figure was sampled in **{precision.name}** ({precision.reason}); "
+            f"chosen on: {chosen_on}."
+        )
     arrows = ", ".join(f"{SHORT[key]} {better}" for key, _, _, better in COLUMNS if better)
     results = (
         results_table(sft, methods, real)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ranke.precision import PrecisionChoice, choose_precision
 from ranke.runtime import UserError
 
 POLICY_SHARDINGS = ("ddp", "fsdp")
@@ -174,8 +175,19 @@ def clip_gradients(parameters, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def recipe_precision(precision: str, accelerator) -> str:
-    """The config's precision, or bf16 when the job was launched with `--mixed_precision bf16`."""
+def recipe_precision(cfg, accelerator, recipe: str) -> PrecisionChoice:
+    """The run's precision (`ranke.precision.choose_precision`) for the config's `precision`, or bf16
+    when the job was launched with `--mixed_precision bf16`. The main process decides, says so in
+    one line and the others take its choice, so every process runs the same arithmetic. The choice
+    is written into `cfg.precision`, so the run's config.yaml says what ran and a resume keeps it
+    (`ranke.train.resume`)."""
     if accelerator.mixed_precision == "fp16":
         raise UserError("fp16 is not supported (it needs loss scaling); launch with --mixed_precision bf16 or no")
-    return "bf16" if accelerator.mixed_precision == "bf16" else precision
+    requested = "bf16" if accelerator.mixed_precision == "bf16" else cfg.precision
+    choice = [choose_precision(requested, accelerator.device, cfg.gpt.dim) if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        print(f"{recipe}: precision {choice[0].name} ({choice[0].reason})", flush=True)
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    cfg.precision = choice[0].name
+    return choice[0]

@@ -85,8 +85,30 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def progress_bars_off() -> bool:
+    """RANKE_NO_PROGRESS=1: no live bars (CI logs, tests, worker processes writing to a log file)."""
+    return os.environ.get("RANKE_NO_PROGRESS") == "1"
+
+
 def progress(iterable=None, total: int | None = None, desc: str = "", disable_on_workers: bool = False, **kwargs):
     """A tqdm bar on stderr; silenced when RANKE_NO_PROGRESS=1 (CI logs, tests) and, with
     `disable_on_workers=True`, on processes other than the main one."""
-    disable = os.environ.get("RANKE_NO_PROGRESS") == "1" or disable_on_workers
+    disable = progress_bars_off() or disable_on_workers
     return tqdm(iterable, total=total, desc=desc, disable=disable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def format_duration(seconds: float) -> str:
+    """`42 s`, `3.5 min` or `1.2 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def progress_line(desc: str, step: int, total: int, seconds_per_step: float, scores: dict[str, str]) -> str:
+    """One plain progress line, for a log file where a live bar cannot go: step out of total,
+    seconds per step, the time left at that pace and the latest scores,
+    e.g. `posttrain[policy]: step 12/100, 2.41 s/step, ETA 3.5 min, toy_clip 90.12`."""
+    eta = format_duration((total - step) * seconds_per_step)
+    return f"{desc}: step {step}/{total}, {seconds_per_step:.2f} s/step, ETA {eta}" + "".join(
+        f", {name} {value}" for name, value in scores.items()
+    )

@@ -3,11 +3,14 @@ import torch
 
 
 @pytest.fixture(autouse=True, scope="session")
-def no_progress_bars():
+def no_progress_bars(tmp_path_factory):
     """Tests read stderr (one line per bad input), so progress bars are off for the whole suite:
-    the README's bare `python -m pytest` then runs as CI does."""
+    the README's bare `python -m pytest` then runs as CI does. `precision=auto`'s per-machine
+    measurement is cached in a folder of the session's own (subprocesses inherit it), not the
+    user's ~/.cache."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RANKE_NO_PROGRESS", "1")
+        patch.setenv("RANKE_CACHE_DIR", str(tmp_path_factory.mktemp("ranke_cache")))
         yield
 
 

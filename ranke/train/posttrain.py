@@ -82,7 +82,8 @@ from ranke.parallel import (
 )
 from ranke.rewards.build import build_posttrain_reward
 from ranke.rewards.combine import CombinedReward
-from ranke.runtime import UserError, autocast, progress, set_deterministic
+from ranke.precision import PrecisionChoice
+from ranke.runtime import UserError, autocast, progress, progress_bars_off, progress_line, set_deterministic
 from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, train_batch
 from ranke.train import state as state_lib
 from ranke.train.guard import StepGuard, gradient_norm, guarded_step
@@ -230,7 +231,7 @@ class PosttrainRun:
     generators: dict  # the run's random streams ("data": numpy, "rollout": torch), checkpointed
     accelerator: object
     shard: Shard  # this process's share of every step's prompts
-    precision: str
+    precision: PrecisionChoice  # the forward passes' precision (ranke.precision) and why
     sharding: str  # how the policy is spread over processes: ddp | fsdp
     guards: dict[str, StepGuard]  # the non-finite step guard of each optimizer, by its name
 
@@ -263,20 +264,20 @@ def collect_rollout(run: PosttrainRun, prompts: list[str], timings: dict[str, fl
     group_prompts = [prompt for prompt in prompts for _ in range(pcfg.group_size)]
     with timed(timings, "rollout"):
         text_emb, text_mask = backbone.encode_prompts(group_prompts)
-        with autocast(backbone.device, run.precision), whole_weights(models.policy):
+        with autocast(backbone.device, run.precision.name), whole_weights(models.policy):
             sample = backbone.sample(
                 text_emb, text_mask, run.cfg.sampling, run.generators["rollout"], policy=models.policy,
                 return_logprobs=True, row_offset=shard.start * pcfg.group_size, total_rows=shard.total * pcfg.group_size,
             )  # fmt: skip
-    with timed(timings, "logprobs"), autocast(backbone.device, run.precision):
+    with timed(timings, "logprobs"), autocast(backbone.device, run.precision.name):
         logp_ref = backbone.token_logprobs(models.reference, text_emb, text_mask, sample.tokens)
-    with timed(timings, "decode"), autocast(backbone.device, run.precision):
+    with timed(timings, "decode"), autocast(backbone.device, run.precision.name):
         images = backbone.decode(sample.tokens, decoder=models.vq_ema.module)
     with timed(timings, "reward"):
         scored = run.reward(images, group_prompts)
     soft_logits = None
     if pcfg.soft_token_weight > 0 and pcfg.soft_token_logits == "rollout":
-        with autocast(backbone.device, run.precision), whole_weights(models.policy):
+        with autocast(backbone.device, run.precision.name), whole_weights(models.policy):
             logits = backbone.token_logits(models.policy, text_emb, text_mask, sample.tokens).float()
         soft_logits = logits.topk(min(pcfg.soft_token_top_k, logits.shape[-1]), dim=-1)
     return Rollout(
@@ -316,7 +317,7 @@ def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
         for start in range(0, count, micro):
             part = slice(start, start + micro)
             share = (min(start + micro, count) - start) / count
-            with autocast(run.backbone.device, run.precision):
+            with autocast(run.backbone.device, run.precision.name):
                 logp_new, entropy = run.backbone.token_logprobs(
                     run.policy_for_loss, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part],
                     return_entropy=True,
@@ -378,7 +379,7 @@ def discriminator_step(
     disc_loss, logits_real, logits_fake = zero, zero, zero
     if disc_factor > 0:
         disc.requires_grad_(True)
-        with autocast(run.backbone.device, run.precision):
+        with autocast(run.backbone.device, run.precision.name):
             logits_real, logits_fake = disc(real).float(), disc(recon.detach()).float()
         disc_loss = run.pcfg.disc_loss_weight * hinge_discriminator_loss(logits_real, logits_fake)
         run.optimizers.disc.zero_grad(set_to_none=True)
@@ -401,13 +402,13 @@ def decoder_stage(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor
     selection = select_rollouts(rollout, real_images.shape[0], pcfg, step)
     real = to_model_range(real_images)
     disc_factor = adopt_weight(step, pcfg.disc_start)
-    with autocast(run.backbone.device, run.precision):
+    with autocast(run.backbone.device, run.precision.name):
         with torch.no_grad():
             real_codes = models.vq.encode_codes(real)
         # one decode of the real codes serves both steps: the discriminator step sees it detached
         recon = models.vq.decode_codes(real_codes)
     disc_logged = discriminator_step(run, real, recon, disc_factor, step)
-    with autocast(run.backbone.device, run.precision):
+    with autocast(run.backbone.device, run.precision.name):
         loss, logged = decoder_loss(run, rollout, selection, real, recon, step, disc_factor)
     optimizer.zero_grad(set_to_none=True)
     run.accelerator.backward(loss)
@@ -685,7 +686,7 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         cpu=device.type == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     )
     device = accelerator.device
-    precision = recipe_precision(cfg.precision, accelerator)
+    precision = recipe_precision(cfg, accelerator, "posttrain")
 
     models, backbone, cfg = build_models(cfg, device)
     if accelerator.is_main_process:
@@ -700,7 +701,7 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     sharding = "fsdp" if uses_fsdp(accelerator, pcfg.policy_sharding) else "ddp"
     policy_for_loss = models.policy
     if pcfg.mode != "decoder" and sharding == "fsdp":
-        shard_policy(models.policy, bf16_communication=precision == "bf16" and device.type == "cuda")
+        shard_policy(models.policy, bf16_communication=precision.name == "bf16" and device.type == "cuda")
     elif pcfg.mode != "decoder":
         policy_for_loss = accelerator.prepare(models.policy)  # DDP: gradients averaged over processes
     optimizers = build_optimizers(models, pcfg)  # after sharding: FSDP replaces the parameters
@@ -727,6 +728,8 @@ class RunOutputs:
     evaluations: MetricsWriter
     evaluator: object | None  # the toy judges; real backbones are evaluated with `ranke eval` on checkpoints
     grid_prompts: list[str] | None  # fixed preview prompts (toy world); None: each step's first prompts
+    start_step: int  # where this process started (0, or the resumed checkpoint's step)
+    started: float  # perf_counter() at that start: the pace of the plain progress lines
 
 
 def open_outputs(run: PosttrainRun, start_step: int) -> RunOutputs:
@@ -746,7 +749,7 @@ def open_outputs(run: PosttrainRun, start_step: int) -> RunOutputs:
     evaluations = MetricsWriter(run.run_dir / "eval.jsonl")
     if main_process:
         evaluations.drop_after(start_step)
-    return RunOutputs(logger, evaluations, evaluator, grid_prompts)
+    return RunOutputs(logger, evaluations, evaluator, grid_prompts, start_step, time.perf_counter())
 
 
 def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: dict, prompts: list[str]) -> None:
@@ -762,18 +765,22 @@ def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: 
     save_due = (step + 1) % pcfg.save_every == 0 or last
     if main_process:
         if (step + 1) % pcfg.log_every == 0 or last:
-            outputs.logger.log(record)
+            outputs.logger.log({**record, "precision": run.precision.name})
         scores = {key[len("reward/") : -len("_mean")]: f"{value:.2f}" for key, value in record.items() if key.startswith("reward/") and key.endswith("_mean")}
-        bar.set_postfix(scores | {"kl": f"{record.get('policy/kl', 0.0):.4f}"})  # the raw reward scores, not the normalised total
+        scores |= {"kl": f"{record.get('policy/kl', 0.0):.4f}"}  # the raw reward scores, not the normalised total
+        bar.set_postfix(scores)
+        if progress_bars_off():  # a worker's log file: one plain line per step instead of the bar
+            pace = (time.perf_counter() - outputs.started) / (step + 1 - outputs.start_step)
+            print(progress_line(f"posttrain[{pcfg.mode}]", step + 1, pcfg.steps, pace, scores), flush=True)
     # whole weights and checkpoint states are collectives with a sharded policy: every process joins
     if grid_due or eval_due:
-        with whole_weights(models.policy), autocast(run.device, run.precision):
+        with whole_weights(models.policy), autocast(run.device, run.precision.name):
             if main_process and grid_due:
                 shown = outputs.grid_prompts or prompts[: pcfg.grid_prompts]  # real data: this step's first prompts
                 grid = sample_grid(run.backbone, models, shown, run.cfg.sampling, run.cfg.seed)
                 save_image_grid(grid, run.run_dir / f"samples_{step + 1:06d}.png", nrow=len(shown))
             if main_process and eval_due:
-                evaluate_step(outputs.evaluator, run.backbone, models, step + 1, outputs.evaluations)
+                evaluate_step(outputs.evaluator, run, step + 1, outputs.evaluations)
     if save_due:
         tensors = checkpoint_tensors(models)
         trainer_state = trainer_state_of(run, step + 1)
@@ -816,13 +823,15 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     return {"checkpoint": str(final), "steps": pcfg.steps}
 
 
-def evaluate_step(evaluator, backbone: Backbone, models: Models, step: int, writer: MetricsWriter) -> None:
+def evaluate_step(evaluator, run: PosttrainRun, step: int, writer: MetricsWriter) -> None:
     """Held-out metrics of the online policy with the EMA decoder and, when the decoder trains,
-    the online decoder (`mode=policy` leaves both equal to the base decoder), one record each;
-    the first 32 evaluation images go to `eval_samples_<step>_<decoder>.png` in the run."""
+    the online decoder (`mode=policy` leaves both equal to the base decoder), one record each,
+    with the precision they were sampled in; the first 32 evaluation images go to
+    `eval_samples_<step>_<decoder>.png` in the run."""
+    models = run.models
     decoders = {"ema": models.vq_ema.module, **({"online": models.vq} if models.disc is not None else {})}
     for name, decoder in decoders.items():
-        result = evaluator(backbone, policy=models.policy, decoder=decoder, preview=32)
+        result = evaluator(run.backbone, policy=models.policy, decoder=decoder, preview=32)
         label = name if models.disc is not None else "base"
-        writer.write({"step": step, "policy": "online", "decoder": label, **result})
+        writer.write({"step": step, "policy": "online", "decoder": label, **result, **run.precision.as_record()})
         save_image_grid(evaluator.preview, writer.path.parent / f"eval_samples_{step:06d}_{label}.png", nrow=8)

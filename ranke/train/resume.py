@@ -4,9 +4,10 @@
   run's files stay as they are: the recipe writes its config.yaml only after this check).
 * On resume the newest intact checkpoint is loaded (`ranke.checkpoint.load_latest_checkpoint`).
 * Settings that the restored state fixes (the seed and data streams, architectures, starting
-  models, mode, optimizer moments' hyperparameters) cannot change on resume: a change is refused
-  with one line. Learning rates can: the recipe sets them into the restored optimizers
-  (`set_learning_rate`), so config.yaml always says what trains.
+  models, mode, optimizer moments' hyperparameters, the precision) cannot change on resume: a
+  change is refused with one line, and `precision=auto` takes the run's own. Learning rates can:
+  the recipe sets them into the restored optimizers (`set_learning_rate`), so config.yaml always
+  says what trains.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from ranke import checkpoint as checkpoint_lib
 # Config keys (dotted; a section name covers all its keys) that a resumed run must keep.
 FIXED_ON_RESUME = {
     "tokenizer": (
-        "seed", "toy", "vq", "tokenizer.betas", "tokenizer.weight_decay", "tokenizer.disc_channels",
+        "seed", "precision", "toy", "vq", "tokenizer.betas", "tokenizer.weight_decay", "tokenizer.disc_channels",
         "tokenizer.disc_layers",
     ),
-    "sft": ("seed", "toy", "gpt", "text", "sft.tokenizer", "sft.betas", "sft.weight_decay"),
+    "sft": ("seed", "precision", "toy", "gpt", "text", "sft.tokenizer", "sft.betas", "sft.weight_decay"),
     "posttrain": (
-        "seed", "toy", "backbone", "posttrain.mode", "posttrain.policy", "posttrain.tokenizer", "posttrain.prompts",
+        "seed", "precision", "toy", "backbone", "posttrain.mode", "posttrain.policy", "posttrain.tokenizer", "posttrain.prompts",
         "posttrain.data", "posttrain.reference", "posttrain.rewards", "posttrain.policy_weight_decay",
         "posttrain.decoder_weight_decay", "posttrain.disc_channels", "posttrain.disc_layers",
         "posttrain.policy_sharding",
@@ -64,6 +65,9 @@ def resume_point(run: Path, cfg, section: str, resume: bool) -> tuple[Path, tupl
     if not resume:
         raise UserError(f"{run} already holds checkpoints; pass --resume to continue it, or choose a new --out")
     found = checkpoint_lib.load_latest_checkpoint(run)
+    saved_precision = (yaml.safe_load(found[1][2]) or {}).get("precision")
+    if cfg.precision == "auto" and saved_precision:  # a resumed run keeps the arithmetic it started with
+        cfg.precision = saved_precision
     check_unchanged(cfg, found[1][2], section)
     return found
 

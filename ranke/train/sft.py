@@ -63,7 +63,7 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
     accelerator = Accelerator(cpu=device.type == "cpu")
     device, main_process = accelerator.device, accelerator.is_main_process
     shard = Shard.of(accelerator, scfg.batch_size, "sft.batch_size")
-    precision = recipe_precision(cfg.precision, accelerator)
+    precision = recipe_precision(cfg, accelerator, "sft").name
 
     tokenizer = load_tokenizer(scfg.tokenizer, device).requires_grad_(False)
     check_compatible(cfg.gpt, tokenizer.args, cfg.text, cfg.toy.image_size)

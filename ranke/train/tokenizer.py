@@ -72,7 +72,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
     accelerator = Accelerator(cpu=device.type == "cpu")
     device, main_process = accelerator.device, accelerator.is_main_process
     shard = Shard.of(accelerator, tcfg.batch_size, "tokenizer.batch_size")
-    precision = recipe_precision(cfg.precision, accelerator)
+    precision = recipe_precision(cfg, accelerator, "tokenizer").name
 
     model = VQModel(cfg.vq).to(device)
     if accelerator.num_processes > 1:
