@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from ranke.precision import machine_description
 
 
 def ensure_renders(folder: Path, n: int) -> None:
@@ -52,15 +53,6 @@ def measure(folder: Path, size: int, batch_size: int) -> tuple[float, float, str
     return rss_kb / 1024**2, seconds, done.stdout.strip()
 
 
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        if found:
-            return found.group(1).strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[3000, 30000], help="image counts to measure")
@@ -71,8 +63,7 @@ def main() -> None:
 
     folder = Path(args.dir)
     ensure_renders(folder, max(args.n))
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch threads "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}; ranke fid DIR DIR --features toy --size {args.size}")  # fmt: skip
+    print(f"machine: {machine_description()}; ranke fid DIR DIR --features toy --size {args.size}")
     for n in args.n:
         subset = folder if n >= len(list(folder.glob("*.png"))) else first_images(folder, n)
         rss, seconds, printed = measure(subset, args.size, args.batch_size)

@@ -27,6 +27,7 @@ from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import VQ_PRESETS, VQModel
 from ranke.parallel import Shard
+from ranke.precision import choose_precision, machine_description
 from ranke.rewards.build import build_reward
 from ranke.runtime import autocast
 from ranke.train import state as state_lib
@@ -68,15 +69,17 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=None)
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    precision = "fp32" if device.type == "cpu" else "bf16"
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     gpt_args = GPT_PRESETS["toy" if args.smoke else "GPT-XL"]
+    precision = choose_precision("fp32" if args.smoke else "auto", device, gpt_args.dim)
+    dtype = torch.float32 if precision.name == "fp32" else torch.bfloat16
     vq_args = VQ_PRESETS["toy" if args.smoke else "VQ-16"]
     gpt_args = dataclasses.replace(gpt_args, vocab_size=vq_args.codebook_size)
     batches = args.batches or ([2, 4] if args.smoke else [16, 64, 128])
     image_size = gpt_args.grid_size * vq_args.downsample_factor
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"{dtype}, policy {'toy' if args.smoke else 'GPT-XL'}, {image_size} px, {gpt_args.block_size} tokens")  # fmt: skip
+          f"{dtype} ({precision.reason}), policy {'toy' if args.smoke else 'GPT-XL'}, {image_size} px, "
+          f"{gpt_args.block_size} tokens")  # fmt: skip
+    print(f"machine: {machine_description()}")
     peak = matmul_peak_tflops(device, dtype, size=1024 if args.smoke else 8192)
     print(f"measured matmul peak: {peak:.1f} TFLOP/s ({dtype})")
 
@@ -89,7 +92,7 @@ def main() -> None:
     print("\n| batch | seconds | images/s | TFLOP/s | % of peak |\n|---|---|---|---|---|")
     for batch in batches:
         emb, mask = backbone.encode_prompts(["p"] * batch)
-        with autocast(device, precision):
+        with autocast(device, precision.name):
             backbone.sample(emb, mask, sampling, torch.Generator(device).manual_seed(0))  # warm-up
             synchronize(device)
             start = time.perf_counter()

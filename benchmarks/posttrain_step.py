@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ranke.train.posttrain import train_posttrain
+from ranke.precision import machine_description
 
 PARTS = ("rollout", "logprobs", "decode", "reward", "update", "decoder", "step")
 
@@ -42,8 +42,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("RANKE_NO_PROGRESS", "1")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"machine: {machine_description()}")
 
     splits = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
 
 from ranke.models.gpt import GPT_PRESETS, GPTArgs, Transformer
 from ranke.sampling import generate
+from ranke.precision import machine_description
 
 CFG_SCALE, TOP_K = 4.0, 1000
 
@@ -111,8 +111,7 @@ def main() -> None:
     repeats = 1 if options.quick else 2
 
     peak = matmul_peak_gflops(2048, 5 if options.quick else 20)
-    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, {options.threads} threads, "
-          f"load average {os.getloadavg()[0]:.1f} (other processes share the CPUs)")
+    print(f"machine: {machine_description()} (other processes share the CPUs)")
     print(f"fp32 matmul peak (2048^3 torch.matmul, best of runs): {peak:.1f} GFLOP/s\n")
 
     models = {name: GPT_PRESETS[name] for name in ("toy", "GPT-B") if name in chosen}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -31,6 +30,7 @@ from ranke.config import RunConfig
 from ranke.models.gpt import Transformer, key_padding, padded_causal_mask
 from ranke.models.vq import to_model_range
 from ranke.toy.data import train_batch
+from ranke.precision import machine_description
 
 KERNELS = {"fused": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
@@ -94,8 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"machine: {machine_description()}")
 
     print(f"\nattention forward + backward, batch {args.batch_size}, 6 heads, 68 positions, head size 32 (ms)")
     print("| dtype | fused | math |")

@@ -3,9 +3,10 @@
 output in `RUN.log`. Rerunning a study reuses finished runs and continues unfinished ones (every
 run resumes from its latest checkpoint).
 
-While they train, every `status_seconds` the study prints each running run's latest progress
-line from its log (step out of total, seconds per step, ETA, reward: `ranke.runtime.progress_line`);
-a run that fails or is killed stops the study with the last lines of its log."""
+While they train, the study prints each running run's latest progress line from its log (step
+out of total, seconds per step, ETA, reward: `ranke.runtime.progress_line`) whenever the run
+passes another tenth of its steps, and at least every `quiet_seconds` (so a long evaluation does
+not look like a hang); a run that fails or is killed stops the study with the last lines of its log."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class Job:
 
 
 TAIL_LINES = 15  # lines of a failed run's log printed with its error
-PROGRESS_LINE = re.compile(r"^\S+: step \d+/\d+, ")  # ranke.runtime.progress_line
+PROGRESS_LINE = re.compile(r"^\S+: step (\d+)/(\d+), ")  # ranke.runtime.progress_line
 
 
 def log_tail(log: Path, lines: int = TAIL_LINES) -> list[str]:
@@ -42,22 +43,41 @@ def log_tail(log: Path, lines: int = TAIL_LINES) -> list[str]:
         return handle.read().decode("utf-8", errors="replace").splitlines()[-lines:]
 
 
-def latest_progress(log: Path) -> str | None:
-    """The run's latest progress line, or None before its first step."""
-    found = [line for line in log_tail(log, lines=200) if PROGRESS_LINE.match(line)]
-    return found[-1] if found else None
+def latest_progress(log: Path) -> tuple[str, float] | None:
+    """The run's latest progress line and the fraction of its steps done, or None before its first step."""
+    found = [match for line in log_tail(log, lines=200) if (match := PROGRESS_LINE.match(line))]
+    if not found:
+        return None
+    return found[-1].string, int(found[-1].group(1)) / int(found[-1].group(2))
 
 
-def run_jobs(jobs: list[Job], config: str, workers: int = 2, threads: int = 1, status_seconds: float = 30.0) -> dict[Path, float]:
-    """Run `jobs` in `workers` processes at a time with `threads` torch threads each, printing the
-    running runs' progress every `status_seconds`; returns each run's wall time in seconds. A run
-    that fails or is killed stops the study: its log's last lines, then one line naming the log."""
+class ProgressShown:
+    """When a running run's progress is worth a line: a new tenth of its steps, or `quiet_seconds` of silence."""
+
+    def __init__(self, quiet_seconds: float):
+        self.quiet_seconds = quiet_seconds
+        self.tenths: dict[Path, int] = {}
+        self.shown_at: dict[Path, float] = {}
+
+    def due(self, run: Path, done: float) -> bool:
+        now = time.perf_counter()
+        tenth = int(done * 10)
+        if tenth > self.tenths.get(run, -1) or now - self.shown_at.setdefault(run, now) >= self.quiet_seconds:
+            self.tenths[run], self.shown_at[run] = tenth, now
+            return True
+        return False
+
+
+def run_jobs(jobs: list[Job], config: str, workers: int = 2, threads: int = 1, quiet_seconds: float = 120.0) -> dict[Path, float]:
+    """Run `jobs` in `workers` processes at a time with `threads` torch threads each, showing the
+    running runs' progress (module docstring); returns each run's wall time in seconds. A run that
+    fails or is killed stops the study: its log's last lines, then one line naming the log."""
     if workers < 1 or threads < 1:
         raise UserError(f"workers={workers} and threads={threads} must be >= 1")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "RANKE_NO_PROGRESS": "1"}
     pending, running, seconds = list(jobs), {}, {}
     bar = progress(total=len(jobs), desc="runs")
-    last_status = time.perf_counter()
+    shown = ProgressShown(quiet_seconds)
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -68,10 +88,10 @@ def run_jobs(jobs: list[Job], config: str, workers: int = 2, threads: int = 1, s
                 running[process] = (job, log, time.perf_counter())
                 bar.write(f"started: {job.run} (log {job.run.with_suffix('.log')})")
             time.sleep(0.5)
-            if time.perf_counter() - last_status >= status_seconds:
-                last_status = time.perf_counter()
-                for job, _, _ in running.values():
-                    bar.write(f"  {job.run.name}: {latest_progress(job.run.with_suffix('.log')) or 'starting'}")
+            for job, _, _ in running.values():
+                latest = latest_progress(job.run.with_suffix(".log"))
+                if latest is not None and shown.due(job.run, latest[1]):
+                    bar.write(f"  {job.run.name}: {latest[0]}")
             for process in [p for p in running if p.poll() is not None]:
                 job, log, started = running.pop(process)
                 log.close()

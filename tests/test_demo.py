@@ -13,9 +13,13 @@ from ranke.eval.report import COLUMNS, Method, read_eval
 def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
     out = tmp_path / "demo"
     main(["demo", "--quick", "--out", str(out)])
-    assert "report.md" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report.md" in printed
+    chosen = re.search(r"demo\[quick\]: precision (fp32|bf16) \(auto: ", printed).group(1)
+    assert re.search(r"  (grpo|ranke)_seed0: posttrain\[(policy|both)\]: step \d/8, ", printed)  # live progress
 
     report = (out / "report.md").read_text()
+    assert re.search(rf"sampled in \*\*{chosen}\*\* \(auto: [^)]*\)+; chosen on: .*CPU capability", report)
     results = report.split("## Results\n", 1)[1].strip().split("\n\n", 1)[0]  # the first table of the section
     rows = results.splitlines()[2:]
     assert [row.split("|")[1].strip() for row in rows] == ["real images", "SFT (start)", "GRPO", "RankE", "RankE"]

@@ -3,13 +3,17 @@ clear line when a run fails or the pool is mis-sized."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from ranke.runtime import UserError
-from ranke.workers import Job, run_jobs
+from ranke.runtime import UserError, progress_line
+from ranke.workers import Job, ProgressShown, latest_progress, run_jobs
 
 
 def test_a_job_is_a_resumable_posttrain_command(tmp_path):
@@ -20,11 +24,48 @@ def test_a_job_is_a_resumable_posttrain_command(tmp_path):
     ]  # fmt: skip
 
 
-def test_a_failed_run_stops_the_study_naming_its_log(tmp_path):
+def test_a_failed_run_stops_the_study_naming_its_log_after_its_last_lines(tmp_path, capsys):
     bad = Job(tmp_path / "runs" / "bad", ("no_such_key=1",))
     with pytest.raises(UserError, match=r"run .*bad failed \(exit 2\); see .*bad\.log"):
         run_jobs([bad], "toy", workers=1)
     assert "unknown config key 'no_such_key'" in Path(tmp_path / "runs" / "bad.log").read_text()
+    printed = capsys.readouterr().out
+    assert re.search(r"bad failed \(exit 2\); the end of .*bad\.log:\n  \| .*unknown config key 'no_such_key'", printed)
+
+
+def test_a_killed_run_is_named_with_its_signal(tmp_path, capsys):
+    slow = Job(tmp_path / "runs" / "slow", ("steps=1000", "eval_samples=0", "grid_every=1000"))
+    killer = threading.Timer(8.0, lambda: subprocess.run(["pkill", "-KILL", "-f", str(slow.run)]))
+    killer.start()
+    try:
+        with pytest.raises(UserError, match=r"run .*slow failed \(killed by signal 9\)"):
+            run_jobs([slow], "toy", workers=1)
+    finally:
+        killer.cancel()
+    assert "slow failed (killed by signal 9); the end of" in capsys.readouterr().out
+
+
+def test_the_study_shows_each_runs_progress_every_tenth_of_its_steps(tmp_path, capsys):
+    tiny = ("prompts_per_step=2", "group_size=2", "eval_samples=0", "grid_every=100", "mode=policy", "precision=fp32")
+    run_jobs([Job(tmp_path / "a", (*tiny, "steps=4"))], "toy", workers=1)
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  a: ")]
+    assert shown and shown[-1].startswith("  a: posttrain[policy]: step 4/4, ")
+    assert all(re.fullmatch(r"  a: posttrain\[policy\]: step \d/4, \d+\.\d\d s/step, ETA .*, toy_clip \d+\.\d\d, kl .*", line) for line in shown)
+
+
+def test_latest_progress_reads_the_last_progress_line_and_the_fraction_done(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("posttrain: precision fp32 (fp32 as requested)\n")
+    assert latest_progress(log) is None
+    log.write_text(log.read_text() + progress_line("posttrain[both]", 3, 12, 2.0, {"toy_clip": "90.10"}) + "\nsome warning\n")
+    assert latest_progress(log) == ("posttrain[both]: step 3/12, 2.00 s/step, ETA 18 s, toy_clip 90.10", 0.25)
+
+
+def test_progress_shown_on_each_new_tenth_or_after_a_quiet_spell(monkeypatch):
+    clock = iter([0.0, 1.0, 2.0, 3.0, 200.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    shown = ProgressShown(quiet_seconds=120)
+    assert [shown.due(Path("r"), done) for done in (0.05, 0.08, 0.1, 0.15, 0.15)] == [True, False, True, False, True]
 
 
 @pytest.mark.parametrize("workers, threads", [(0, 1), (1, 0)])
