@@ -28,7 +28,8 @@ from test_logging import assert_tensorboard_matches_jsonl
 from ranke.train.posttrain import train_posttrain
 
 SETTINGS = ["mode=both", "prompts_per_step=4", "group_size=2", "grid_prompts=2", "eval_samples=0", "disc_start=100",
-            "policy_lr=1e-5", "seed=3", "save_every=1", "grid_every=100", "check_replicas_every=1", "policy_ema_every=2"]  # fmt: skip
+            "policy_lr=1e-5", "seed=3", "save_every=1", "grid_every=100", "check_replicas_every=1", "policy_ema_every=2",
+            "precision=fp32"]  # fmt: skip  # one and two processes agree to fp32 rounding, not to bf16's
 ENV = {**os.environ, "RANKE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -147,11 +148,11 @@ def test_two_process_toy_eval_gives_the_metrics_of_one_process(tmp_path):
     assert two["verifier_by_num_objects"] == one["verifier_by_num_objects"]
 
 
-TINY_TOKENIZER = ["device=cpu", "vq.codebook_size=64", "vq.base_channels=8", "vq.z_channels=16", "vq.norm_groups=4",
+TINY_TOKENIZER = ["device=cpu", "precision=fp32", "vq.codebook_size=64", "vq.base_channels=8", "vq.z_channels=16", "vq.norm_groups=4",
                   "vq.encoder_ch_mult=[1,1,2,2]", "vq.decoder_ch_mult=[1,1,2,2]", "tokenizer.batch_size=4",
                   "tokenizer.eval_images=8", "tokenizer.disc_start=100", "tokenizer.disc_channels=8",
                   "tokenizer.grid_every=100", "tokenizer.restart_dead_codes_every=2", "tokenizer.steps=4"]  # fmt: skip
-TINY_SFT = ["device=cpu", "sft.batch_size=4", "sft.steps=3", "sft.grid_every=100", "sft.eval_samples=4",
+TINY_SFT = ["device=cpu", "precision=fp32", "sft.batch_size=4", "sft.steps=3", "sft.grid_every=100", "sft.eval_samples=4",
             "sft.eval_prompts=2", "sft.warmup_steps=1"]  # fmt: skip
 
 

@@ -100,7 +100,7 @@ def test_a_run_records_its_precision_and_a_resume_keeps_it(tmp_path, one_thread,
     train_posttrain("toy", str(run), [*TINY, "steps=2"], resume=True)  # auto: the run's own precision
     assert "posttrain: precision fp32 (fp32 as requested)" in capsys.readouterr().out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [record["precision"] for record in records] == ["fp32", "fp32"]
+    assert [record["precision/bf16"] for record in records] == [0, 0]
     with pytest.raises(UserError, match=r"--resume cannot change precision \(the run has 'fp32', now 'bf16'\)"):
         train_posttrain("toy", str(run), [*TINY, "steps=3", "precision=bf16"], resume=True)
 

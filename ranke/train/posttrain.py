@@ -765,7 +765,7 @@ def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: 
     save_due = (step + 1) % pcfg.save_every == 0 or last
     if main_process:
         if (step + 1) % pcfg.log_every == 0 or last:
-            outputs.logger.log({**record, "precision": run.precision.name})
+            outputs.logger.log({**record, "precision/bf16": int(run.precision.name == "bf16")})  # numeric, as trackers take
         scores = {key[len("reward/") : -len("_mean")]: f"{value:.2f}" for key, value in record.items() if key.startswith("reward/") and key.endswith("_mean")}
         scores |= {"kl": f"{record.get('policy/kl', 0.0):.4f}"}  # the raw reward scores, not the normalised total
         bar.set_postfix(scores)
