@@ -1,0 +1,45 @@
+"""The reward-fidelity frontier: metrics read at matched reward gain along each run, paired by seed."""
+
+from __future__ import annotations
+
+import pytest
+
+from ranke.eval.frontier import TrajectoryPoint, common_gain, matched_gain_difference, value_at_gain
+
+
+def trajectory(*pairs):
+    return [TrajectoryPoint(gain, value) for gain, value in pairs]
+
+
+def test_the_value_is_interpolated_at_the_first_crossing():
+    run = trajectory((0.0, 40.0), (0.5, 42.0), (1.5, 46.0), (0.8, 50.0), (2.0, 60.0))
+    assert value_at_gain(run, 1.0) == pytest.approx(44.0)  # between (0.5, 42) and (1.5, 46): t = 0.5
+    assert value_at_gain(run, 1.5) == pytest.approx(46.0)
+    assert value_at_gain(run, 1.7) == pytest.approx(57.5)  # the first crossing of 1.7 is (0.8, 50) -> (2.0, 60): t = 0.75
+    assert value_at_gain(run, 0.0) == 40.0  # the start
+    assert value_at_gain(run, 2.5) is None  # never reached
+
+
+def test_the_start_counts_when_it_already_reaches_the_gain():
+    assert value_at_gain(trajectory((0.0, 40.0), (0.4, 41.0)), -0.3) == 40.0
+    with pytest.raises(ValueError, match="at least its start"):
+        value_at_gain([], 1.0)
+
+
+def test_the_common_gain_is_the_highest_every_run_reaches():
+    grpo = {0: trajectory((0.0, 40.0), (1.2, 44.0)), 1: trajectory((0.0, 40.0), (2.0, 43.0), (0.9, 45.0))}
+    ranke = {0: trajectory((0.0, 40.0), (1.6, 41.0)), 1: trajectory((0.0, 40.0), (1.0, 41.0))}
+    assert common_gain(grpo, ranke) == 1.0
+    with pytest.raises(ValueError, match="at least one run"):
+        common_gain({})
+
+
+def test_the_matched_gain_difference_is_paired_by_seed():
+    a = {0: trajectory((0.0, 40.0), (2.0, 44.0)), 1: trajectory((0.0, 40.0), (2.0, 48.0)), 2: trajectory((0.0, 40.0), (2.0, 46.0))}
+    b = {0: trajectory((0.0, 40.0), (1.0, 41.0)), 1: trajectory((0.0, 40.0), (1.0, 42.0)), 2: trajectory((0.0, 40.0), (1.0, 43.0))}
+    # at gain 1: A is 42, 44, 43 and B is 41, 42, 43 -> differences 1, 2, 0: mean 1, s = 1, t(0.975, 2) = 4.302653
+    difference = matched_gain_difference(a, b, 1.0)
+    assert difference.n == 3 and difference.mean == pytest.approx(1.0)
+    assert difference.high - difference.mean == pytest.approx(4.302653 / 3**0.5, rel=1e-6)
+    short = {0: trajectory((0.0, 40.0), (0.5, 41.0)), **{seed: b[seed] for seed in (1, 2)}}
+    assert matched_gain_difference(a, short, 1.0).n == 2  # seed 0 of B never reaches gain 1
