@@ -30,6 +30,7 @@ from ranke.backbones import load_toy_backbone
 from ranke.checkpoint import MANIFEST, latest_checkpoint
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator
+from ranke.eval.manifold import MIN_FEATURES
 from ranke.eval.report import (
     COLUMNS,
     SHORT,
@@ -110,8 +111,8 @@ def run_demo(
     settings = [*preset.overrides, *overrides]
     cfg = config_lib.load(RunConfig, config, settings, section="posttrain")
     pcfg = cfg.posttrain
-    if pcfg.eval_samples < 2:
-        raise UserError("the demo evaluates its runs: set eval_samples >= 2")
+    if pcfg.eval_samples < MIN_FEATURES:
+        raise UserError(f"the demo evaluates its runs: set eval_samples >= {MIN_FEATURES}")
     device = select_device(cfg.device)
     threads = max(1, (os.cpu_count() or 1) // workers)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 NEAREST_K = 5  # Naeem et al.'s recommended k (prdc's examples use it too)
+MIN_FEATURES = NEAREST_K + 1  # per set, with the default k: each feature's k-th nearest other one
 
 
 def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
