@@ -88,7 +88,7 @@ def test_real_side_is_the_heldout_scenes_of_the_prompts(backbone_and_evaluator):
     assert evaluator.real_histogram.sum() == N * codes.shape[1]
 
 
-def test_real_reference_scores_another_real_image_of_each_prompt(backbone_and_evaluator):
+def test_real_reference_scores_another_real_image_of_each_prompt(backbone_and_evaluator, metrics):
     """The noise floor: a second real set (another scene per caption, seeded) scored like samples."""
     _, evaluator = backbone_and_evaluator
     cfg = RunConfig()
@@ -109,6 +109,8 @@ def test_real_reference_scores_another_real_image_of_each_prompt(backbone_and_ev
         decoded = quantize(backbone_and_evaluator[0].decode(codes).float())
         back = evaluator.tokenizer.encode_codes(to_model_range(decoded)).flatten(1)
     assert reference["roundtrip_agreement"] == pytest.approx((back == codes).double().mean().item())
+    # the first real images' codes through the same (base) decoder, as a call with that decoder has it
+    assert reference["roundtrip_agreement_real"] == pytest.approx(metrics[0]["roundtrip_agreement_real"])
     assert reference["fd"] != evaluator.real_reference(seed=2)["fd"]
 
 

@@ -211,13 +211,14 @@ class Evaluator:
     def real_reference(self, seed: int = 1) -> dict:
         """The metrics of real images: for each prompt another random scene satisfying its caption
         (drawn from `seed`), rendered and scored like samples. FD / KID are then those of two
-        real image sets of size n, the evaluation's own noise floor. Their round-trip agreement is
-        that of their codes decoded by the evaluator's tokenizer (the base decoder where the
-        evaluator was built with the base tokenizer)."""
+        real image sets of size n, the evaluation's own noise floor. Round-trip agreements use the
+        evaluator's tokenizer as the decoder (the base decoder where the evaluator was built with
+        the base tokenizer): of these images' codes, and (roundtrip_agreement_real) of the first
+        real images' ground-truth codes, as a call with that decoder reports it."""
         rng = np.random.default_rng(seed)
         scenes = [scene_for_caption(spec, rng) for spec in self.specs]
         real = torch.from_numpy(render_scenes(scenes, self.toy.image_size, self.toy.supersample)).permute(0, 3, 1, 2)
-        scores = {key: [] for key in (*SCORES, "features", "codes", "verdicts")}
+        scores = {key: [] for key in (*SCORES, "roundtrip_real", "features", "codes", "verdicts")}
 
         def decode(codes):  # the evaluator's own decoder, 8-bit as a sample
             return quantize(to_unit_range(self.tokenizer.decode_codes(codes)).float())
@@ -232,13 +233,16 @@ class Evaluator:
             codes = self.encode(images)
             scores["codes"].append(codes.cpu())
             scores["roundtrip_agreement"].append(roundtrip_agreement(codes, decode, self.encode))
+            real_codes = self.real_codes[begin : begin + self.batch_size].to(self.device)
+            scores["roundtrip_real"].append(roundtrip_agreement(real_codes, decode, self.encode))
             pixels = images.permute(0, 2, 3, 1).cpu().numpy()
             scores["verdicts"] += [score_image(im, spec) for im, spec in zip(pixels, self.specs[begin : begin + len(prompts)])]
         metrics = self._metrics(
             {key: torch.cat(scores[key]) for key in SCORES}, np.concatenate(scores["features"]),
             torch.cat(scores["codes"]), scores["verdicts"],
         )  # fmt: skip
-        return {"n": self.n, **metrics, "seed": seed}
+        roundtrip_real = torch.cat(scores["roundtrip_real"]).mean().item()
+        return {"n": self.n, **metrics, "roundtrip_agreement_real": roundtrip_real, "seed": seed}
 
     def _metrics(self, scores: dict, features, codes, verdicts) -> dict:
         """The metrics of n scored images (`scores`: the per-image `SCORES`) against the real side
