@@ -37,10 +37,15 @@ MIN_FEATURES = NEAREST_K + 1  # per set, with the default k: each feature's k-th
 def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distances [N, M] between the rows of a [N, D] and b [M, D], in float64.
 
-    From ||a||^2 + ||b||^2 - 2 a.b (one matrix product), round-off below 0 clipped to 0."""
+    From ||a||^2 + ||b||^2 - 2 a.b (one matrix product), round-off below 0 clipped to 0; in place,
+    so the [N, M] matrix is held once."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    squared = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * (a @ b.T)
-    return np.sqrt(np.maximum(squared, 0.0))
+    distances = a @ b.T
+    distances *= -2.0
+    distances += (a * a).sum(axis=1)[:, None]
+    distances += (b * b).sum(axis=1)[None, :]
+    np.maximum(distances, 0.0, out=distances)
+    return np.sqrt(distances, out=distances)
 
 
 def kth_neighbour_distances(features: np.ndarray, k: int) -> np.ndarray:
