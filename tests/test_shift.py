@@ -71,10 +71,12 @@ def test_token_agreement_counts_equal_positions_per_row():
     codes = torch.tensor([[0, 1, 2, 3], [3, 3, 0, 2]])
     recoded = torch.tensor([[[0, 1], [2, 2]], [[1, 1], [1, 1]]])  # [N, h, w]: rows compared in row-major order
     assert torch.equal(token_agreement(codes, recoded), torch.tensor([0.75, 0.0], dtype=torch.float64))
-    with pytest.raises(ValueError, match="same rows and tokens per row"):
+    with pytest.raises(ValueError, match="same rows .* and tokens per row"):
         token_agreement(codes, recoded[:, :1])
-    with pytest.raises(ValueError, match="same rows and tokens per row"):
+    with pytest.raises(ValueError, match="same rows .* and tokens per row"):
         token_agreement(codes, recoded[:1])
+    with pytest.raises(ValueError, match="at least one"):
+        token_agreement(codes[:0], recoded[:0])
 
 
 def _one_dimensional_tokenizer():

@@ -99,8 +99,8 @@ def token_agreement(codes: torch.Tensor, recoded: torch.Tensor) -> torch.Tensor:
 
     Both hold N rows of the same number of tokens, in any layout ([N, L], [N, h, w]): rows are
     compared position by position in row-major order."""
-    if len(codes) != len(recoded) or codes[0].numel() != recoded[0].numel():
-        raise ValueError(f"token agreement needs the same rows and tokens per row, got shapes "
+    if len(codes) == 0 or len(codes) != len(recoded) or codes.numel() != recoded.numel():
+        raise ValueError(f"token agreement needs the same rows (at least one) and tokens per row, got shapes "
                          f"{tuple(codes.shape)} and {tuple(recoded.shape)}")  # fmt: skip
     return (codes.reshape(len(codes), -1).cpu() == recoded.reshape(len(recoded), -1).cpu()).double().mean(dim=1)
 
