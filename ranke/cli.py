@@ -317,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. reward.features.steps=600")
     p.set_defaults(func=cmd_train_reward)
 
-    p = _command(sub, "fid", "Frechet distance between two image folders (prints JSON)")
-    p.add_argument("dir_a")
-    p.add_argument("dir_b")
+    p = _command(sub, "fid", "Frechet distance, precision, recall, density and coverage of two image folders (prints JSON)")
+    p.add_argument("dir_a", help="the images to judge (e.g. samples)")
+    p.add_argument("dir_b", help="the reference images (e.g. real ones): precision is the share of A on B's manifold")
     p.add_argument("--features", choices=["toy", "inception"], default="toy")
     p.add_argument("--inception-weights", default=None, help="clean-fid's inception-2015-12-05.pt (never downloaded)")
     p.add_argument("--size", type=int, default=None, help="center-crop and resize both sides to SIZE first")

@@ -31,6 +31,7 @@ from ranke.backbones import load_toy_backbone
 from ranke.checkpoint import MANIFEST, latest_checkpoint
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator
+from ranke.eval.manifold import MIN_FEATURES
 from ranke.eval.report import (
     COLUMNS,
     SHORT,
@@ -112,8 +113,8 @@ def run_demo(
     settings = [*preset.overrides, *overrides]
     cfg = config_lib.load(RunConfig, config, settings, section="posttrain")
     pcfg = cfg.posttrain
-    if pcfg.eval_samples < 2:
-        raise UserError("the demo evaluates its runs: set eval_samples >= 2")
+    if pcfg.eval_samples < MIN_FEATURES:
+        raise UserError(f"the demo evaluates its runs: set eval_samples >= {MIN_FEATURES}")
     device = select_device(cfg.device)
     threads = max(1, (os.cpu_count() or 1) // workers)
     precision = study_precision(out, cfg, device, threads)
@@ -335,8 +336,14 @@ def build_report(
         "prompt scored like a sample (for FD and KID, the evaluation's noise floor). reward: the training reward "
         "model; CLIP score: a second toy CLIP never used in training (reward hacking of the first shows as a "
         "gap); FD and KID: Frechet and kernel distances of toy features to the real images of the same "
-        "prompts; verifier accuracy: exact object/attribute/relation check; token KL: KL between the codebook "
-        "histograms of the sampled tokens and of the real images' tokens; colorfulness: Hasler and Suesstrunk's "
+        "prompts; precision and density (fidelity: samples on the real images' manifold) and recall and coverage "
+        "(diversity: real images with a sample near them), k = 5 nearest neighbours in the same features, take FD "
+        "apart; density is about 1 for samples distributed as real images and rises above 1 where samples crowd "
+        "into dense real regions, so no direction is better; verifier accuracy: exact object/attribute/relation "
+        "check; token KL: KL between the codebook histograms of the sampled tokens and of the real images' tokens; "
+        "round-trip agreement: the share of a sample's tokens the frozen encoder gives back from its decoded image "
+        "(real codes: the same for the real images' own codes through the same decoder, its reference); "
+        "colorfulness: Hasler and Suesstrunk's "
         "colorfulness, where real images are the reference and no direction is better (a reward that favours "
         "vivid colour raises it).\n"
     )

@@ -45,8 +45,12 @@ def world(tmp_path_factory, one_thread) -> dict[str, Path]:
     (verify / "captions.jsonl").write_bytes(b'{"file": "00000.png", "caption": "caf\xe9"}\n')
     images = inputs / "images"
     images.mkdir()
-    for index in range(3):
+    for index in range(6):  # the fewest `ranke fid` takes (5 nearest neighbours of each image)
         Image.fromarray(np.full((16, 16, 3), 40 * index, np.uint8)).save(images / f"{index:05d}.png")
+    few = inputs / "few"
+    few.mkdir()
+    for index in range(2):
+        shutil.copy(images / f"{index:05d}.png", few)
     truncated = inputs / "truncated"
     shutil.copytree(images, truncated)
     png = (truncated / "00001.png").read_bytes()
@@ -126,13 +130,16 @@ CASES = [
     ("fid_size_0", ["fid", "{inputs}/images", "{inputs}/images", "--size", "0"], "--size must be a positive"),
     ("fid_batch_0", ["fid", "{inputs}/images", "{inputs}/images", "--batch-size", "0"], "--batch-size must be positive"),
     ("fid_missing", ["fid", "{inputs}/missing", "{inputs}/images"], "image folder '{inputs}/missing' not found"),
+    ("fid_too_few", ["fid", "{inputs}/images", "{inputs}/few"], "'{inputs}/few' holds 2 images; the Frechet distance and "
+                    "precision / recall (5 nearest neighbours) need at least 6 per side"),
     # sampling and evaluation settings
     ("sample_cfg_nan", ["sample", "--prompts", "{prompts}", "--out", "{new}/a", "--cfg", "nan"], "'sampling.cfg_scale' is nan"),
     ("sample_cfg_negative", ["sample", "--prompts", "{prompts}", "--out", "{new}/a", "--cfg", "-1"], "'sampling.cfg_scale' is -1.0"),
     ("sample_n_per_prompt_0", ["sample", "--prompts", "{prompts}", "--out", "{new}/a", "--n-per-prompt", "0"], "must be positive"),
     ("sample_ckpt_missing", ["sample", "--prompts", "{prompts}", "--out", "{new}/a", "--ckpt", "{inputs}/missing"], "missing' is not a policy file"),
     ("sample_reused_other_seed", ["sample", "--prompts", "{prompts}", "--out", "{samples}", "--seed", "7"], "holds samples made with other settings (seed differ)"),
-    ("eval_n_0", ["eval", "--n", "0", "--out", "{new}/a"], "--n must be between 2 and"),
+    ("eval_n_0", ["eval", "--n", "0", "--out", "{new}/a"], "--n must be between 6 and"),
+    ("eval_n_below_nearest_k", ["eval", "--n", "5", "--out", "{new}/a"], "--n must be between 6 and the 2000 heldout prompts (toy.heldout_size), got 5"),
     ("eval_cfg_nan", ["eval", "--cfg", "nan", "--out", "{new}/a"], "'sampling.cfg_scale' is nan"),
     ("coco_n_0", ["eval", "--protocol", "coco30k", "--captions", "{prompts}", "--ref-dir", "{inputs}/images", "--n", "0",
                   "--out", "{new}/a"], "n must be between 1 and 2, got 0"),

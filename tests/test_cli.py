@@ -96,8 +96,15 @@ def test_fid_of_toy_folders(tmp_path, capsys):
     assert code == 0 and real["n_a"] == 60 and real["n_b"] == 60 and real["features"] == "toy"
     code, out, _ = run_cli(capsys, "fid", str(real_a), str(blurred), "--batch-size", "7")
     assert code == 0 and json.loads(out)["fd"] > 3 * real["fd"]
+    blurred_metrics = json.loads(out)
     code, out, _ = run_cli(capsys, "fid", str(real_a), str(real_a))
-    assert abs(json.loads(out)["fd"]) < 1e-6 * real["fd"]
+    same = json.loads(out)
+    assert abs(same["fd"]) < 1e-6 * real["fd"]
+    # a set against itself: every image in its own ball and its 5 neighbours' -> density (k + 1) / k
+    assert (same["precision"], same["recall"], same["coverage"]) == (1.0, 1.0, 1.0) and same["density"] == pytest.approx(1.2)
+    assert real["nearest_k"] == 5 and real["manifold_n_a"] == real["manifold_n_b"] == 60
+    # blurred copies sit off the dense part of the real manifold (60 images each: density 1.05 -> 0.50)
+    assert blurred_metrics["density"] < 0.6 * real["density"] and blurred_metrics["precision"] <= real["precision"]
 
 
 def test_fid_inception_without_weights_is_one_line(tmp_path, capsys, monkeypatch):
@@ -186,7 +193,7 @@ def test_sample_takes_sampling_overrides(tmp_path, capsys):
 def test_eval_takes_sampling_overrides(tmp_path, capsys):
     runs = {}
     for seed in ("0", "1"):
-        code, printed, _ = run_cli(capsys, "eval", "--out", str(tmp_path / seed), "--n", "4", "--batch-size", "4",
+        code, printed, _ = run_cli(capsys, "eval", "--out", str(tmp_path / seed), "--n", "6", "--batch-size", "4",
                                    "--seed", seed, "sampling.top_k=1", "sampling.cfg_scale=2.5")  # fmt: skip
         assert code == 0
         runs[seed] = json.loads(printed)

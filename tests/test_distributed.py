@@ -133,7 +133,8 @@ def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_p
 
 def test_two_process_toy_eval_gives_the_metrics_of_one_process(tmp_path):
     """Each process samples and scores its rows of every batch; the scores are gathered, so
-    every metric (FD, token KL, verifier, rewards) equals the one-process evaluation."""
+    every metric (FD, token KL, verifier, rewards, manifold metrics, round trips) equals the
+    one-process evaluation."""
     import json
 
     from ranke.eval.evaluate import evaluate_to_dir
@@ -143,7 +144,8 @@ def test_two_process_toy_eval_gives_the_metrics_of_one_process(tmp_path):
                "eval", "--out", str(tmp_path / "two"), "--num-prompts", "12", "--seed", "2", "--batch-size", "6"]  # fmt: skip
     finish(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    for key in ("reward", "clip_score", "fd", "token_kl", "token_kl_per_position", "verifier_accuracy"):
+    for key in ("reward", "clip_score", "fd", "token_kl", "token_kl_per_position", "verifier_accuracy", "precision",
+                "recall", "density", "coverage", "roundtrip_agreement", "roundtrip_agreement_real"):  # fmt: skip
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
     assert two["verifier_by_num_objects"] == one["verifier_by_num_objects"]
 

@@ -14,6 +14,7 @@ from ranke.backbones import load_toy_backbone
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator, kid_subsets, metrics_table, quantize
 from ranke.eval.fid import frechet_distance_from_features, kernel_distance
+from ranke.eval.manifold import manifold_metrics
 from ranke.eval.shift import code_histogram, token_entropy_bits, token_kl
 from ranke.generate import batch_seed
 from ranke.models.vq import to_model_range
@@ -62,6 +63,8 @@ def test_metrics_are_the_judges_applied_to_the_samples(backbone_and_evaluator, m
     features = load_toy_features(asset_path("features"))(images)
     assert result["fd"] == pytest.approx(frechet_distance_from_features(features, evaluator.real_features), rel=1e-6)
     kid = kernel_distance(features, evaluator.real_features, num_subsets=1, paired=True)  # N = 12: one subset
+    for key, value in manifold_metrics(evaluator.real_features, features, nearest_k=5).items():
+        assert result[key] == pytest.approx(value, abs=1e-12), key
     assert kid_subsets(N) == 1 and result["kid"] == pytest.approx(kid[0], rel=1e-6)
     per_image = [score_image(image.permute(1, 2, 0).numpy(), prompt) for image, prompt in zip(images, prompts)]
     assert result["preview_correct"] == [bool(verdict.correct) for verdict in per_image]
@@ -85,7 +88,7 @@ def test_real_side_is_the_heldout_scenes_of_the_prompts(backbone_and_evaluator):
     assert evaluator.real_histogram.sum() == N * codes.shape[1]
 
 
-def test_real_reference_scores_another_real_image_of_each_prompt(backbone_and_evaluator):
+def test_real_reference_scores_another_real_image_of_each_prompt(backbone_and_evaluator, metrics):
     """The noise floor: a second real set (another scene per caption, seeded) scored like samples."""
     _, evaluator = backbone_and_evaluator
     cfg = RunConfig()
@@ -100,21 +103,48 @@ def test_real_reference_scores_another_real_image_of_each_prompt(backbone_and_ev
     assert reference["reward"] == pytest.approx(reward, rel=1e-5)
     assert reference["colorfulness"] == pytest.approx(colorfulness(second.float() / 255.0).mean().item(), rel=1e-6)
     assert reference["verifier_accuracy"] >= 0.75  # real images of the captions: the verifier mostly agrees
+    assert reference["precision"] == pytest.approx(manifold_metrics(evaluator.real_features, features)["precision"])
+    with torch.no_grad():  # the second set's codes through the evaluator's own (here the base) decoder
+        codes = evaluator.tokenizer.encode_codes(to_model_range(second.float() / 255.0)).flatten(1)
+        decoded = quantize(backbone_and_evaluator[0].decode(codes).float())
+        back = evaluator.tokenizer.encode_codes(to_model_range(decoded)).flatten(1)
+    assert reference["roundtrip_agreement"] == pytest.approx((back == codes).double().mean().item())
+    # the first real images' codes through the same (base) decoder, as a call with that decoder has it
+    assert reference["roundtrip_agreement_real"] == pytest.approx(metrics[0]["roundtrip_agreement_real"])
     assert reference["fd"] != evaluator.real_reference(seed=2)["fd"]
 
 
-def test_token_kl_of_the_policy_tokens(backbone_and_evaluator, metrics):
-    backbone, evaluator = backbone_and_evaluator
-    result, _ = metrics
+def _sampled_tokens(backbone, evaluator) -> torch.Tensor:
     codes = []
     for batch, begin in enumerate(range(0, N, 5)):  # batch k draws from its own seed
         generator = torch.Generator().manual_seed(batch_seed(4, batch))
         emb, mask = backbone.encode_prompts(evaluator.prompts[begin : begin + 5])
         codes.append(backbone.sample(emb, mask, evaluator.sampling, generator).tokens)
-    histogram = code_histogram(torch.cat(codes), evaluator.codebook_size)
+    return torch.cat(codes)
+
+
+def test_token_kl_of_the_policy_tokens(backbone_and_evaluator, metrics):
+    backbone, evaluator = backbone_and_evaluator
+    result, _ = metrics
+    histogram = code_histogram(_sampled_tokens(backbone, evaluator), evaluator.codebook_size)
     assert result["token_kl"] == pytest.approx(token_kl(histogram, evaluator.real_histogram))
     assert result["token_entropy"] == pytest.approx(token_entropy_bits(histogram))
     assert result["token_kl"] > 0
+
+
+def test_roundtrip_agreement_of_the_samples_and_of_the_real_codes(backbone_and_evaluator, metrics):
+    """The share of tokens the base encoder gives back: from the 8-bit samples, and from the real
+    images' ground-truth codes decoded by the same decoder."""
+    backbone, evaluator = backbone_and_evaluator
+    result, images = metrics
+    tokens = _sampled_tokens(backbone, evaluator)
+    with torch.no_grad():
+        back = backbone.tokenizer.encode_codes(to_model_range(images)).flatten(1)
+        real_decoded = quantize(backbone.decode(evaluator.real_codes).float())
+        real_back = backbone.tokenizer.encode_codes(to_model_range(real_decoded)).flatten(1)
+    assert result["roundtrip_agreement"] == pytest.approx((back == tokens).double().mean().item())
+    assert result["roundtrip_agreement_real"] == pytest.approx((real_back == evaluator.real_codes).double().mean().item())
+    assert 0 < result["roundtrip_agreement"] < 1 and 0 < result["roundtrip_agreement_real"] < 1
 
 
 def test_calls_are_reproducible_and_overrides_act(backbone_and_evaluator, metrics):
@@ -130,6 +160,9 @@ def test_calls_are_reproducible_and_overrides_act(backbone_and_evaluator, metric
     for key in ("token_kl", "token_entropy", "token_kl_per_position"):
         assert changed[key] == result[key]
     assert changed["fd"] != pytest.approx(result["fd"], rel=1e-3)
+    # fewer tokens come back from washed-out images, of the samples and of the real codes alike
+    assert changed["roundtrip_agreement"] < result["roundtrip_agreement"] - 0.1
+    assert changed["roundtrip_agreement_real"] < result["roundtrip_agreement_real"] - 0.1
 
     other_policy = copy.deepcopy(backbone.policy)
     with torch.no_grad():
@@ -141,19 +174,23 @@ def test_calls_are_reproducible_and_overrides_act(backbone_and_evaluator, metric
 
 def test_bad_sizes_are_user_errors():
     _, cfg = load_toy_backbone()
-    with pytest.raises(UserError, match="--n must be between 2 and the 2000"):
+    with pytest.raises(UserError, match="--n must be between 6 and the 2000"):
         Evaluator(cfg, "cpu", n=5000)
+    with pytest.raises(UserError, match="--n must be between 6 and .* got 5"):  # the 5 nearest neighbours of each
+        Evaluator(cfg, "cpu", n=5)
     with pytest.raises(UserError, match="--batch-size"):
-        Evaluator(cfg, "cpu", n=4, batch_size=0)
+        Evaluator(cfg, "cpu", n=6, batch_size=0)
 
 
 def test_metrics_table_is_one_row():
-    metrics = {"n": 1000, "reward": 55.13, "clip_score": 54.471, "fd": 71.489, "verifier_accuracy": 0.043,
-               "token_kl": 0.03747, "token_entropy": 9.704}
+    metrics = {"n": 1000, "reward": 55.13, "clip_score": 54.471, "fd": 71.489, "precision": 0.61234, "recall": 0.5,
+               "density": 1.0456, "coverage": 0.7771, "verifier_accuracy": 0.043, "token_kl": 0.03747,
+               "token_entropy": 9.704, "roundtrip_agreement": 0.70149}  # fmt: skip
     lines = metrics_table(metrics, "sft").splitlines()
-    assert lines[0] == "| model | n | reward | clip_score | fd | verifier_accuracy | token_kl | token_entropy |"
-    assert lines[1] == "|---|---|---|---|---|---|---|---|"
-    assert lines[2] == "| sft | 1000 | 55.13 | 54.47 | 71.49 | 0.043 | 0.0375 | 9.70 |"
+    assert lines[0] == ("| model | n | reward | clip_score | fd | precision | recall | density | coverage | verifier_accuracy "
+                        "| token_kl | token_entropy | roundtrip_agreement |")  # fmt: skip
+    assert lines[1] == "|---" * 13 + "|"
+    assert lines[2] == "| sft | 1000 | 55.13 | 54.47 | 71.49 | 0.612 | 0.500 | 1.046 | 0.777 | 0.043 | 0.0375 | 9.70 | 0.701 |"
 
 
 def test_validation_split_is_its_own_fixed_set():
@@ -173,8 +210,8 @@ def test_validation_split_is_its_own_fixed_set():
 
 
 def test_validation_evaluator_scores_the_validation_prompts(one_thread):
-    evaluator = Evaluator(RunConfig(), "cpu", n=3, split="validation")
-    assert evaluator.prompts == split_scenes_and_prompts("validation", RunConfig().toy)[1][:3]
+    evaluator = Evaluator(RunConfig(), "cpu", n=6, split="validation")
+    assert evaluator.prompts == split_scenes_and_prompts("validation", RunConfig().toy)[1][:6]
 
 
 def test_reconstruction_is_psnr_and_fd_of_decoded_ground_truth_codes(backbone_and_evaluator):

@@ -30,7 +30,7 @@ from test_posttrain import TINY
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("toy_run")
-    overrides = [*TINY, "mode=both", "steps=2", "save_every=2", "grid_every=2", "disc_start=0", "eval_samples=4"]
+    overrides = [*TINY, "mode=both", "steps=2", "save_every=2", "grid_every=2", "disc_start=0", "eval_samples=6"]
     train_posttrain("toy", str(out), overrides)
     return out
 

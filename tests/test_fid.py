@@ -18,10 +18,12 @@ from ranke.eval.fid import (
     frechet_distance,
     frechet_distance_from_features,
     FeatureMoments,
+    folder_distance,
     folder_statistics,
     kernel_distance,
     load_image_folder,
 )
+from ranke.eval.manifold import manifold_metrics
 from ranke.runtime import UserError
 
 
@@ -168,11 +170,45 @@ def test_folder_statistics_stream_the_same_features_as_the_whole_folder(tmp_path
     def channel_means(batch: torch.Tensor) -> np.ndarray:
         return batch.double().mean(dim=(2, 3)).numpy()
 
-    mean, covariance, count = folder_statistics(channel_means, tmp_path, size=4, batch_size=3)
-    expected = feature_statistics(extract_features(channel_means, load_image_folder(tmp_path, size=4)))
+    mean, covariance, count, kept = folder_statistics(channel_means, tmp_path, size=4, batch_size=3)
+    features = extract_features(channel_means, load_image_folder(tmp_path, size=4))
+    expected = feature_statistics(features)
     assert count == 7
     np.testing.assert_allclose(mean, expected[0], rtol=1e-12)
     np.testing.assert_allclose(covariance, expected[1], rtol=1e-9)
+    np.testing.assert_array_equal(kept, features)  # 7 images, fewer than `keep`: all of them, in order
+    # keep 4: the same 4 distinct images (seeded), in file order, whatever the batch size
+    subset = folder_statistics(channel_means, tmp_path, size=4, batch_size=3, keep=4)[3]
+    rows = [next(i for i, row in enumerate(features) if np.array_equal(row, kept_row)) for kept_row in subset]
+    assert len(subset) == 4 and rows == sorted(set(rows))
+    np.testing.assert_array_equal(folder_statistics(channel_means, tmp_path, size=4, batch_size=2, keep=4)[3], subset)
+    for path in sorted(tmp_path.glob("*.png"))[5:]:
+        path.unlink()
+    with pytest.raises(UserError, match=r"holds 5 images; the Frechet distance and precision / recall \(5 nearest neighbours\) "
+                                        "need at least 6 per side"):  # fmt: skip
+        folder_statistics(channel_means, tmp_path)
+
+
+def test_folder_distance_takes_fidelity_and_diversity_apart_with_b_as_the_reference(tmp_path):
+    """FD and the manifold metrics of folder A against folder B in the toy feature space."""
+    from ranke.assets import asset_path
+    from ranke.rewards.toy_features import load_toy_features
+
+    rng = np.random.default_rng(10)
+    for side, count in (("a", 9), ("b", 11)):
+        (tmp_path / side).mkdir()
+        for index in range(count):
+            _save(tmp_path / side / f"{index:05d}.png", rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8))
+    result = folder_distance(tmp_path / "a", tmp_path / "b", "toy", batch_size=4, device="cpu")
+    extractor = load_toy_features(asset_path("features"))
+    features_a = extract_features(extractor, load_image_folder(tmp_path / "a"))
+    features_b = extract_features(extractor, load_image_folder(tmp_path / "b"))
+    assert result["fd"] == pytest.approx(frechet_distance_from_features(features_a, features_b), rel=1e-6)
+    expected = manifold_metrics(features_b, features_a, nearest_k=5)  # B real, A fake
+    assert expected != manifold_metrics(features_a, features_b, nearest_k=5)  # the order matters
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-9), key
+    assert (result["n_a"], result["n_b"], result["nearest_k"], result["manifold_n_a"], result["manifold_n_b"]) == (9, 11, 5, 9, 11)
 
 
 def test_unreadable_or_truncated_images_are_one_line(tmp_path):

@@ -28,17 +28,19 @@ def test_coco30k_protocol_on_a_tiny_folder(tmp_path, capsys, tiny_clip_dir, one_
     write_samples(6, tmp_path / "reference", split="heldout", seed=0)
 
     out = tmp_path / "eval"
-    main(["eval", "--protocol", "coco30k", "--captions", str(tmp_path / "captions.json"), "--n", "5",
+    main(["eval", "--protocol", "coco30k", "--captions", str(tmp_path / "captions.json"), "--n", "6",
           "--ref-dir", str(tmp_path / "reference"), "--features", "toy", "--clip-path", str(tiny_clip_dir),
           "--out", str(out), "--batch-size", "4"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n"] == 5 and metrics["seed"] == 42 and metrics["resolution"] == 64
-    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:05d}.png" for i in range(5)]
-    reference_fd = folder_distance(out / "images", tmp_path / "reference", "toy", size=64, batch_size=4)["fd"]
-    assert abs(metrics["fid"] - reference_fd) < 1e-6 * reference_fd
+    assert metrics["n"] == 6 and metrics["seed"] == 42 and metrics["resolution"] == 64
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:05d}.png" for i in range(6)]
+    reference = folder_distance(out / "images", tmp_path / "reference", "toy", size=64, batch_size=4)
+    assert abs(metrics["fid"] - reference["fd"]) < 1e-6 * reference["fd"]
+    for key in ("precision", "recall", "density", "coverage", "nearest_k"):  # of the same folders
+        assert metrics[key] == reference[key], key
 
     records = [json.loads(line) for line in (out / "images" / "captions.jsonl").read_text().splitlines()]
-    assert len({r["caption"] for r in records}) == 5  # one caption per COCO image
+    assert len({r["caption"] for r in records}) == 6  # one caption per COCO image
     scorer = CLIPReward(tiny_clip_dir, prefix=CLIP_SCORE_PREFIX)
     pixels = np.stack([np.asarray(Image.open(out / "images" / r["file"])) for r in records])
     expected = scorer(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255, [r["caption"] for r in records])

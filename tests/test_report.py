@@ -17,8 +17,9 @@ from ranke.toy.data import heldout_prompts
 from ranke.images import grid_tiles, image_grid, save_image_grid
 
 PREVIEW = 8
-SFT = {"reward": 89.0, "clip_score": 89.5, "fd": 45.0, "kid": 1.5, "kid_se": 0.4, "verifier_accuracy": 0.55,
-       "token_kl": 0.05, "colorfulness": 24.0, "preview_correct": [True, False] * 4}  # fmt: skip
+SFT = {"reward": 89.0, "clip_score": 89.5, "fd": 45.0, "kid": 1.5, "kid_se": 0.4, "precision": 0.72, "recall": 0.61,
+       "density": 0.95, "coverage": 0.83, "verifier_accuracy": 0.55, "token_kl": 0.05, "roundtrip_agreement": 0.58,
+       "roundtrip_agreement_real": 0.66, "colorfulness": 24.0, "preview_correct": [True, False] * 4}  # fmt: skip
 # per seed: (GRPO, RankE) final values; RankE - GRPO FD: -2, -3, -4 -> mean -3, half 4.302653 / sqrt(3) = 2.484
 FINAL_FD = {0: (48.0, 46.0), 1: (47.0, 44.0), 2: (49.0, 45.0)}
 FINAL_REWARD = {0: (90.0, 91.0), 1: (91.0, 90.0), 2: (90.5, 91.0)}  # differences +1, -1, +0.5: not separated
@@ -126,6 +127,32 @@ def test_runs_evaluated_before_kid_existed_show_n_a(tmp_path):
     assert "| GRPO | base | 8 | 2 | " in markdown and " n/a " in _section(markdown, "Results")
     kid_row = next(line for line in markdown.splitlines() if line.startswith("| KID (toy features) |"))
     assert kid_row.endswith("| 1 | one seed: no interval |")  # only seed 0 has KID on both sides
+
+
+NEW_KEYS = ("precision", "recall", "density", "coverage", "roundtrip_agreement", "roundtrip_agreement_real")
+
+
+def test_runs_evaluated_before_the_manifold_and_round_trip_metrics_show_n_a(tmp_path):
+    """eval.jsonl files written before these metrics existed still make a report: n/a in their
+    columns, no comparison or gain on them."""
+    out = tmp_path / "report"
+    _build(out, [0, 1])
+    for run in (out / "runs").iterdir():
+        records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+        (run / "eval.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in NEW_KEYS}) + "\n" for r in records))
+    grpo = Method("GRPO", "base", [out / "runs" / "grpo_seed0", out / "runs" / "grpo_seed1"])
+    ranke = Method("RankE", "ema", [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
+    markdown = build_report(out, SFT, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
+    titles = [title for _, title, _, _ in COLUMNS]
+    new_columns = [titles.index(title) for key, title, _, _ in COLUMNS if key in NEW_KEYS]
+    for section, first in (("Results", "| GRPO | base | 8 | 2 | "), ("Every run", "| grpo_seed1 | 1 | base | 8 | ")):
+        row = next(line for line in _section(markdown, section).splitlines() if line.startswith(first))
+        cells = [cell.strip() for cell in row.strip("|").split("|")[4:]]
+        assert [cells[i] for i in new_columns] == ["n/a"] * len(NEW_KEYS), row
+        assert "n/a" not in [cell for i, cell in enumerate(cells) if i not in new_columns], row
+    sft_row = next(line for line in markdown.splitlines() if line.startswith("| SFT (start) |"))
+    assert "| 0.720 | 0.610 | 0.950 | 0.830 |" in sft_row  # the start has them
+    assert not any(line.startswith(("| precision (toy features) |", "| round-trip agreement |")) for line in markdown.splitlines())
 
 
 def test_real_reference_survives_save_and_load(tmp_path):

@@ -11,6 +11,10 @@ decoded, rounded to 8-bit pixels (as they would be saved) and scored:
 * fd: Frechet distance in the toy feature network's space between the generated images and the
   real images of the same prompts, i.e. the renders of the held-out scenes the captions were
   written for (COCO's protocol: generated images vs the val images of the captions);
+* precision, recall, density, coverage: the k-nearest-neighbour manifold metrics (k = 5,
+  `ranke.eval.manifold`) of the generated images' features against the same real features:
+  FD taken apart into fidelity (precision, density: samples on the real manifold) and diversity
+  (recall, coverage: real images with a sample near them);
 * kid, kid_se: KID (unbiased MMD^2, cubic kernel) between the same two feature sets and its
   standard error over `kid_subsets(n)` disjoint subsets (`ranke.eval.fid.kernel_distance`),
   paired: image i and real image i share a prompt, so their pair is left out of the cross term;
@@ -21,6 +25,10 @@ decoded, rounded to 8-bit pixels (as they would be saved) and scored:
   over the K codes (`ranke.eval.shift`); token_kl_per_position is the mean of per-position KLs;
 * token_entropy: entropy in bits of the sampled tokens' histogram (token_entropy_real: of the
   ground-truth tokens);
+* roundtrip_agreement: mean over the images of the share of their tokens that the frozen encoder
+  and quantizer give back from the 8-bit decoded image (`ranke.eval.shift.roundtrip_agreement`);
+  roundtrip_agreement_real: the same for the real images' ground-truth codes decoded by the same
+  decoder, in the same call (same decoder, same precision): the value to read the first against;
 * preview_correct: the verifier's verdict on each of the first `preview` images (kept in
   `Evaluator.preview`), so sample grids can mark them.
 
@@ -53,7 +61,15 @@ from ranke.backbones.base import Backbone
 from ranke.backbones.toy import load_tokenizer
 from ranke.config import RunConfig, SamplingConfig
 from ranke.eval.fid import frechet_distance_from_features, kernel_distance
-from ranke.eval.shift import code_histogram, per_position_kl, token_entropy_bits, token_kl
+from ranke.eval.manifold import MIN_FEATURES, NEAREST_K, manifold_metrics
+from ranke.eval.shift import (
+    code_histogram,
+    per_position_kl,
+    roundtrip_agreement,
+    token_agreement,
+    token_entropy_bits,
+    token_kl,
+)
 from ranke.generate import batch_seed, load_backbone, process_rows
 from ranke.images import save_image_grid
 from ranke.models.gpt import Transformer
@@ -69,7 +85,7 @@ from ranke.toy.render import render_scenes
 from ranke.toy.verifier import score_image, summarize
 
 # The per-image scores averaged into the metrics of the same name
-SCORES = ("reward", "clip_score", "colorfulness")
+SCORES = ("reward", "clip_score", "colorfulness", "roundtrip_agreement")
 
 # The metrics of the one-row markdown table, in order, with their number formats.
 TABLE_COLUMNS = {
@@ -77,9 +93,14 @@ TABLE_COLUMNS = {
     "reward": "{:.2f}",
     "clip_score": "{:.2f}",
     "fd": "{:.2f}",
+    "precision": "{:.3f}",
+    "recall": "{:.3f}",
+    "density": "{:.3f}",
+    "coverage": "{:.3f}",
     "verifier_accuracy": "{:.3f}",
     "token_kl": "{:.4f}",
     "token_entropy": "{:.2f}",
+    "roundtrip_agreement": "{:.3f}",
 }
 
 
@@ -118,8 +139,8 @@ class Evaluator:
             scenes, prompts = split_scenes_and_prompts(split, cfg.toy)
         except ValueError as err:
             raise UserError(str(err)) from None
-        if not 2 <= n <= len(prompts):
-            raise UserError(f"--n must be between 2 and the {len(prompts)} {split} prompts (toy.{split}_size), got {n}")
+        if not MIN_FEATURES <= n <= len(prompts):  # the manifold metrics need 5 nearest neighbours of each image
+            raise UserError(f"--n must be between {MIN_FEATURES} and the {len(prompts)} {split} prompts (toy.{split}_size), got {n}")
         if batch_size < 1:
             raise UserError(f"--batch-size must be positive, got {batch_size}")
         self.device = torch.device(device)
@@ -141,8 +162,7 @@ class Evaluator:
         with torch.no_grad():
             for chunk in progress(real.split(batch_size), desc="eval: real images"):
                 feature_chunks.append(self.features(chunk))
-                pixels = to_model_range(chunk.float().div(255.0).to(self.device))
-                code_chunks.append(self.tokenizer.encode_codes(pixels).flatten(1).cpu())
+                code_chunks.append(self.encode(chunk.float().div(255.0)).cpu())
         self.real_images = real  # uint8 [n, 3, H, W], the real image of each prompt
         self.real_features = np.concatenate(feature_chunks)
         self.real_codes = torch.cat(code_chunks)
@@ -180,6 +200,7 @@ class Evaluator:
         return {
             "n": self.n,
             **self._metrics(scores, features, codes, verdicts),
+            "roundtrip_agreement_real": torch.cat([chunk["roundtrip_real"] for chunk in chunks]).mean().item(),
             "preview_correct": [bool(verdict.correct) for verdict in verdicts[: len(self.preview)]],
             "cfg_scale": self.sampling.cfg_scale,
             "seed": self.seed,
@@ -190,11 +211,18 @@ class Evaluator:
     def real_reference(self, seed: int = 1) -> dict:
         """The metrics of real images: for each prompt another random scene satisfying its caption
         (drawn from `seed`), rendered and scored like samples. FD / KID are then those of two
-        real image sets of size n, the evaluation's own noise floor."""
+        real image sets of size n, the evaluation's own noise floor. Round-trip agreements use the
+        evaluator's tokenizer as the decoder (the base decoder where the evaluator was built with
+        the base tokenizer): of these images' codes, and (roundtrip_agreement_real) of the first
+        real images' ground-truth codes, as a call with that decoder reports it."""
         rng = np.random.default_rng(seed)
         scenes = [scene_for_caption(spec, rng) for spec in self.specs]
         real = torch.from_numpy(render_scenes(scenes, self.toy.image_size, self.toy.supersample)).permute(0, 3, 1, 2)
-        scores = {key: [] for key in (*SCORES, "features", "codes", "verdicts")}
+        scores = {key: [] for key in (*SCORES, "roundtrip_real", "features", "codes", "verdicts")}
+
+        def decode(codes):  # the evaluator's own decoder, 8-bit as a sample
+            return quantize(to_unit_range(self.tokenizer.decode_codes(codes)).float())
+
         for begin in range(0, self.n, self.batch_size):
             images = real[begin : begin + self.batch_size].float().div(255.0).to(self.device)
             prompts = self.prompts[begin : begin + self.batch_size]
@@ -202,14 +230,19 @@ class Evaluator:
             scores["clip_score"].append(self.clip(images, prompts).cpu())
             scores["colorfulness"].append(colorfulness(images).cpu())
             scores["features"].append(self.features(images))
-            scores["codes"].append(self.tokenizer.encode_codes(to_model_range(images)).flatten(1).cpu())
+            codes = self.encode(images)
+            scores["codes"].append(codes.cpu())
+            scores["roundtrip_agreement"].append(roundtrip_agreement(codes, decode, self.encode))
+            real_codes = self.real_codes[begin : begin + self.batch_size].to(self.device)
+            scores["roundtrip_real"].append(roundtrip_agreement(real_codes, decode, self.encode))
             pixels = images.permute(0, 2, 3, 1).cpu().numpy()
             scores["verdicts"] += [score_image(im, spec) for im, spec in zip(pixels, self.specs[begin : begin + len(prompts)])]
         metrics = self._metrics(
             {key: torch.cat(scores[key]) for key in SCORES}, np.concatenate(scores["features"]),
             torch.cat(scores["codes"]), scores["verdicts"],
         )  # fmt: skip
-        return {"n": self.n, **metrics, "seed": seed}
+        roundtrip_real = torch.cat(scores["roundtrip_real"]).mean().item()
+        return {"n": self.n, **metrics, "roundtrip_agreement_real": roundtrip_real, "seed": seed}
 
     def _metrics(self, scores: dict, features, codes, verdicts) -> dict:
         """The metrics of n scored images (`scores`: the per-image `SCORES`) against the real side
@@ -220,6 +253,7 @@ class Evaluator:
         return {
             **{key: scores[key].mean().item() for key in SCORES},
             "fd": frechet_distance_from_features(features, self.real_features),
+            **manifold_metrics(self.real_features, features, NEAREST_K),
             "kid": kid,
             "kid_se": kid_se,
             "verifier_accuracy": verifier["accuracy"],
@@ -248,22 +282,34 @@ class Evaluator:
             "recon_fd": frechet_distance_from_features(np.concatenate(reconstructions), self.real_features),
         }
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Codes [B, L] of images [B, 3, H, W] in [0, 1] from the frozen encoder and quantizer."""
+        return self.tokenizer.encode_codes(to_model_range(images.to(self.device))).flatten(1)
+
     def _score_rows(self, backbone, policy, decoder, batch, begin, end, first, last, preview) -> dict:
         """Sample and score rows [first, last) of batch `batch` ([begin, end)) with the batch's own
-        draws, so the images do not depend on which process samples them."""
+        draws, so the images do not depend on which process samples them; the real images' codes
+        of the same rows make the round-trip reference."""
         prompts = self.prompts[first:last]
         generator = torch.Generator(backbone.device).manual_seed(batch_seed(self.seed, batch))
         text_emb, text_mask = backbone.encode_prompts(prompts)
         tokens = backbone.sample(
             text_emb, text_mask, self.sampling, generator, policy=policy, row_offset=first - begin, total_rows=end - begin
         ).tokens
-        images = quantize(backbone.decode(tokens, decoder).float())
+
+        def decode(codes):  # the decoder under test, rounded to 8 bits as a saved image
+            return quantize(backbone.decode(codes, decoder).float())
+
+        images = decode(tokens)
         pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+        real_codes = self.real_codes[first:last].to(backbone.device)
         return {
             "first": first,
             "reward": self.reward(images, prompts).cpu(),
             "clip_score": self.clip(images, prompts).cpu(),
             "colorfulness": colorfulness(images).cpu(),
+            "roundtrip_agreement": token_agreement(tokens, self.encode(images)),
+            "roundtrip_real": roundtrip_agreement(real_codes, decode, self.encode),
             "features": self.features(images),
             "codes": tokens.cpu(),
             "verdicts": [score_image(image, spec) for image, spec in zip(pixels, self.specs[first:last])],

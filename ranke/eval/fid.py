@@ -9,6 +9,8 @@ the paper uses with Inception-v3 on MS-COCO. KID (Binkowski et al. 2018) is the 
 with a cubic polynomial kernel (`kernel_distance`): no Gaussian assumption, and an unbiased
 estimate at any set size, so small evaluations can be compared with it. The network is pluggable (`FeatureExtractor`): the
 toy world uses its own independently trained feature network, the real world Inception.
+Image folders (`folder_distance`) also get precision, recall, density and coverage
+(`ranke.eval.manifold`): FD taken apart into fidelity and diversity.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ import torch
 from PIL import Image
 
 from ranke.data import center_crop_resize
+from ranke.eval.manifold import MIN_FEATURES, NEAREST_K, manifold_metrics
 from ranke.runtime import UserError, progress, select_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FEATURE_KINDS = ("toy", "inception")
+# Images per folder the manifold metrics use at most: they compare all pairs (three [n, n] float64
+# matrices, 200 MB each at 5000), so a larger folder gives a seeded random subset of this many.
+MANIFOLD_IMAGES = 5000
 
 
 class FeatureExtractor(Protocol):
@@ -228,19 +234,27 @@ class FeatureMoments:
 
 def folder_statistics(
     extractor: FeatureExtractor, directory: str | Path, size: int | None = None, batch_size: int = 64,
-    desc: str | None = None,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mean, covariance, number of images) of the features of a folder's images, streamed batch
-    by batch from the files: memory does not grow with the number of images."""
+    desc: str | None = None, keep: int = MANIFOLD_IMAGES,
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """(mean, covariance, number of images, kept features) of the features of a folder's images,
+    streamed batch by batch from the files: memory does not grow beyond `keep` feature vectors.
+    The kept features [min(n, keep), D] (float64, in file order) are those of a random subset of
+    the images (seeded with 0, so the same folder keeps the same images): all of them up to `keep`."""
     paths = image_paths(directory)
-    if len(paths) < 2:
-        raise UserError(f"'{directory}' holds {len(paths)} image; a Frechet distance needs at least 2 per side")
-    moments = FeatureMoments()
+    if len(paths) < MIN_FEATURES:
+        raise UserError(f"'{directory}' holds {len(paths)} image{'s' if len(paths) != 1 else ''}; the Frechet distance and "
+                        f"precision / recall ({NEAREST_K} nearest neighbours) need at least {MIN_FEATURES} per side")  # fmt: skip
+    kept_rows = np.sort(np.random.default_rng(0).permutation(len(paths))[:keep])
+    moments, kept, start = FeatureMoments(), [], 0
     batches = image_batches(paths, size, batch_size)
     total = (len(paths) + batch_size - 1) // batch_size
     for batch in batches if desc is None else progress(batches, total=total, desc=desc):
-        moments.add(extractor(torch.from_numpy(batch).permute(0, 3, 1, 2)))
-    return *moments.statistics(), len(paths)
+        features = np.asarray(extractor(torch.from_numpy(batch).permute(0, 3, 1, 2)), dtype=np.float64)
+        moments.add(features)
+        rows = kept_rows[(kept_rows >= start) & (kept_rows < start + len(features))]
+        kept.append(features[rows - start])
+        start += len(features)
+    return *moments.statistics(), len(paths), np.concatenate(kept)
 
 
 def build_feature_extractor(
@@ -268,17 +282,25 @@ def folder_distance(
     batch_size: int = 64,
     device: str = "auto",
 ) -> dict:
-    """`ranke fid`: Frechet distance between the images of two folders -> {fd, n_a, n_b, features}.
+    """`ranke fid`: Frechet distance between the images of two folders -> {fd, n_a, n_b, features,
+    precision, recall, density, coverage, nearest_k, manifold_n_a, manifold_n_b}.
 
     `size` center-crops and resizes both sides first (`read_image`), as the paper does at the
     model resolution; the feature network then applies its own input convention. Images are
-    read and featurised batch by batch (`folder_statistics`).
+    read and featurised batch by batch (`folder_statistics`). B is the reference (real) side of
+    the manifold metrics (`ranke.eval.manifold.manifold_metrics`): precision is the share of A's
+    images on B's manifold. They use at most `MANIFOLD_IMAGES` images of each folder
+    (manifold_n_a, manifold_n_b: how many).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if size is not None and size < 1:
         raise UserError(f"--size must be a positive number of pixels, got {size}")
     extractor = build_feature_extractor(features, inception_weights, select_device(device))
-    mu_a, sigma_a, n_a = folder_statistics(extractor, dir_a, size, batch_size, desc=f"{features} features A")
-    mu_b, sigma_b, n_b = folder_statistics(extractor, dir_b, size, batch_size, desc=f"{features} features B")
-    return {"fd": frechet_distance(mu_a, sigma_a, mu_b, sigma_b), "n_a": n_a, "n_b": n_b, "features": features}
+    mu_a, sigma_a, n_a, kept_a = folder_statistics(extractor, dir_a, size, batch_size, desc=f"{features} features A")
+    mu_b, sigma_b, n_b, kept_b = folder_statistics(extractor, dir_b, size, batch_size, desc=f"{features} features B")
+    return {
+        "fd": frechet_distance(mu_a, sigma_a, mu_b, sigma_b), "n_a": n_a, "n_b": n_b, "features": features,
+        **manifold_metrics(kept_b, kept_a, NEAREST_K), "nearest_k": NEAREST_K,
+        "manifold_n_a": len(kept_a), "manifold_n_b": len(kept_b),
+    }  # fmt: skip

@@ -9,7 +9,9 @@
 2. one image per prompt (seed 42, the config's guidance), written as they come, resumable and split
    across processes under `accelerate launch` / `torchrun` (`ranke.generate.sample_prompts_to_dir`);
 3. FID: clean-fid's Inception-v3 features of the samples against the reference folder, both sides
-   center-cropped and resized to the model resolution (`ranke.eval.fid.folder_distance`);
+   center-cropped and resized to the model resolution (`ranke.eval.fid.folder_distance`), with
+   precision, recall, density and coverage of the samples against the reference in the same
+   features (`ranke.eval.manifold`, k = 5, at most 5000 images a side);
 4. CLIP score: CLIP ViT-B/32 (a local directory) between each sample and "A photo depicts" + its
    caption, 100 x cosine, mean over the samples.
 """
@@ -100,6 +102,7 @@ def evaluate_prompt_set(
         return summary
     device = config_lib.load(RunConfig, None, overrides).device
     resolution = read_rgb(images / "00000.png").shape[0]
+    distance = folder_distance(images, ref_dir, features, inception_weights, resolution, batch_size, device)
     metrics = {
         "protocol": "prompt set (COCO-30K style)",
         "captions": str(captions),
@@ -107,8 +110,9 @@ def evaluate_prompt_set(
         "seed": seed,
         "cfg_scale": summary["cfg_scale"],
         "resolution": resolution,
-        "fid": folder_distance(images, ref_dir, features, inception_weights, resolution, batch_size, device)["fd"],
+        "fid": distance["fd"],
         "fid_features": features,
+        **{key: distance[key] for key in ("precision", "recall", "density", "coverage", "nearest_k")},
         "clip_score": clip_score_of_folder(images, clip_path, batch_size=batch_size, device=device) if clip_path else None,
         "ckpt": ckpt,
         "policy": policy,

@@ -36,13 +36,25 @@ COLUMNS = (
     ("clip_score", "CLIP score (eval toy CLIP)", "{:.2f}", "higher"),
     ("fd", "FD (toy features)", "{:.1f}", "lower"),
     ("kid", "KID (toy features)", "{:.3f}", "lower"),
+    # FD taken apart (ranke.eval.manifold): fidelity (precision, density) and diversity (recall, coverage)
+    ("precision", "precision (toy features)", "{:.3f}", "higher"),
+    ("recall", "recall (toy features)", "{:.3f}", "higher"),
+    # no better direction: about 1 for samples distributed as the real images, above 1 where they crowd
+    # into dense real regions (a policy collapsing onto typical images raises it), unbounded
+    ("density", "density (toy features)", "{:.3f}", None),
+    ("coverage", "coverage (toy features)", "{:.3f}", "higher"),
     ("verifier_accuracy", "verifier accuracy", "{:.3f}", "higher"),
     ("token_kl", "token KL (nats)", "{:.3f}", "lower"),
+    ("roundtrip_agreement", "round-trip agreement", "{:.3f}", "higher"),
+    # the real images' ground-truth codes through the same decoder: the row's reference for the one above
+    ("roundtrip_agreement_real", "round-trip agreement, real codes", "{:.3f}", "higher"),
     # no better direction: real images are the reference (a reward that favours vivid colour raises it)
     ("colorfulness", "colorfulness", "{:.1f}", None),
 )
-SHORT = {"reward": "reward", "clip_score": "CLIP score", "fd": "FD", "kid": "KID",
-         "verifier_accuracy": "verifier accuracy", "token_kl": "token KL", "colorfulness": "colorfulness"}  # fmt: skip
+SHORT = {"reward": "reward", "clip_score": "CLIP score", "fd": "FD", "kid": "KID", "precision": "precision",
+         "recall": "recall", "density": "density", "coverage": "coverage", "verifier_accuracy": "verifier accuracy",
+         "token_kl": "token KL", "roundtrip_agreement": "round-trip agreement",
+         "roundtrip_agreement_real": "round-trip agreement of real codes", "colorfulness": "colorfulness"}  # fmt: skip
 # The comparisons the report makes when both methods are present: (A, B) gives A - B.
 COMPARISONS = (
     ("RankE", "GRPO"),
@@ -134,6 +146,12 @@ def values_of(rows: list[dict], key: str) -> list[float] | None:
     return [row[key] for row in rows] if all(key in row for row in rows) else None
 
 
+def _value_cell(row: dict, key: str, fmt: str) -> str:
+    """Metric `key` of one record formatted, or "n/a" where the record lacks it (evaluated before
+    the metric existed)."""
+    return fmt.format(row[key]) if key in row else "n/a"
+
+
 def _signed(fmt: str, value: float) -> str:
     return ("+" if value >= 0 else "") + fmt.format(value)
 
@@ -159,8 +177,8 @@ def results_table(sft: dict, methods: list[Method], real: dict | None = None) ->
     header = "| method | decoder | steps | seeds | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |"
     lines = [header, "|---" * (4 + len(COLUMNS)) + "|"]
     if real is not None:
-        lines.append("| real images | - | - | - | " + " | ".join(fmt.format(real[key]) for key, _, fmt, _ in COLUMNS) + " |")
-    lines.append("| SFT (start) | base | 0 | - | " + " | ".join(fmt.format(sft[key]) for key, _, fmt, _ in COLUMNS) + " |")
+        lines.append("| real images | - | - | - | " + " | ".join(_value_cell(real, key, fmt) for key, _, fmt, _ in COLUMNS) + " |")
+    lines.append("| SFT (start) | base | 0 | - | " + " | ".join(_value_cell(sft, key, fmt) for key, _, fmt, _ in COLUMNS) + " |")
     for method in methods:
         for decoder in [method.decoder, *method.extra_decoders]:
             finals = final_metrics(method, decoder)
@@ -239,7 +257,7 @@ def per_run_table(methods: list[Method]) -> str:
                 rows = trajectory(run, decoder)
                 if rows:
                     last = rows[-1]
-                    values = ["n/a" if key not in last else fmt.format(last[key]) for key, _, fmt, _ in COLUMNS]
+                    values = [_value_cell(last, key, fmt) for key, _, fmt, _ in COLUMNS]
                     if last.get("kid_se") is not None:
                         kid = [key for key, *_ in COLUMNS].index("kid")
                         values[kid] += f" ± {COLUMNS[kid][2].format(last['kid_se'])}"

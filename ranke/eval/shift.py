@@ -12,9 +12,17 @@ then finite even where the real histogram leaves codes unused, and a code unused
 contributes exactly 0. With K = 16384 codes and millions of tokens the default adds little
 mass; for small samples it pulls both distributions toward uniform and shrinks the KL, so only
 compare values computed with the same smoothing and similar token counts.
+
+Round-trip token agreement is the per-image face of the shift (`roundtrip_agreement`): decode an
+image's tokens with the decoder under test, re-encode the picture with the frozen encoder and
+quantizer (those of the base tokenizer, which post-training never changes), and count the share
+of tokens that come back. A decoder renders the codes it was trained on (ground-truth codes of
+real images) so that most come back; tokens it cannot render consistently come back as others.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -84,3 +92,27 @@ def token_entropy_bits(counts: ArrayLike) -> float:
         raise ValueError("entropy of an empty histogram")
     p = counts[counts > 0] / total
     return float(-(p * np.log2(p)).sum())
+
+
+def token_agreement(codes: torch.Tensor, recoded: torch.Tensor) -> torch.Tensor:
+    """Per row, the fraction of positions where `recoded` equals `codes` (float64 [N], on the CPU).
+
+    Both hold N rows of the same number of tokens, in any layout ([N, L], [N, h, w]): rows are
+    compared position by position in row-major order."""
+    if len(codes) == 0 or len(codes) != len(recoded) or codes.numel() != recoded.numel():
+        raise ValueError(f"token agreement needs the same rows (at least one) and tokens per row, got shapes "
+                         f"{tuple(codes.shape)} and {tuple(recoded.shape)}")  # fmt: skip
+    return (codes.reshape(len(codes), -1).cpu() == recoded.reshape(len(recoded), -1).cpu()).double().mean(dim=1)
+
+
+def roundtrip_agreement(
+    codes: torch.Tensor,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Round-trip token agreement of each image: `token_agreement(codes, encode(decode(codes)))`.
+
+    `decode` maps codes [N, L] to images (the decoder under test, with whatever happens to an
+    image before it is judged, e.g. rounding to 8 bits), `encode` images to codes (the frozen
+    encoder and quantizer)."""
+    return token_agreement(codes, encode(decode(codes)))
