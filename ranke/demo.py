@@ -162,7 +162,7 @@ def study_precision(out: Path, cfg: RunConfig, device: torch.device, threads: in
     recorded = out / PRECISION_FILE
     held = {yaml.safe_load(path.read_text()).get("precision") for path in out.glob("runs/*/config.yaml")}
     if recorded.is_file():
-        held.add(json.loads(recorded.read_text())["precision"])
+        held.add(json.loads(recorded.read_text())["run_precision"])
     if len(held) > 1:
         raise UserError(f"{out} holds runs in {' and '.join(sorted(map(str, held)))}: a study's runs share one precision; choose a new --out")
     if held and cfg.precision not in ("auto", *held):
@@ -172,7 +172,7 @@ def study_precision(out: Path, cfg: RunConfig, device: torch.device, threads: in
         )
     if recorded.is_file():
         saved = json.loads(recorded.read_text())
-        return PrecisionChoice(saved["precision"], cfg.precision, saved["precision_reason"])
+        return PrecisionChoice(saved["run_precision"], cfg.precision, saved["run_precision_reason"])
     if held:  # a study started before precision.json existed
         choice, machine = PrecisionChoice(held.pop(), cfg.precision, "the study's runs were started in it"), "not recorded"
     else:

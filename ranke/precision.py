@@ -44,8 +44,8 @@ class PrecisionChoice:
     reason: str
 
     def as_record(self) -> dict:
-        """The metrics-record form: `precision`, `precision_requested`, `precision_reason`."""
-        return {"precision": self.name, "precision_requested": self.requested, "precision_reason": self.reason}
+        """The record form (`run_` keeps it apart from the evaluation's precision/recall metric)."""
+        return {"run_precision": self.name, "run_precision_requested": self.requested, "run_precision_reason": self.reason}
 
 
 def check_requested(precision: str) -> str:

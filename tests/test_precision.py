@@ -127,7 +127,7 @@ def test_a_study_keeps_the_precision_its_runs_started_in(tmp_path):
     write_run(tmp_path, "grpo_seed0", "bf16")
     choice = study_precision(tmp_path, study_cfg("auto"), CPU, threads=1)
     assert (choice.name, choice.reason) == ("bf16", "the study's runs were started in it")
-    assert json.loads((tmp_path / PRECISION_FILE).read_text())["precision"] == "bf16"
+    assert json.loads((tmp_path / PRECISION_FILE).read_text())["run_precision"] == "bf16"
     assert study_precision(tmp_path, study_cfg("bf16"), CPU, threads=1).name == "bf16"
     with pytest.raises(UserError, match="runs were started in bf16: precision=fp32 would mix precisions within the study"):
         study_precision(tmp_path, study_cfg("fp32"), CPU, threads=1)
