@@ -24,6 +24,7 @@ from ranke.models.vq import VQ_PRESETS, VQArgs
 from ranke.rewards.toy_clip import ToyCLIPArgs
 from ranke.rewards.toy_features import ToyFeatureArgs
 from ranke.runtime import UserError, read_user_text
+from ranke.sampling import SamplingConfig
 from ranke.toy.data import ToyConfig
 from ranke.toy.text import ENCODING_VERSION
 
@@ -184,7 +185,8 @@ def save(cfg, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run configuration: one dataclass per recipe section, model args from the model modules.
+# The run configuration: one dataclass per recipe section; model args from the model modules, the
+# sampler's settings (SamplingConfig) from ranke.sampling.
 # ---------------------------------------------------------------------------------------------
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -225,24 +227,6 @@ class BackboneConfig:
     image_size: int = 256
     model_path: str | None = None
     trust_checkpoint: bool = False  # allow unpickling arbitrary objects in .pt files (trusted files only)
-
-
-@dataclass
-class SamplingConfig:
-    """Defaults for `ranke sample` / evaluation rollouts: the toy world's. The LlamaGen and Janus
-    presets (configs/*.yaml) set their own (cfg 6 / 5, top-k 1000)."""
-
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    # 16 of the toy's 256 codes, the share of LlamaGen's top-k 1000 of 16384; +0.02-0.03 verifier
-    # accuracy over no top-k for every toy policy measured (docs/benchmarks.md)
-    top_k: int = 16
-    top_p: float = 1.0
-    # LlamaGen's generate: guidance for the first cfg_interval + 2 tokens only, conditional after; -1: all
-    cfg_interval: int = -1
-    # scale <= 1: `conditional` samples the conditional logits alone (LlamaGen guides only above 1);
-    # `mix` applies l_u + s (l_c - l_u) for every s != 1
-    cfg_below_one: str = "conditional"
 
 
 @dataclass
