@@ -140,21 +140,46 @@ def _resolve_key(cls, key: str, section: str | None) -> list[str]:
     return parts
 
 
-def apply_overrides(cls, data: dict, overrides: list[str], section: str | None = None) -> dict:
-    """Return a copy of `data` with `key=value` overrides applied (values parsed as YAML)."""
-    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+# (path of field names, value) of each `key=value` override, as `parse_overrides` resolves them
+ParsedOverrides = list[tuple[list[str], Any]]
+
+
+def parse_overrides(cls, overrides: list[str], section: str | None = None) -> ParsedOverrides:
+    """Each `key=value` override's path of field names in `cls` and its value parsed as YAML;
+    a key `cls` does not have is an error with a suggestion."""
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        path = _resolve_key(cls, key.strip(), section)
+        parsed.append((_resolve_key(cls, key.strip(), section), yaml.safe_load(raw)))
+    return parsed
+
+
+def set_overrides(data: dict, overrides: ParsedOverrides) -> dict:
+    """A copy of the config mapping `data` with the parsed `overrides` set (a value replaces, a
+    mapping as well: `posttrain.rewards={clip: 1}` is the whole reward table)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for path, value in overrides:
         node = data
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[path[-1]] = yaml.safe_load(raw)
+        node[path[-1]] = value
     return data
+
+
+def apply_overrides(cls, data: dict, overrides: list[str], section: str | None = None) -> dict:
+    """Return a copy of `data` with `key=value` overrides applied (values parsed as YAML)."""
+    return set_overrides(data, parse_overrides(cls, overrides, section))
+
+
+def build_checked(cls, data: dict):
+    """`build`, then each number checked against its domain (`ranke.domains`)."""
+    cfg = build(cls, data)
+    validate(cfg)
+    return cfg
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -174,10 +199,7 @@ def load(cls, path: str | None, overrides: list[str] = (), section: str | None =
     """Load config dataclass `cls` from a YAML file (or defaults) plus overrides, each number
     checked against its domain (`ranke.domains`)."""
     data = read_yaml(resolve_config_path(path)) if path is not None else {}
-    data = apply_overrides(cls, data, list(overrides), section)
-    cfg = build(cls, data)
-    validate(cfg)
-    return cfg
+    return build_checked(cls, apply_overrides(cls, data, list(overrides), section))
 
 
 def save(cfg, path: str | Path) -> None:
