@@ -1,5 +1,6 @@
-"""Janus-Pro behind the backbone interface: the parts of `ranke.models.janus` with Janus' own
-CFG + KV-cache sampler, loaded from a local transformers Janus directory.
+"""Janus-Pro behind the backbone interface: the parts of `ranke.models.janus`, sampled by the
+shared token loop through Janus' own CFG rows and KV cache, loaded from a local transformers Janus
+directory.
 
 Unconditional CFG rows are built as transformers' Janus `generate` builds them (`JanusPrompts.unconditional`).
 """
@@ -62,7 +63,7 @@ def generate_janus(
 class JanusBackbone(Backbone):
     """`Backbone` over Janus-Pro: prompt encoding, teacher-forced scoring, decoding and batch
     generation are the base class's, on `JanusPrompts`, `JanusPolicy` and `JanusDecoder`;
-    sampling is Janus' own (CFG rows from the prompt ids, KV cache of the language model)."""
+    sampling steps are Janus' own (CFG rows from the prompt ids, KV cache of the language model)."""
 
     text_encoder: JanusPrompts
     policy: JanusPolicy

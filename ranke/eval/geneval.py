@@ -419,9 +419,9 @@ def evaluate_geneval(
     model: ModelChoice = ModelChoice(),
     detector_path: str | None = None,
     clip_path: str | None = None,
-    **sampling,
+    **sample_options,
 ) -> dict:
-    """`ranke eval --protocol geneval`: sample (`sample_geneval`, which takes the `sampling`
+    """`ranke eval --protocol geneval`: sample (`sample_geneval`, which takes the `sample_options`
     keywords), then, given a detector and a CLIP, score (`score_geneval_folder`); the result
     names the official command for the folder."""
     from accelerate import PartialState
@@ -432,7 +432,7 @@ def evaluate_geneval(
         )
     if detector_path is not None:
         check_detector_classes(read_metadata(metadata), detector_path)  # before hours of sampling
-    result = sample_geneval(metadata=metadata, out_dir=out_dir, model=model, **sampling)
+    result = sample_geneval(metadata=metadata, out_dir=out_dir, model=model, **sample_options)
     result["official_command"] = OFFICIAL_COMMAND.format(folder=out_dir)
     if detector_path is not None and PartialState().is_main_process:
         summary = score_geneval_folder(out_dir, detector_path, clip_path, device=model.requested_device())
