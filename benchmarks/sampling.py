@@ -19,8 +19,8 @@ import time
 import torch
 
 from ranke.models.gpt import GPT_PRESETS, GPTArgs, Transformer
-from ranke.sampling import generate
 from ranke.precision import machine_description
+from ranke.sampling import SamplingConfig, generate
 
 CFG_SCALE, TOP_K = 4.0, 1000
 
@@ -74,8 +74,8 @@ def time_generate(model: Transformer, batch: int, repeats: int, use_kv_cache: bo
     wall, cpu = float("inf"), float("inf")
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
-        generate(model, text, cfg_scale=CFG_SCALE, top_k=TOP_K, generator=torch.Generator().manual_seed(0),
-                 use_kv_cache=use_kv_cache)
+        generate(model, text, None, SamplingConfig(cfg_scale=CFG_SCALE, top_k=TOP_K),
+                 generator=torch.Generator().manual_seed(0), use_kv_cache=use_kv_cache)
         wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
     return wall, cpu
 

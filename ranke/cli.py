@@ -124,17 +124,9 @@ def cmd_sample(args) -> None:
     from ranke.generate import sample_prompts_to_dir
 
     summary = sample_prompts_to_dir(
-        ckpt=args.ckpt,
-        prompts_file=args.prompts,
-        out_dir=args.out,
-        seed=args.seed,
-        n_per_prompt=args.n_per_prompt,
-        batch_size=args.batch_size,
-        policy=args.policy,
-        decoder=args.decoder,
-        overrides=_overrides(args),
-        overwrite=args.overwrite,
-    )
+        out_dir=args.out, model=_model_choice(args), prompts_file=args.prompts,
+        **_given(args, "seed", "n_per_prompt", "batch_size", "overwrite"),
+    )  # fmt: skip
     print(json.dumps(summary))
 
 
@@ -159,15 +151,15 @@ def cmd_eval(args) -> None:
             flag = option.replace("_", "-")
             others = protocols[0] if len(protocols) == 1 else f"{', '.join(protocols[:-1])} and {protocols[-1]}"
             raise UserError(f"--{flag} does not apply to --protocol {args.protocol} (only to {others})")
-    overrides = _overrides(args)
+    model = _model_choice(args)
     if args.protocol == "hpsv2":
         from ranke.eval.prompt_set import evaluate_hpsv2_benchmark
 
         if not args.prompts_dir or not args.hpsv2_path:
             raise UserError("--protocol hpsv2 needs --prompts-dir (HPDv2 benchmark prompts) and --hpsv2-path")
         metrics = evaluate_hpsv2_benchmark(
-            args.prompts_dir, args.hpsv2_path, args.out, args.ckpt, 42 if args.seed is None else args.seed,
-            args.policy, args.decoder, args.batch_size, overrides, bool(args.overwrite),
+            prompts_dir=args.prompts_dir, hpsv2_path=args.hpsv2_path, out_dir=args.out, model=model,
+            **_given(args, "seed", "batch_size", "overwrite"),
         )  # fmt: skip
     elif args.protocol == "coco30k":
         from ranke.eval.prompt_set import evaluate_prompt_set
@@ -175,10 +167,8 @@ def cmd_eval(args) -> None:
         if not args.captions or not args.ref_dir:
             raise UserError("--protocol coco30k needs --captions (COCO captions JSON or a prompt file) and --ref-dir")
         metrics = evaluate_prompt_set(
-            args.captions, args.ref_dir, args.out, args.ckpt, 30000 if args.n is None else args.n,
-            42 if args.seed is None else args.seed,
-            args.policy, args.decoder, args.features or "inception", args.inception_weights, args.clip_path,
-            args.batch_size, overrides, bool(args.overwrite),
+            captions=args.captions, ref_dir=args.ref_dir, out_dir=args.out, model=model,
+            **_given(args, "n", "seed", "features", "inception_weights", "clip_path", "batch_size", "overwrite"),
         )  # fmt: skip
     elif args.protocol == "geneval":
         from ranke.eval.geneval import evaluate_geneval
@@ -186,19 +176,26 @@ def cmd_eval(args) -> None:
         if not args.metadata:
             raise UserError("--protocol geneval needs --metadata (GenEval's prompts/evaluation_metadata.jsonl)")
         metrics = evaluate_geneval(
-            args.metadata, args.out, args.detector, args.clip_path, ckpt=args.ckpt,
-            n_per_prompt=4 if args.n_per_prompt is None else args.n_per_prompt,
-            seed=42 if args.seed is None else args.seed, policy=args.policy, decoder=args.decoder,
-            batch_size=args.batch_size, overrides=overrides, overwrite=bool(args.overwrite),
+            metadata=args.metadata, out_dir=args.out, model=model, detector_path=args.detector,
+            clip_path=args.clip_path, **_given(args, "n_per_prompt", "seed", "batch_size", "overwrite"),
         )  # fmt: skip
     else:
         from ranke.eval.evaluate import evaluate_to_dir
 
-        metrics = evaluate_to_dir(
-            args.ckpt, args.out, 1000 if args.n is None else args.n, args.seed or 0, args.policy, args.decoder,
-            args.batch_size, overrides,
-        )  # fmt: skip
+        metrics = evaluate_to_dir(out_dir=args.out, model=model, **_given(args, "n", "seed", "batch_size"))
     print(json.dumps(metrics))
+
+
+def _model_choice(args):
+    """The model `ranke sample` / `ranke eval` run: --ckpt, --policy, --decoder and the config overrides."""
+    from ranke.generate import ModelChoice
+
+    return ModelChoice(checkpoint=args.ckpt, policy=args.policy, decoder=args.decoder, overrides=tuple(_overrides(args)))
+
+
+def _given(args, *options: str) -> dict:
+    """The `options` given on the command line, by name; those left out take the library's defaults."""
+    return {option: getattr(args, option) for option in options if getattr(args, option) is not None}
 
 
 def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
@@ -251,6 +248,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # commands in the order `ranke --help` lists them
+    _add_training_commands(sub)
+    _add_checkpoint_commands(sub)
+    _add_sample_command(sub)
+
+    p = _command(sub, "train-reward", "train the toy reward CLIP, evaluation CLIP and FD feature network")
+    p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. reward.features.steps=600")
+    p.set_defaults(func=cmd_train_reward)
+
+    p = _command(sub, "fid", "Frechet distance, precision, recall, density and coverage of two image folders (prints JSON)")
+    p.add_argument("dir_a", help="the images to judge (e.g. samples)")
+    p.add_argument("dir_b", help="the reference images (e.g. real ones): precision is the share of A on B's manifold")
+    p.add_argument("--features", choices=["toy", "inception"], default="toy")
+    p.add_argument("--inception-weights", default=None, help="clean-fid's inception-2015-12-05.pt (never downloaded)")
+    p.add_argument("--size", type=int, default=None, help="center-crop and resize both sides to SIZE first")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_fid)
+
+    _add_eval_command(sub)
+    _add_toy_commands(sub)
+    return parser
+
+
+def _add_training_commands(sub) -> None:
     p = _command(sub, "train-tokenizer", "train a VQ tokenizer (toy world by default)")
     _add_recipe_args(p)
     p.set_defaults(func=cmd_train_tokenizer)
@@ -282,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="posttrain config overrides")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_checkpoint_commands(sub) -> None:
     p = _command(sub, "check-checkpoint", "check a checkpoint file against a model layout")
     p.add_argument("--kind", choices=["vq", "gpt"], required=True)
     p.add_argument("--preset", required=True, help="e.g. VQ-16, GPT-B, GPT-XL, toy")
@@ -298,34 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", choices=["online", "ema"], default="online", help="decoder weights of the checkpoint")
     p.set_defaults(func=cmd_export)
 
+
+def _add_sample_command(sub) -> None:
     p = _command(sub, "sample", "sample images for prompts (PNG + captions.jsonl)")
     _add_model_choice_args(p)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line (or .jsonl with 'caption')")
     p.add_argument("--out", required=True)
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-per-prompt", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n-per-prompt", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace samples in --out made with other settings")
     _add_backbone_args(p)
     _add_model_overrides(p)
     p.set_defaults(func=cmd_sample)
 
-    p = _command(sub, "train-reward", "train the toy reward CLIP, evaluation CLIP and FD feature network")
-    p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. reward.features.steps=600")
-    p.set_defaults(func=cmd_train_reward)
 
-    p = _command(sub, "fid", "Frechet distance, precision, recall, density and coverage of two image folders (prints JSON)")
-    p.add_argument("dir_a", help="the images to judge (e.g. samples)")
-    p.add_argument("dir_b", help="the reference images (e.g. real ones): precision is the share of A on B's manifold")
-    p.add_argument("--features", choices=["toy", "inception"], default="toy")
-    p.add_argument("--inception-weights", default=None, help="clean-fid's inception-2015-12-05.pt (never downloaded)")
-    p.add_argument("--size", type=int, default=None, help="center-crop and resize both sides to SIZE first")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.set_defaults(func=cmd_fid)
-
+def _add_eval_command(sub) -> None:
     p = _command(sub, "eval", "evaluate on held-out toy prompts: metrics.json, metrics.md, samples.png")
     _add_model_choice_args(p)
     p.add_argument("--out", required=True)
@@ -334,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "since torchrun reads --n as an abbreviation of its own options")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: toy 0, coco30k, hpsv2 and geneval 42)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: config)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--protocol", choices=["toy", "coco30k", "hpsv2", "geneval"], default="toy",
                    help="toy: held-out toy prompts and judges; coco30k: the paper's FID / CLIP-score protocol; "
                         "hpsv2: the HPSv2 benchmark (per-style and average HPSv2.1 scores); "
@@ -356,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_overrides(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_toy_commands(sub) -> None:
     toy = _command(sub, "toy", "the embedded toy shapes world").add_subparsers(dest="toy_command", required=True)
     p = _command(toy, "sample", "render toy images with captions")
     p.add_argument("--n", type=int, required=True)
@@ -366,7 +382,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(toy, "verify", "score a folder of images against captions.jsonl")
     p.add_argument("dir")
     p.set_defaults(func=cmd_toy_verify)
-    return parser
 
 
 def _raised_at(err: BaseException) -> str:

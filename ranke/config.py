@@ -24,6 +24,7 @@ from ranke.models.vq import VQ_PRESETS, VQArgs
 from ranke.rewards.toy_clip import ToyCLIPArgs
 from ranke.rewards.toy_features import ToyFeatureArgs
 from ranke.runtime import UserError, read_user_text
+from ranke.sampling import SamplingConfig
 from ranke.toy.data import ToyConfig
 from ranke.toy.text import ENCODING_VERSION
 
@@ -139,21 +140,46 @@ def _resolve_key(cls, key: str, section: str | None) -> list[str]:
     return parts
 
 
-def apply_overrides(cls, data: dict, overrides: list[str], section: str | None = None) -> dict:
-    """Return a copy of `data` with `key=value` overrides applied (values parsed as YAML)."""
-    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+# (path of field names, value) of each `key=value` override, as `parse_overrides` resolves them
+ParsedOverrides = list[tuple[list[str], Any]]
+
+
+def parse_overrides(cls, overrides: list[str], section: str | None = None) -> ParsedOverrides:
+    """Each `key=value` override's path of field names in `cls` and its value parsed as YAML;
+    a key `cls` does not have is an error with a suggestion."""
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
-        path = _resolve_key(cls, key.strip(), section)
+        parsed.append((_resolve_key(cls, key.strip(), section), yaml.safe_load(raw)))
+    return parsed
+
+
+def set_overrides(data: dict, overrides: ParsedOverrides) -> dict:
+    """A copy of the config mapping `data` with the parsed `overrides` set (a value replaces, a
+    mapping as well: `posttrain.rewards={clip: 1}` is the whole reward table)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for path, value in overrides:
         node = data
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[path[-1]] = yaml.safe_load(raw)
+        node[path[-1]] = value
     return data
+
+
+def apply_overrides(cls, data: dict, overrides: list[str], section: str | None = None) -> dict:
+    """Return a copy of `data` with `key=value` overrides applied (values parsed as YAML)."""
+    return set_overrides(data, parse_overrides(cls, overrides, section))
+
+
+def build_checked(cls, data: dict):
+    """`build`, then each number checked against its domain (`ranke.domains`)."""
+    cfg = build(cls, data)
+    validate(cfg)
+    return cfg
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -173,10 +199,7 @@ def load(cls, path: str | None, overrides: list[str] = (), section: str | None =
     """Load config dataclass `cls` from a YAML file (or defaults) plus overrides, each number
     checked against its domain (`ranke.domains`)."""
     data = read_yaml(resolve_config_path(path)) if path is not None else {}
-    data = apply_overrides(cls, data, list(overrides), section)
-    cfg = build(cls, data)
-    validate(cfg)
-    return cfg
+    return build_checked(cls, apply_overrides(cls, data, list(overrides), section))
 
 
 def save(cfg, path: str | Path) -> None:
@@ -184,7 +207,8 @@ def save(cfg, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run configuration: one dataclass per recipe section, model args from the model modules.
+# The run configuration: one dataclass per recipe section; model args from the model modules, the
+# sampler's settings (SamplingConfig) from ranke.sampling.
 # ---------------------------------------------------------------------------------------------
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -225,24 +249,6 @@ class BackboneConfig:
     image_size: int = 256
     model_path: str | None = None
     trust_checkpoint: bool = False  # allow unpickling arbitrary objects in .pt files (trusted files only)
-
-
-@dataclass
-class SamplingConfig:
-    """Defaults for `ranke sample` / evaluation rollouts: the toy world's. The LlamaGen and Janus
-    presets (configs/*.yaml) set their own (cfg 6 / 5, top-k 1000)."""
-
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    # 16 of the toy's 256 codes, the share of LlamaGen's top-k 1000 of 16384; +0.02-0.03 verifier
-    # accuracy over no top-k for every toy policy measured (docs/benchmarks.md)
-    top_k: int = 16
-    top_p: float = 1.0
-    # LlamaGen's generate: guidance for the first cfg_interval + 2 tokens only, conditional after; -1: all
-    cfg_interval: int = -1
-    # scale <= 1: `conditional` samples the conditional logits alone (LlamaGen guides only above 1);
-    # `mix` applies l_u + s (l_c - l_u) for every s != 1
-    cfg_below_one: str = "conditional"
 
 
 @dataclass

@@ -55,7 +55,7 @@ from ranke.eval.report import (
     write_report,
 )
 from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, verdict
-from ranke.generate import load_backbone
+from ranke.generate import ModelChoice, load_backbone
 from ranke.images import save_image_grid
 from ranke.precision import PrecisionChoice, choose_precision, machine_description
 from ranke.runtime import UserError, autocast, select_device
@@ -219,7 +219,7 @@ def export_final_policy(run: Path) -> Path:
     `RUN/final_policy.safetensors`, so another run can start from it (`posttrain.policy`)."""
     target = run / "final_policy.safetensors"
     if not target.is_file():
-        backbone, cfg = load_backbone(str(run), overrides=["device=cpu"])
+        backbone, cfg = load_backbone(ModelChoice(checkpoint=str(run), overrides=("device=cpu",)))
         save_asset(target, "policy", {"gpt": cfg.gpt, "text": cfg.text}, backbone.policy.state_dict(), dtype=torch.float32)
     return target
 
@@ -231,7 +231,8 @@ def decoder_mechanism(evaluator: Evaluator, methods: list[Method], device) -> di
     for method in methods:
         for run in method.runs:
             if method.decoder == "ema":
-                backbone, _ = load_backbone(str(run), decoder="ema", overrides=[f"device={device}"])
+                ema_decoder = ModelChoice(checkpoint=str(run), decoder="ema", overrides=(f"device={device}",))
+                backbone, _ = load_backbone(ema_decoder)
                 rows[run.name] = {"method": method.name, **evaluator.reconstruction(backbone.tokenizer)}
     return rows
 

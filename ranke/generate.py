@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from ranke.config import RunConfig
 from ranke.data import read_prompts
 from ranke.runlock import claim_output_dir
 from ranke.runtime import UserError, progress, select_device
+from ranke.sampling import SamplingConfig
 from ranke.toy.tools import CAPTIONS_FILE
 
 POLICY_CHOICES = ("online", "ema")
@@ -32,65 +33,89 @@ POLICY_STEMS = checkpoint_lib.POLICY_STEMS
 DECODER_STEMS = {**checkpoint_lib.DECODER_STEMS, "base": None}
 
 
+@dataclass(frozen=True, kw_only=True)  # by name only: a swapped policy and decoder cannot pass unnoticed
+class ModelChoice:
+    """Which model a sampling or evaluation command runs: `checkpoint` (any source `load_backbone`
+    takes; None: the committed toy assets), the `policy` (online | ema) and `decoder`
+    (online | ema | base) weights of a post-training checkpoint, and `key=value` config `overrides`."""
+
+    checkpoint: str | None = None
+    policy: str = "online"
+    decoder: str = "online"
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "overrides", tuple(self.overrides))  # a list given is kept unchangeable
+        if self.policy not in POLICY_CHOICES or self.decoder not in DECODER_CHOICES:
+            raise UserError(f"--policy must be one of {POLICY_CHOICES} and --decoder one of {DECODER_CHOICES}")
+
+    def resolved(self) -> ModelChoice:
+        """This choice with a post-training run directory replaced by the checkpoint it loads
+        (`posttrain_checkpoint`), so that loading and `model_source` name the same one."""
+        checkpoint = posttrain_checkpoint(None if self.checkpoint is None else Path(self.checkpoint))
+        return self if checkpoint is None else dataclasses.replace(self, checkpoint=str(checkpoint))
+
+    def requested_device(self) -> str:
+        """The `device` the overrides set (default `auto`), where the protocols' scorers run too."""
+        return config_lib.load(RunConfig, None, self.overrides).device
+
+
 def _checkpoint_backbone(
-    directory: Path, device: torch.device, policy: str, decoder: str, overrides: Sequence[str]
+    directory: Path, device: torch.device, choice: ModelChoice, overrides: config_lib.ParsedOverrides
 ) -> tuple[Backbone, RunConfig]:
     """The backbone of one post-training checkpoint directory (ranke.checkpoint layout).
 
-    Its config.yaml, with `overrides` applied, names the starting models (`backbone`, and for the
+    Its config.yaml, with `overrides` set, names the starting models (`backbone`, and for the
     toy world the `posttrain.policy` / `posttrain.tokenizer` assets): they are built, and the
     chosen policy and decoder weights of the checkpoint replace theirs (`base` keeps the starting
     decoder).
     """
     tensors, _, config_text = checkpoint_lib.load_checkpoint(directory)
-    data = config_lib.apply_overrides(RunConfig, yaml.safe_load(config_text) or {}, list(overrides))
-    cfg = config_lib.build(RunConfig, data)
-    wanted = [POLICY_STEMS[policy]] + ([DECODER_STEMS[decoder]] if DECODER_STEMS[decoder] else [])
-    missing = [stem for stem in wanted if stem not in tensors]
+    cfg = config_lib.build_checked(RunConfig, config_lib.set_overrides(yaml.safe_load(config_text) or {}, overrides))
+    policy_stem, decoder_stem = POLICY_STEMS[choice.policy], DECODER_STEMS[choice.decoder]
+    missing = [stem for stem in (policy_stem, decoder_stem) if stem and stem not in tensors]
     if missing:
         raise UserError(
             f"checkpoint '{directory}' has no {', '.join(missing)} weights (it has: {', '.join(tensors)}); "
             f"choose another --policy/--decoder"
         )
     backbone, cfg = load_configured_backbone(cfg, device)
-    backbone.policy.load_state_dict(tensors[POLICY_STEMS[policy]])
-    if DECODER_STEMS[decoder]:
-        backbone.tokenizer.load_state_dict(tensors[DECODER_STEMS[decoder]])
+    backbone.policy.load_state_dict(tensors[policy_stem])
+    if decoder_stem:
+        backbone.tokenizer.load_state_dict(tensors[decoder_stem])
     return backbone, cfg
 
 
-def load_backbone(
-    ckpt: str | None, policy: str = "online", decoder: str = "online", overrides: Sequence[str] = ()
-) -> tuple[Backbone, RunConfig]:
+def load_backbone(choice: ModelChoice) -> tuple[Backbone, RunConfig]:
     """The backbone to sample from, and its config.
 
-    `ckpt`: None (the committed toy policy and tokenizer), a policy asset file, an SFT run
-    directory (`toy_policy.safetensors` and the tokenizer its config names), a post-training
-    checkpoint directory (`checkpoints/step_NNNNNN`), or a post-training run directory (its
-    latest checkpoint). `policy` (online | ema) and `decoder` (online | ema | base) pick the
-    weights of a post-training checkpoint; the other sources hold one policy and one
-    tokenizer, which count as "online" and as "base" alike.
+    `choice.checkpoint`: None (the committed toy policy and tokenizer), a policy asset file, an
+    SFT run directory (`toy_policy.safetensors` and the tokenizer its config names), a
+    post-training checkpoint directory (`checkpoints/step_NNNNNN`), or a post-training run
+    directory (its latest checkpoint). `choice.policy` (online | ema) and `choice.decoder`
+    (online | ema | base) pick the weights of a post-training checkpoint; the other sources hold
+    one policy and one tokenizer, which count as "online" and as "base" alike.
 
-    `overrides` are `key=value` config overrides, as the recipes take them, applied to the
-    checkpoint's config.yaml (or to the defaults): `sampling.*` changes the sampling settings,
-    `device` the device (the checkpoint's own `device` is where it trained, so it is not used),
-    `backbone.kind=llamagen|janus` with its `backbone.*` files loads a real model (without `ckpt`).
+    `choice.overrides` are `key=value` config overrides, as the recipes take them, parsed once and
+    applied to the checkpoint's config.yaml (or to the defaults), the result checked either way:
+    `sampling.*` changes the sampling settings, `device` the device (the checkpoint's own `device`
+    is where it trained, so it is not used), `backbone.kind=llamagen|janus` with its `backbone.*`
+    files loads a real model (without a checkpoint).
     """
-    if policy not in POLICY_CHOICES or decoder not in DECODER_CHOICES:
-        raise UserError(f"--policy must be one of {POLICY_CHOICES} and --decoder one of {DECODER_CHOICES}")
-    requested = config_lib.load(RunConfig, None, overrides)
+    overrides = config_lib.parse_overrides(RunConfig, list(choice.overrides))
+    requested = config_lib.build_checked(RunConfig, config_lib.set_overrides({}, overrides))
     device = select_device(requested.device)
     if requested.backbone.kind != "toy":
-        if ckpt is not None:
+        if choice.checkpoint is not None:
             raise UserError("pass either --ckpt (a post-training run, which names its backbone) or --backbone, not both")
         return load_configured_backbone(requested, device)
-    path = None if ckpt is None else Path(ckpt)
+    path = None if choice.checkpoint is None else Path(choice.checkpoint)
     checkpoint = posttrain_checkpoint(path)
     if checkpoint is not None:
-        return _checkpoint_backbone(checkpoint, device, policy, decoder, overrides)
-    if policy != "online" or decoder == "ema":
+        return _checkpoint_backbone(checkpoint, device, choice, overrides)
+    if choice.policy != "online" or choice.decoder == "ema":
         raise UserError(
-            f"'{ckpt or 'the committed toy assets'}' holds one policy and one tokenizer, no EMA copies; "
+            f"'{choice.checkpoint or 'the committed toy assets'}' holds one policy and one tokenizer, no EMA copies; "
             f"--policy ema / --decoder ema need a post-training checkpoint"
         )
     if path is None:
@@ -103,8 +128,8 @@ def load_backbone(
             assets["tokenizer"] = config_lib.load(RunConfig, str(path / "config.yaml")).sft.tokenizer
     else:
         raise UserError(
-            f"'{ckpt}' is not a policy file, an SFT run directory (toy_policy.safetensors) or a post-training "
-            f"run or checkpoint directory (checkpoints/step_*/ with vq.safetensors)"
+            f"'{choice.checkpoint}' is not a policy file, an SFT run directory (toy_policy.safetensors) or a "
+            f"post-training run or checkpoint directory (checkpoints/step_*/ with vq.safetensors)"
         )
     sources = dataclasses.replace(requested.posttrain, **assets)
     return load_configured_backbone(dataclasses.replace(requested, posttrain=sources), device)
@@ -124,24 +149,17 @@ def posttrain_checkpoint(path: Path | None) -> Path | None:
     return checkpoint_lib.newest_loadable_checkpoint(path)
 
 
-def resolve_ckpt(ckpt: str | None) -> str | None:
-    """`ckpt` with a post-training run directory replaced by the checkpoint it loads
-    (`posttrain_checkpoint`), so that loading and `model_source` name the same one."""
-    checkpoint = posttrain_checkpoint(None if ckpt is None else Path(ckpt))
-    return ckpt if checkpoint is None else str(checkpoint)
-
-
-def model_source(ckpt: str | None, policy: str, decoder: str, cfg: RunConfig) -> dict:
-    """What `load_backbone(ckpt, policy, decoder, ...)` loaded (`cfg`: the config it returned),
-    identified by content: the sha256 of a post-training checkpoint's manifest (which holds every
-    file's sha256) or of the policy and tokenizer assets; a real backbone's files by size and
-    modification time (hashing many GB at every `ranke sample` would dominate a short run)."""
-    record: dict = {"ckpt": ckpt, "policy": policy, "decoder": decoder}
+def model_source(choice: ModelChoice, cfg: RunConfig) -> dict:
+    """What `load_backbone(choice)` loaded (`cfg`: the config it returned), identified by content:
+    the sha256 of a post-training checkpoint's manifest (which holds every file's sha256) or of
+    the policy and tokenizer assets; a real backbone's files by size and modification time
+    (hashing many GB at every `ranke sample` would dominate a short run)."""
+    record: dict = {"ckpt": choice.checkpoint, "policy": choice.policy, "decoder": choice.decoder}
     if cfg.backbone.kind != "toy":
         files = [Path(f) for f in (cfg.backbone.gpt_ckpt, cfg.backbone.vq_ckpt, cfg.backbone.model_path) if f]
         stats = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()}
         return {**record, "backbone": dataclasses.asdict(cfg.backbone), "files": stats}
-    checkpoint = posttrain_checkpoint(None if ckpt is None else Path(ckpt))
+    checkpoint = posttrain_checkpoint(None if choice.checkpoint is None else Path(choice.checkpoint))
     if checkpoint is not None:
         files = [checkpoint / checkpoint_lib.MANIFEST]
     else:  # the starting models load_backbone put into the config
@@ -250,8 +268,8 @@ def _remove_samples(out: Path, names: list[str]) -> None:
 
 
 def sample_into_dir(
-    model: Backbone, sampling, prompts: list[str], out_dir: str | Path, seed: int, batch_size: int,
-    names: list[str] | None = None, source: dict | None = None, overwrite: bool = False,
+    backbone: Backbone, sampling: SamplingConfig, prompts: list[str], out_dir: str | Path, *, seed: int,
+    batch_size: int, names: list[str] | None = None, source: dict | None = None, overwrite: bool = False,
 ) -> int:
     """One image per prompt into `out_dir` (NNNNN.png, or the relative paths `names`, then
     captions.jsonl); returns the number of processes.
@@ -266,7 +284,7 @@ def sample_into_dir(
     """
     from accelerate import PartialState
 
-    state = PartialState(cpu=model.device.type == "cpu")
+    state = PartialState(cpu=backbone.device.type == "cpu")
     out = Path(out_dir)
     names = names or [image_name(i) for i in range(len(prompts))]
     provenance = folder_provenance(source or {}, sampling, prompts, seed, batch_size)
@@ -288,12 +306,12 @@ def sample_into_dir(
             share = end - start
             first, last = process_rows(start, end, state)
             if last > first:
-                generator = torch.Generator(model.device).manual_seed(batch_seed(seed, start // batch_size))
-                text_emb, text_mask = model.encode_prompts(prompts[first:last])
-                tokens = model.sample(
+                generator = torch.Generator(backbone.device).manual_seed(batch_seed(seed, start // batch_size))
+                text_emb, text_mask = backbone.encode_prompts(prompts[first:last])
+                tokens = backbone.sample(
                     text_emb, text_mask, sampling, generator, row_offset=first - start, total_rows=share
                 ).tokens
-                pixels = (model.decode(tokens).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+                pixels = (backbone.decode(tokens).cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
                 for index, image in zip(range(first, last), pixels):
                     (out / names[index]).parent.mkdir(parents=True, exist_ok=True)
                     _save_png_atomically(image, out / names[index])
@@ -307,36 +325,36 @@ def sample_into_dir(
 
 
 def sample_prompts_to_dir(
-    ckpt: str | None,
-    prompts_file: str | None,
+    *,
     out_dir: str,
+    model: ModelChoice = ModelChoice(),
+    prompts_file: str | None = None,
+    prompts: list[str] | None = None,
     seed: int = 0,
     n_per_prompt: int = 1,
     batch_size: int = 64,
-    policy: str = "online",
-    decoder: str = "online",
-    overrides: Sequence[str] = (),
-    prompts: list[str] | None = None,
     overwrite: bool = False,
 ) -> dict:
     """`ranke sample`: `n_per_prompt` images per prompt of `prompts_file` (or `prompts`) from the
-    chosen model (`load_backbone`, with its config `overrides`) into `out_dir`, resumable and
-    split across processes (`sample_into_dir`)."""
+    chosen `model` (`load_backbone`) into `out_dir`, resumable and split across processes
+    (`sample_into_dir`)."""
     if n_per_prompt < 1 or batch_size < 1:
         raise UserError("--n-per-prompt and --batch-size must be positive")
     prompts = [p for p in (prompts if prompts is not None else read_prompts(prompts_file)) for _ in range(n_per_prompt)]
     if not prompts:
         raise UserError("no prompts to sample")
-    ckpt = resolve_ckpt(ckpt)
-    model, cfg = load_backbone(ckpt, policy, decoder, overrides)
-    source = model_source(ckpt, policy, decoder, cfg)
-    processes = sample_into_dir(model, cfg.sampling, prompts, out_dir, seed, batch_size, source=source, overwrite=overwrite)
+    model = model.resolved()
+    backbone, cfg = load_backbone(model)
+    processes = sample_into_dir(
+        backbone, cfg.sampling, prompts, out_dir, seed=seed, batch_size=batch_size, source=model_source(model, cfg),
+        overwrite=overwrite,
+    )  # fmt: skip
     return {
         "n": len(prompts),
         "out": str(out_dir),
         "cfg_scale": cfg.sampling.cfg_scale,
         "seed": seed,
-        "policy": policy,
-        "decoder": decoder,
+        "policy": model.policy,
+        "decoder": model.decoder,
         "processes": processes,
     }

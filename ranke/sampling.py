@@ -8,12 +8,31 @@ old/ref log-probs and its ratio are taken between these two).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ranke.models.gpt import Transformer
 from ranke.runtime import UserError
+
+
+@dataclass
+class SamplingConfig:
+    """The sampler's settings (`RunConfig.sampling`), defaults the toy world's. The LlamaGen and
+    Janus presets (configs/*.yaml) set their own (cfg 6 / 5, top-k 1000)."""
+
+    cfg_scale: float = 3.0
+    temperature: float = 1.0
+    # 16 of the toy's 256 codes, the share of LlamaGen's top-k 1000 of 16384; +0.02-0.03 verifier
+    # accuracy over no top-k for every toy policy measured (docs/benchmarks.md)
+    top_k: int = 16
+    top_p: float = 1.0
+    # LlamaGen's generate: guidance for the first cfg_interval + 2 tokens only, conditional after; -1: all
+    cfg_interval: int = -1
+    # scale <= 1: `conditional` samples the conditional logits alone (LlamaGen guides only above 1);
+    # `mix` applies l_u + s (l_c - l_u) for every s != 1
+    cfg_below_one: str = "conditional"
 
 
 @dataclass
@@ -93,11 +112,9 @@ def sample_next_tokens(
 def guided_sampling_step(
     logits: torch.Tensor,
     batch: int,
-    cfg_scale: float,
-    temperature: float,
-    top_k: int,
-    top_p: float,
+    sampling: SamplingConfig,
     generator: torch.Generator,
+    *,
     row_offset: int = 0,
     total_rows: int | None = None,
     guide: bool = True,
@@ -107,19 +124,62 @@ def guided_sampling_step(
     alone), temperature, top-k/top-p, the draw. Returns the tokens [B] and their log-probs [B]
     under the conditional policy at temperature 1, unfiltered."""
     cond = logits[:batch]
-    step_logits = guided_logits(cond, logits[batch:], cfg_scale) if guide and logits.shape[0] > batch else cond
-    step_logits = filter_logits(step_logits / temperature, top_k, top_p)
+    step_logits = guided_logits(cond, logits[batch:], sampling.cfg_scale) if guide and logits.shape[0] > batch else cond
+    step_logits = filter_logits(step_logits / sampling.temperature, sampling.top_k, sampling.top_p)
     next_token = sample_next_tokens(step_logits, generator, row_offset, total_rows)
     return next_token, cond.log_softmax(dim=-1).gather(-1, next_token[:, None])[:, 0]
 
 
-def check_sampling_settings(temperature: float, top_k: int, top_p: float) -> None:
-    if not temperature > 0:
-        raise UserError(f"sampling temperature must be > 0, got {temperature}")
-    if top_k < 0:
-        raise UserError(f"sampling top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"sampling top_p must be in (0, 1] (1 disables it), got {top_p}")
+def check_sampling(sampling: SamplingConfig) -> None:
+    """One clear line for settings the sampler cannot use."""
+    if not sampling.temperature > 0:
+        raise UserError(f"sampling temperature must be > 0, got {sampling.temperature}")
+    if sampling.top_k < 0:
+        raise UserError(f"sampling top_k must be >= 0 (0 disables it), got {sampling.top_k}")
+    if not 0 < sampling.top_p <= 1:
+        raise UserError(f"sampling top_p must be in (0, 1] (1 disables it), got {sampling.top_p}")
+    uses_guidance(sampling.cfg_scale, sampling.cfg_below_one)  # checks cfg_below_one
+
+
+# next_logits(t, drawn): the logits [B or 2B, V] of image position t given the tokens `drawn` [B, t]
+# before it (conditional rows, then the unconditional ones when guided); a family's model behind it
+NextLogits = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def draw_image_tokens(
+    next_logits: NextLogits,
+    batch: int,
+    num_tokens: int,
+    sampling: SamplingConfig,
+    *,
+    generator: torch.Generator,
+    return_logprobs: bool = False,
+    row_offset: int = 0,
+    total_rows: int | None = None,
+) -> SampleOutput:
+    """The token loop every family samples with: `num_tokens` image tokens for each of `batch`
+    captions, token t drawn by `guided_sampling_step` from `next_logits(t, tokens before t)`,
+    guided at the positions `guided_position` names.
+
+    Data parallelism: each step draws `total_rows` uniforms (default: this batch) and this batch
+    uses those of rows [row_offset, row_offset + B), so ranks holding consecutive slices of a
+    global batch, each with the same generator state, sample what one process would.
+    """
+    check_sampling(sampling)
+    total_rows = batch if total_rows is None else total_rows
+    if not 0 <= row_offset <= total_rows - batch:
+        raise ValueError(f"rows [{row_offset}, {row_offset + batch}) are not inside the {total_rows} global rows")
+    tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=generator.device)
+    logprobs = torch.empty(batch, num_tokens, device=generator.device) if return_logprobs else None
+    for t in range(num_tokens):
+        next_token, next_logprob = guided_sampling_step(
+            next_logits(t, tokens[:, :t]), batch, sampling, generator, row_offset=row_offset, total_rows=total_rows,
+            guide=guided_position(t, sampling.cfg_interval),
+        )  # fmt: skip
+        tokens[:, t] = next_token
+        if logprobs is not None:
+            logprobs[:, t] = next_logprob
+    return SampleOutput(tokens, logprobs)
 
 
 def _activation_dtype(model: Transformer) -> torch.dtype:
@@ -133,21 +193,18 @@ def _activation_dtype(model: Transformer) -> torch.dtype:
 def generate(
     model: Transformer,
     text_emb: torch.Tensor,
-    text_mask: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None,
+    sampling: SamplingConfig,
     *,
-    cfg_scale: float,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    cfg_interval: int = -1,
-    cfg_below_one: str = "conditional",
     generator: torch.Generator,
     return_logprobs: bool = False,
     use_kv_cache: bool = True,
     row_offset: int = 0,
     total_rows: int | None = None,
 ) -> SampleOutput:
-    """Sample `block_size` image tokens per caption (text_emb [B, T, C], left-padded, text_mask [B, T]).
+    """Sample `block_size` image tokens per caption (text_emb [B, T, C], left-padded, text_mask [B, T])
+    with the `sampling` settings (`draw_image_tokens`, which also says how `row_offset` and
+    `total_rows` split a global batch).
 
     Each step: guided logits l_u + s * (l_c - l_u) (the unconditional rows use the model's
     uncond_embedding with the same text mask; none when `uses_guidance` says no: s <= 1 by
@@ -157,47 +214,35 @@ def generate(
     given seed gives the same tokens with and without the KV cache. `use_kv_cache=False`
     recomputes the full sequence at every step (slow; the reference the cache is tested against).
 
-    Data parallelism: each step draws `total_rows` uniforms (default: this batch) and this batch
-    uses those of rows [row_offset, row_offset + B), so ranks holding consecutive slices of a
-    global batch, each with the same generator state, sample what one process would.
-
     `logprobs` (when return_logprobs) are log pi_theta(z_t | z_<t, y) of the sampled tokens under
     the CONDITIONAL policy at temperature 1 without filtering or guidance: the quantity GRPO's
     old/ref log-probs stand for, equal to `token_logprobs(model, text_emb, text_mask, tokens)`.
     """
-    check_sampling_settings(temperature, top_k, top_p)
-    batch, num_tokens = text_emb.shape[0], model.args.block_size
-    total_rows = batch if total_rows is None else total_rows
-    if not 0 <= row_offset <= total_rows - batch:
-        raise ValueError(f"rows [{row_offset}, {row_offset + batch}) are not inside the {total_rows} global rows")
-    use_cfg = uses_guidance(cfg_scale, cfg_below_one)
+    use_cfg = uses_guidance(sampling.cfg_scale, sampling.cfg_below_one)
     with torch.inference_mode():
         rows_text, rows_mask = text_emb, text_mask
         if use_cfg:
             uncond = model.cls_embedding.uncond_embedding.to(text_emb.dtype).expand_as(text_emb)
             rows_text = torch.cat([text_emb, uncond])
             rows_mask = None if text_mask is None else torch.cat([text_mask, text_mask])
-        tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=text_emb.device)
-        logprobs = torch.empty(batch, num_tokens, device=text_emb.device) if return_logprobs else None
+        cache = None
 
-        if use_kv_cache:
-            cache = model.new_cache(rows_text.shape[0], _activation_dtype(model))
-            logits = model.prefill(rows_text, rows_mask, cache)
-        for t in range(num_tokens):
+        def next_logits(t: int, drawn: torch.Tensor) -> torch.Tensor:
+            nonlocal cache
             if not use_kv_cache:
-                so_far = tokens[:, :t]
-                logits = model.next_token_logits(rows_text, torch.cat([so_far, so_far]) if use_cfg else so_far, rows_mask)
-            next_token, next_logprob = guided_sampling_step(
-                logits, batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows,
-                guide=guided_position(t, cfg_interval),
-            )  # fmt: skip
-            tokens[:, t] = next_token
-            if logprobs is not None:
-                logprobs[:, t] = next_logprob
-            if use_kv_cache and t + 1 < num_tokens:
-                logits = model.decode_step(torch.cat([next_token, next_token]) if use_cfg else next_token, cache)
+                return model.next_token_logits(rows_text, torch.cat([drawn, drawn]) if use_cfg else drawn, rows_mask)
+            if t == 0:
+                cache = model.new_cache(rows_text.shape[0], _activation_dtype(model))
+                return model.prefill(rows_text, rows_mask, cache)
+            last = drawn[:, -1]
+            return model.decode_step(torch.cat([last, last]) if use_cfg else last, cache)
+
+        out = draw_image_tokens(
+            next_logits, text_emb.shape[0], model.args.block_size, sampling, generator=generator,
+            return_logprobs=return_logprobs, row_offset=row_offset, total_rows=total_rows,
+        )  # fmt: skip
     # clones are ordinary tensors: inference tensors cannot be saved for a later backward pass
-    return SampleOutput(tokens.clone(), None if logprobs is None else logprobs.clone())
+    return SampleOutput(out.tokens.clone(), None if out.logprobs is None else out.logprobs.clone())
 
 
 def token_logprobs(

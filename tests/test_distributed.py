@@ -25,7 +25,10 @@ import torch
 from safetensors.torch import load_file
 from test_logging import assert_tensorboard_matches_jsonl
 
+from ranke.generate import ModelChoice
 from ranke.train.posttrain import train_posttrain
+
+ON_CPU = ModelChoice(overrides=("device=cpu",))  # the committed toy assets
 
 SETTINGS = ["mode=both", "prompts_per_step=4", "group_size=2", "grid_prompts=2", "eval_samples=0", "disc_start=100",
             "policy_lr=1e-5", "seed=3", "save_every=1", "grid_every=100", "check_replicas_every=1", "policy_ema_every=2",
@@ -110,7 +113,7 @@ def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_p
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(heldout_prompts()[:8]) + "\n")
-    sample_prompts_to_dir(None, str(prompts), str(tmp_path / "one"), seed=5, batch_size=4, overrides=["device=cpu"])
+    sample_prompts_to_dir(out_dir=str(tmp_path / "one"), model=ON_CPU, prompts_file=str(prompts), seed=5, batch_size=4)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
                "sample", "--prompts", str(prompts), "--out", str(tmp_path / "two"), "--seed", "5", "--batch-size", "4"]  # fmt: skip
     finish(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -126,7 +129,7 @@ def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_p
     # an interrupted run: the missing batch is sampled again, identically; complete batches are kept
     (tmp_path / "two" / "00005.png").unlink()
     kept = (tmp_path / "two" / "00000.png").stat().st_mtime_ns
-    sample_prompts_to_dir(None, str(prompts), str(tmp_path / "two"), seed=5, batch_size=4, overrides=["device=cpu"])
+    sample_prompts_to_dir(out_dir=str(tmp_path / "two"), model=ON_CPU, prompts_file=str(prompts), seed=5, batch_size=4)
     assert np.array_equal(np.array(Image.open(tmp_path / "two" / "00005.png")), one["00005.png"])
     assert (tmp_path / "two" / "00000.png").stat().st_mtime_ns == kept
 
@@ -139,7 +142,7 @@ def test_two_process_toy_eval_gives_the_metrics_of_one_process(tmp_path):
 
     from ranke.eval.evaluate import evaluate_to_dir
 
-    one = evaluate_to_dir(None, tmp_path / "one", n=12, seed=2, batch_size=6, overrides=["device=cpu"])
+    one = evaluate_to_dir(out_dir=tmp_path / "one", model=ON_CPU, n=12, seed=2, batch_size=6)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
                "eval", "--out", str(tmp_path / "two"), "--num-prompts", "12", "--seed", "2", "--batch-size", "6"]  # fmt: skip
     finish(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

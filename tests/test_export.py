@@ -17,7 +17,7 @@ import yaml
 from ranke import config as config_lib
 from ranke.cli import main
 from ranke.config import BackboneConfig, RunConfig
-from ranke.generate import load_backbone
+from ranke.generate import ModelChoice, load_backbone
 from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.vq import VQ_PRESETS, VQModel
 from ranke import checkpoint as checkpoint_lib
@@ -50,13 +50,14 @@ def test_llamagen_export_round_trip(toy_run, tmp_path, capsys):
     policy.load_state_dict(torch.load(out / "gpt.pt", map_location="cpu", weights_only=True)["model"])
     vq = VQModel(VQ_PRESETS["toy"])
     vq.load_state_dict(torch.load(out / "vq.pt", map_location="cpu", weights_only=True)["model"])
-    reference, _ = load_backbone(str(toy_run), policy="ema", decoder="online", overrides=["device=cpu"])
+    choice = ModelChoice(checkpoint=str(toy_run), policy="ema", decoder="online", overrides=("device=cpu",))
+    reference, _ = load_backbone(choice)
     text, mask = reference.encode_prompts(["a picture of a large red triangle", "a small yellow circle"])
     tokens = torch.randint(256, (2, policy.args.block_size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(policy.eval()(text, tokens, mask), reference.policy(text, tokens, mask))
         assert torch.equal(vq.eval().decode_codes(tokens), reference.tokenizer.decode_codes(tokens))
-        online, _ = load_backbone(str(toy_run), policy="online", overrides=["device=cpu"])
+        online, _ = load_backbone(ModelChoice(checkpoint=str(toy_run), overrides=("device=cpu",)))
         assert not torch.equal(online.policy(text, tokens, mask), reference.policy(text, tokens, mask))
 
 

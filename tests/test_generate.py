@@ -15,12 +15,12 @@ from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
 from ranke.assets import save_asset
 from ranke.config import RunConfig
-from ranke.generate import batch_seed, load_backbone, sample_prompts_to_dir
+from ranke.generate import ModelChoice, batch_seed, load_backbone, sample_prompts_to_dir
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel
 from ranke.runtime import UserError
 
-ON_CPU = ["device=cpu"]
+ON_CPU = ("device=cpu",)
 
 
 def _seeded(model_class, args, seed: int):
@@ -65,7 +65,7 @@ def _assert_state_equal(module: torch.nn.Module, expected: dict) -> None:
 @pytest.mark.parametrize("decoder", ["online", "ema", "base"])
 def test_run_dir_loads_the_latest_checkpoint_with_the_chosen_weights(posttrain_run, policy, decoder):
     run, states, base = posttrain_run
-    backbone, cfg = load_backbone(str(run), overrides=ON_CPU, policy=policy, decoder=decoder)
+    backbone, cfg = load_backbone(ModelChoice(checkpoint=str(run), policy=policy, decoder=decoder, overrides=ON_CPU))
     newest = states[10]
     _assert_state_equal(backbone.policy, newest["policy" if policy == "online" else "policy_ema"])
     expected_decoder = {"online": newest["vq"], "ema": newest["vq_ema"], "base": base}[decoder]
@@ -76,7 +76,8 @@ def test_run_dir_loads_the_latest_checkpoint_with_the_chosen_weights(posttrain_r
 
 def test_checkpoint_dir_loads_that_step(posttrain_run):
     run, states, _ = posttrain_run
-    backbone, _ = load_backbone(str(run / "checkpoints" / "step_000005"), overrides=ON_CPU, policy="ema", decoder="ema")
+    step_5 = str(run / "checkpoints" / "step_000005")
+    backbone, _ = load_backbone(ModelChoice(checkpoint=step_5, policy="ema", decoder="ema", overrides=ON_CPU))
     _assert_state_equal(backbone.policy, states[5]["policy_ema"])
     _assert_state_equal(backbone.tokenizer, states[5]["vq_ema"])
 
@@ -86,20 +87,34 @@ def test_checkpoint_without_ema_names_what_it_has(posttrain_run, tmp_path):
     _, _, config_yaml = checkpoint_lib.load_checkpoint(run / "checkpoints" / "step_000005")
     online_only = {"policy": states[5]["policy"], "vq": states[5]["vq"]}
     checkpoint_lib.save_checkpoint(tmp_path, 1, online_only, {"step": 1}, config_yaml)
-    load_backbone(str(tmp_path), overrides=ON_CPU)  # online weights are there
+    load_backbone(ModelChoice(checkpoint=str(tmp_path), overrides=ON_CPU))  # online weights are there
     with pytest.raises(UserError, match="no policy_ema weights .*it has: policy, vq"):
-        load_backbone(str(tmp_path), overrides=ON_CPU, policy="ema")
+        load_backbone(ModelChoice(checkpoint=str(tmp_path), policy="ema", overrides=ON_CPU))
 
+
+
+def test_a_checkpoint_config_is_checked_with_the_overrides_set(posttrain_run, tmp_path):
+    """The checkpoint branch checks its config as the defaults branch does: a value out of its
+    domain in config.yaml is one line, and an override that sets it right loads."""
+    run, states, _ = posttrain_run
+    _, _, config_yaml = checkpoint_lib.load_checkpoint(run / "checkpoints" / "step_000005")
+    data = yaml.safe_load(config_yaml)
+    data["sampling"]["top_p"] = 1.5
+    checkpoint_lib.save_checkpoint(tmp_path, 1, states[5], {"step": 1}, yaml.safe_dump(data))
+    with pytest.raises(UserError, match="config key 'sampling.top_p' is 1.5"):
+        load_backbone(ModelChoice(checkpoint=str(tmp_path), overrides=ON_CPU))
+    _, cfg = load_backbone(ModelChoice(checkpoint=str(tmp_path), overrides=(*ON_CPU, "sampling.top_p=0.9")))
+    assert cfg.sampling.top_p == 0.9
 
 def test_single_model_sources_have_no_ema(tmp_path):
     with pytest.raises(UserError, match="no EMA copies"):
-        load_backbone(None, overrides=ON_CPU, policy="ema")
+        load_backbone(ModelChoice(policy="ema", overrides=ON_CPU))
     with pytest.raises(UserError, match="no EMA copies"):
-        load_backbone(None, overrides=ON_CPU, decoder="ema")
+        load_backbone(ModelChoice(decoder="ema", overrides=ON_CPU))
     with pytest.raises(UserError, match="--policy must be one of"):
-        load_backbone(None, overrides=ON_CPU, policy="best")
+        load_backbone(ModelChoice(policy="best", overrides=ON_CPU))
     with pytest.raises(UserError, match="is not a policy file, an SFT run"):
-        load_backbone(str(tmp_path), overrides=ON_CPU)
+        load_backbone(ModelChoice(checkpoint=str(tmp_path), overrides=ON_CPU))
 
 
 def test_sample_decodes_the_same_tokens_with_each_decoder(posttrain_run, tmp_path):
@@ -109,13 +124,14 @@ def test_sample_decodes_the_same_tokens_with_each_decoder(posttrain_run, tmp_pat
     captions = ["a large red circle", "a small blue square"]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(captions) + "\n")
-    backbone, cfg = load_backbone(str(run), overrides=ON_CPU)
-    base, _ = load_backbone(str(run), overrides=ON_CPU, decoder="base")
+    backbone, cfg = load_backbone(ModelChoice(checkpoint=str(run), overrides=ON_CPU))
+    base, _ = load_backbone(ModelChoice(checkpoint=str(run), decoder="base", overrides=ON_CPU))
     emb, mask = backbone.encode_prompts(captions)
     tokens = backbone.sample(emb, mask, cfg.sampling, torch.Generator().manual_seed(batch_seed(3, 0))).tokens
     for decoder, tokenizer in (("online", backbone.tokenizer), ("base", base.tokenizer)):
         out = tmp_path / decoder
-        summary = sample_prompts_to_dir(str(run), str(prompts), str(out), seed=3, overrides=["device=cpu"], decoder=decoder)
+        choice = ModelChoice(checkpoint=str(run), decoder=decoder, overrides=ON_CPU)
+        summary = sample_prompts_to_dir(out_dir=str(out), model=choice, prompts_file=str(prompts), seed=3)
         assert summary["decoder"] == decoder and summary["policy"] == "online" and summary["n"] == 2
         lines = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
         assert [line["caption"] for line in lines] == captions

@@ -42,6 +42,7 @@ from ranke.eval.geneval_models import (
     masks_at_image_size,
     object_crop,
 )
+from ranke.generate import ModelChoice
 from ranke.rewards.clip import CLIPReward
 from ranke.runtime import UserError
 
@@ -133,7 +134,8 @@ def test_two_processes_sample_the_folder_of_one(tmp_path):
     """Under torchrun each process samples 2 rows of every batch of 4 (`ranke.generate.sample_into_dir`)."""
     records = [*TOY_METADATA, dict(TOY_METADATA[0], prompt="a picture of a small yellow circle")]
     metadata = write_metadata(tmp_path / "evaluation_metadata.jsonl", records)
-    sample_geneval(metadata, tmp_path / "one", n_per_prompt=2, seed=5, batch_size=4, overrides=["device=cpu"])
+    on_cpu = ModelChoice(overrides=("device=cpu",))
+    sample_geneval(metadata=metadata, out_dir=tmp_path / "one", model=on_cpu, n_per_prompt=2, seed=5, batch_size=4)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ranke.cli",
                "eval", "--protocol", "geneval", "--metadata", metadata, "--out", str(tmp_path / "two"),
                "--n-per-prompt", "2", "--seed", "5", "--batch-size", "4"]  # fmt: skip

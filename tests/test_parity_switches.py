@@ -15,7 +15,7 @@ import torch
 from ranke.models.caption_cleaning import clean_caption
 from ranke.models.text import T5TextEncoder
 from ranke.runtime import UserError
-from ranke.sampling import generate, guided_position, uses_guidance
+from ranke.sampling import SamplingConfig, generate, guided_position, uses_guidance
 
 from test_sampling import captions, random_model
 from test_janus import janus_dir  # noqa: F401 (fixture)
@@ -109,8 +109,9 @@ def upstream_greedy(model, text, mask, cfg_scale: float, cfg_interval: int) -> t
     return tokens
 
 
-def _greedy(model, text, mask, **kwargs):
-    return generate(model, text, mask, top_k=1, generator=torch.Generator().manual_seed(0), **kwargs).tokens
+def _greedy(model, text, mask, **settings):
+    sampling = SamplingConfig(**({"top_k": 1} | settings))
+    return generate(model, text, mask, sampling, generator=torch.Generator().manual_seed(0)).tokens
 
 
 def test_cfg_interval_tokens_equal_llamagen():

@@ -15,6 +15,7 @@ from PIL import Image
 from ranke.cli import main
 from ranke.eval.fid import folder_distance
 from ranke.eval.prompt_set import CLIP_SCORE_PREFIX, clip_score_of_folder
+from ranke.generate import ModelChoice
 from ranke.rewards.clip import CLIPReward
 from ranke.runtime import UserError
 from ranke.toy.data import heldout_prompts
@@ -61,8 +62,9 @@ def test_hpsv2_benchmark_scores_each_style_and_averages(tmp_path, fake_open_clip
     torch.manual_seed(0)
     torch.save(_FakeOpenCLIP().state_dict(), checkpoint)
     metrics = evaluate_hpsv2_benchmark(
-        str(tmp_path), str(checkpoint), str(tmp_path / "out"), batch_size=2, overrides=["device=cpu"]
-    )
+        prompts_dir=str(tmp_path), hpsv2_path=str(checkpoint), out_dir=str(tmp_path / "out"),
+        model=ModelChoice(overrides=("device=cpu",)), batch_size=2,
+    )  # fmt: skip
     scorer = HPSv2Reward(checkpoint)
     for style in HPSV2_STYLES:
         expected = score_folder(tmp_path / "out" / "images" / style, scorer).mean().item()
@@ -70,4 +72,4 @@ def test_hpsv2_benchmark_scores_each_style_and_averages(tmp_path, fake_open_clip
     assert abs(metrics["average"] - sum(metrics[s] for s in HPSV2_STYLES) / 4) < 1e-9
     (tmp_path / "photo.json").unlink()
     with pytest.raises(UserError, match="lacks photo.json"):
-        evaluate_hpsv2_benchmark(str(tmp_path), str(checkpoint), str(tmp_path / "again"))
+        evaluate_hpsv2_benchmark(prompts_dir=str(tmp_path), hpsv2_path=str(checkpoint), out_dir=str(tmp_path / "again"))

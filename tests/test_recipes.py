@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from test_logging import assert_tensorboard_matches_jsonl
 
-from ranke.generate import sample_prompts_to_dir
+from ranke.generate import ModelChoice, sample_prompts_to_dir
 from ranke.runtime import set_deterministic
 from ranke.train.sft import train_sft
 from ranke.train.tokenizer import train_tokenizer
@@ -86,7 +86,8 @@ def test_sft_then_sample_then_verify(tiny_tokenizer, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a large red circle\n\na small blue square\n")
     out = tmp_path / "samples"
-    summary = sample_prompts_to_dir(str(run), str(prompts), str(out), n_per_prompt=2, overrides=["device=cpu"])
+    choice = ModelChoice(checkpoint=str(run), overrides=("device=cpu",))
+    summary = sample_prompts_to_dir(out_dir=str(out), model=choice, prompts_file=str(prompts), n_per_prompt=2)
     assert summary["n"] == 4
     lines = (tmp_path / "samples" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["caption"] for line in lines] == ["a large red circle"] * 2 + ["a small blue square"] * 2

@@ -1,5 +1,6 @@
 """The CFG sampler and teacher-forced scoring: KV cache vs full recompute, log-probs, filters."""
 
+import dataclasses
 import math
 from dataclasses import replace
 
@@ -8,7 +9,7 @@ import torch
 
 from ranke.models.gpt import GPTArgs, Transformer
 from ranke.runtime import UserError
-from ranke.sampling import draw_tokens, filter_logits, generate, guided_logits, token_logprobs
+from ranke.sampling import SamplingConfig, draw_tokens, filter_logits, generate, guided_logits, token_logprobs
 
 ARGS = GPTArgs(dim=32, n_layer=2, n_head=4, cls_token_num=6, caption_dim=12, vocab_size=48, block_size=16)
 
@@ -32,8 +33,12 @@ def captions(args: GPTArgs = ARGS, dtype=torch.float64, padded: bool = True):
 
 
 def sample(model, text, mask, seed=7, **kwargs):
-    settings = dict(cfg_scale=1.0, generator=torch.Generator().manual_seed(seed), return_logprobs=True)
-    return generate(model, text, mask, **(settings | kwargs))
+    """`generate` with the SamplingConfig fields among `kwargs` as its settings (scale 1 unless
+    given, no top-k), the rest as its keywords."""
+    fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+    sampling = SamplingConfig(**({"cfg_scale": 1.0, "top_k": 0} | {k: v for k, v in kwargs.items() if k in fields}))
+    options = {"generator": torch.Generator().manual_seed(seed), "return_logprobs": True}
+    return generate(model, text, mask, sampling, **(options | {k: v for k, v in kwargs.items() if k not in fields}))
 
 
 def test_guided_logits_by_hand():

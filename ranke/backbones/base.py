@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ranke.config import SamplingConfig, TextConfig
+from ranke.config import TextConfig
 from ranke.models.gpt import GPTArgs, Transformer
 from ranke.models.text import T5TextEncoder
 from ranke.models.vq import VQArgs, VQModel, to_unit_range
 from ranke.runtime import UserError
-from ranke.sampling import SampleOutput, generate, token_logprobs
+from ranke.sampling import SampleOutput, SamplingConfig, generate, token_logprobs
 from ranke.toy.text import ToyTextEncoder
 
 
@@ -84,24 +84,14 @@ class Backbone:
     ) -> SampleOutput:
         """Image tokens [B, N] for encoded prompts, drawn with the `sampling` settings (`generate_tokens`)."""
         return self.generate_tokens(
-            policy or self.policy,
-            text_emb,
-            text_mask,
-            cfg_scale=sampling.cfg_scale,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            cfg_interval=sampling.cfg_interval,
-            cfg_below_one=sampling.cfg_below_one,
-            generator=generator,
-            return_logprobs=return_logprobs,
-            row_offset=row_offset,
-            total_rows=total_rows,
-        )
+            policy or self.policy, text_emb, text_mask, sampling,
+            generator=generator, return_logprobs=return_logprobs, row_offset=row_offset, total_rows=total_rows,
+        )  # fmt: skip
 
-    def generate_tokens(self, policy, text_emb: torch.Tensor, text_mask: torch.Tensor, **settings) -> SampleOutput:
-        """The family's sampler: `ranke.sampling.generate` (CFG + KV cache) for LlamaGen-layout policies."""
-        return generate(policy, text_emb, text_mask, **settings)
+    def generate_tokens(self, policy, text_emb, text_mask, sampling: SamplingConfig, **draw) -> SampleOutput:
+        """The family's sampler: `ranke.sampling.generate` (CFG + KV cache) for LlamaGen-layout
+        policies; `draw`: the generator and row split of `ranke.sampling.draw_image_tokens`."""
+        return generate(policy, text_emb, text_mask, sampling, **draw)
 
     def token_logprobs(self, policy: Transformer, text_emb, text_mask, tokens, return_entropy: bool = False):
         """Teacher-forced log pi(z_t | z_<t, y) [B, N] of `tokens` (and entropies), differentiable."""

@@ -1,5 +1,6 @@
-"""Janus-Pro behind the backbone interface: the parts of `ranke.models.janus` with Janus' own
-CFG + KV-cache sampler, loaded from a local transformers Janus directory.
+"""Janus-Pro behind the backbone interface: the parts of `ranke.models.janus`, sampled by the
+shared token loop through Janus' own CFG rows and KV cache, loaded from a local transformers Janus
+directory.
 
 Unconditional CFG rows are built as transformers' Janus `generate` builds them (`JanusPrompts.unconditional`).
 """
@@ -15,7 +16,7 @@ from transformers import DynamicCache, JanusForConditionalGeneration, JanusProce
 from ranke.backbones.base import Backbone
 from ranke.models.janus import JanusDecoder, JanusPolicy, JanusPrompts, positions_from_mask
 from ranke.runtime import UserError, read_user_json
-from ranke.sampling import SampleOutput, check_sampling_settings, guided_position, guided_sampling_step, uses_guidance
+from ranke.sampling import SampleOutput, SamplingConfig, draw_image_tokens, uses_guidance
 
 
 @torch.no_grad()
@@ -24,57 +25,45 @@ def generate_janus(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     uncond_input_ids: torch.Tensor,
+    sampling: SamplingConfig,
     *,
-    cfg_scale: float,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    cfg_interval: int = -1,
-    cfg_below_one: str = "conditional",
     generator: torch.Generator,
     return_logprobs: bool = False,
     row_offset: int = 0,
     total_rows: int | None = None,
 ) -> SampleOutput:
-    """Sample `policy.num_image_tokens` image tokens per prompt, the contract of `ranke.sampling.generate`.
-
-    Conditional and unconditional rows run as one batch through a KV cache; each step draws from
-    l_u + s * (l_c - l_u) (the guidance switches as `ranke.sampling.generate`) divided by temperature,
-    top-k then top-p filtered, drawn with `generator` (rows [row_offset, row_offset + B) of
-    `total_rows` uniforms per step, as `ranke.sampling.generate`). Recorded `logprobs` are those of the conditional
-    policy at temperature 1 without guidance or filtering, as `JanusPolicy.forward` recomputes them.
+    """Sample `policy.num_image_tokens` image tokens per prompt with the token loop of
+    `ranke.sampling.generate` (`draw_image_tokens`: the same guidance switches, filters, draws and
+    row split), on Janus' model: conditional and unconditional rows run as one batch through the
+    language model's KV cache. Recorded `logprobs` are those of the conditional policy at
+    temperature 1 without guidance or filtering, as `JanusPolicy.forward` recomputes them.
     """
-    check_sampling_settings(temperature, top_k, top_p)
-    batch, num_tokens = input_ids.shape[0], policy.num_image_tokens
-    use_cfg = uses_guidance(cfg_scale, cfg_below_one)
+    use_cfg = uses_guidance(sampling.cfg_scale, sampling.cfg_below_one)
     rows = torch.cat([input_ids, uncond_input_ids]) if use_cfg else input_ids
     mask = torch.cat([attention_mask, attention_mask]) if use_cfg else attention_mask
     positions = positions_from_mask(mask)
     cache = DynamicCache(config=policy.language_model.config)
-    hidden = policy.hidden_states(policy.embed_prompt(rows), mask, positions, cache)[:, -1]
-    tokens = torch.empty(batch, num_tokens, dtype=torch.long, device=input_ids.device)
-    logprobs = torch.empty(batch, num_tokens, device=input_ids.device) if return_logprobs else None
-    for t in range(num_tokens):
-        next_token, next_logprob = guided_sampling_step(
-            policy.image_logits(hidden), batch, cfg_scale, temperature, top_k, top_p, generator, row_offset, total_rows,
-            guide=guided_position(t, cfg_interval),
-        )  # fmt: skip
-        tokens[:, t] = next_token
-        if logprobs is not None:
-            logprobs[:, t] = next_logprob
-        if t + 1 < num_tokens:
-            row_tokens = torch.cat([next_token, next_token]) if use_cfg else next_token
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            step_embeds = policy.embed_image_tokens(row_tokens[:, None])
-            hidden = policy.hidden_states(step_embeds, mask, positions[:, -1:] + t + 1, cache)[:, -1]
-    return SampleOutput(tokens, logprobs)
+
+    def next_logits(t: int, drawn: torch.Tensor) -> torch.Tensor:
+        nonlocal mask
+        if t == 0:
+            return policy.image_logits(policy.hidden_states(policy.embed_prompt(rows), mask, positions, cache)[:, -1])
+        last = drawn[:, -1]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        step_embeds = policy.embed_image_tokens((torch.cat([last, last]) if use_cfg else last)[:, None])
+        return policy.image_logits(policy.hidden_states(step_embeds, mask, positions[:, -1:] + t, cache)[:, -1])
+
+    return draw_image_tokens(
+        next_logits, input_ids.shape[0], policy.num_image_tokens, sampling, generator=generator,
+        return_logprobs=return_logprobs, row_offset=row_offset, total_rows=total_rows,
+    )  # fmt: skip
 
 
 @dataclass
 class JanusBackbone(Backbone):
     """`Backbone` over Janus-Pro: prompt encoding, teacher-forced scoring, decoding and batch
     generation are the base class's, on `JanusPrompts`, `JanusPolicy` and `JanusDecoder`;
-    sampling is Janus' own (CFG rows from the prompt ids, KV cache of the language model)."""
+    sampling steps are Janus' own (CFG rows from the prompt ids, KV cache of the language model)."""
 
     text_encoder: JanusPrompts
     policy: JanusPolicy
@@ -88,9 +77,9 @@ class JanusBackbone(Backbone):
     def image_size(self) -> int:
         return self.tokenizer.args.image_size
 
-    def generate_tokens(self, policy: JanusPolicy, text_emb: torch.Tensor, text_mask: torch.Tensor, **settings):
+    def generate_tokens(self, policy: JanusPolicy, text_emb, text_mask, sampling: SamplingConfig, **draw) -> SampleOutput:
         """Image tokens for prompt ids `text_emb` [B, T] with mask `text_mask` (from `encode_prompts`)."""
-        return generate_janus(policy, text_emb, text_mask, self.text_encoder.unconditional(text_emb), **settings)
+        return generate_janus(policy, text_emb, text_mask, self.text_encoder.unconditional(text_emb), sampling, **draw)
 
 
 def _check_janus_directory(path: Path) -> None:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +69,7 @@ from ranke.eval.shift import (
     token_entropy_bits,
     token_kl,
 )
-from ranke.generate import batch_seed, load_backbone, process_rows
+from ranke.generate import ModelChoice, batch_seed, load_backbone, process_rows
 from ranke.images import save_image_grid
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
@@ -326,19 +325,11 @@ def metrics_table(metrics: dict, label: str) -> str:
 
 
 def evaluate_to_dir(
-    ckpt: str | None,
-    out_dir: str | Path,
-    n: int = 1000,
-    seed: int = 0,
-    policy: str = "online",
-    decoder: str = "online",
-    batch_size: int = 64,
-    overrides: Sequence[str] = (),
+    *, out_dir: str | Path, model: ModelChoice = ModelChoice(), n: int = 1000, seed: int = 0, batch_size: int = 64
 ) -> dict:
-    """`ranke eval`: evaluate a toy-world backbone (`ranke.generate.load_backbone` sources, with its
-    config `overrides`) and write `out_dir/metrics.json`, `metrics.md` (one-row table) and
-    `samples.png` (the first 64 images)."""
-    backbone, cfg = load_backbone(ckpt, policy, decoder, overrides)
+    """`ranke eval`: evaluate the chosen toy-world `model` (`ranke.generate.load_backbone`) and
+    write `out_dir/metrics.json`, `metrics.md` (one-row table) and `samples.png` (the first 64 images)."""
+    backbone, cfg = load_backbone(model)
     if cfg.backbone.kind != "toy":
         raise UserError(
             f"--protocol toy scores toy-world models with the toy judges; backbone.kind={cfg.backbone.kind} "
@@ -347,15 +338,16 @@ def evaluate_to_dir(
     claim_output_dir(out_dir)  # the main process locks it, once the command is accepted
     # Every decoder choice shares the base tokenizer's encoder and codebook (the frozen token space).
     evaluator = Evaluator(
-        cfg, backbone.device, n, seed, batch_size, cfg.sampling, tokenizer=backbone.tokenizer, split_over_processes=True
-    )
+        cfg, backbone.device, n=n, seed=seed, batch_size=batch_size, sampling=cfg.sampling,
+        tokenizer=backbone.tokenizer, split_over_processes=True,
+    )  # fmt: skip
     metrics = evaluator(backbone)
-    metrics.update(ckpt=ckpt or "committed toy assets", policy=policy, decoder=decoder)
+    metrics.update(ckpt=model.checkpoint or "committed toy assets", policy=model.policy, decoder=model.decoder)
     if not _is_main_process():
         return metrics
     out = Path(out_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    label = f"{metrics['ckpt']} (policy {policy}, decoder {decoder}, cfg {cfg.sampling.cfg_scale:g})"
+    label = f"{metrics['ckpt']} (policy {model.policy}, decoder {model.decoder}, cfg {cfg.sampling.cfg_scale:g})"
     (out / "metrics.md").write_text(metrics_table(metrics, label))
     save_image_grid(evaluator.preview, out / "samples.png", nrow=8)
     return metrics

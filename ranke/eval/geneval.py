@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +45,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ranke import config as config_lib
-from ranke.config import RunConfig
 from ranke.eval.geneval_models import COLORS, ColorClassifier, Detection, Mask2FormerDetector, detector_classes
-from ranke.generate import load_backbone, model_source, resolve_ckpt, sample_into_dir
+from ranke.generate import ModelChoice, load_backbone, model_source, sample_into_dir
 from ranke.images import save_image_grid
 from ranke.runtime import UserError, progress, read_user_text, select_device
 
@@ -171,22 +168,19 @@ def write_grids(out: Path, n_prompts: int, n_per_prompt: int) -> None:
 
 
 def sample_geneval(
+    *,
     metadata: str | Path,
     out_dir: str | Path,
-    ckpt: str | None = None,
+    model: ModelChoice = ModelChoice(),
     n_per_prompt: int = 4,
     seed: int = 42,
-    policy: str = "online",
-    decoder: str = "online",
     batch_size: int = 64,
-    overrides: Sequence[str] = (),
     overwrite: bool = False,
 ) -> dict:
-    """Sample every prompt of a GenEval metadata file into the benchmark's layout (module docstring).
-
-    The model and config `overrides` are those of `ranke.generate.load_backbone`. Resumable
-    (finished batches are skipped; a complete folder loads no model) and split across processes
-    under `torchrun` / `accelerate launch` (`ranke.generate.sample_into_dir`).
+    """Sample every prompt of a GenEval metadata file into the benchmark's layout (module docstring)
+    with the chosen `model` (`ranke.generate.load_backbone`). Resumable (finished batches are
+    skipped; a complete folder loads no model) and split across processes under `torchrun` /
+    `accelerate launch` (`ranke.generate.sample_into_dir`).
     """
     from accelerate import PartialState
 
@@ -195,17 +189,18 @@ def sample_geneval(
     records = read_metadata(metadata)
     out = Path(out_dir)
     # cpu=...: a PartialState first made without it stays one process on a CPU-only machine
-    state = PartialState(cpu=select_device(config_lib.load(RunConfig, None, overrides).device).type == "cpu")
+    state = PartialState(cpu=select_device(model.requested_device()).type == "cpu")
     names = [sample_path(i, s) for i in range(len(records)) for s in range(n_per_prompt)]
     prompts = [record["prompt"] for record in records for _ in range(n_per_prompt)]
     summary = {"n_prompts": len(records), "n_per_prompt": n_per_prompt, "n": len(names), "seed": seed,
-               "out": str(out), "ckpt": ckpt, "policy": policy, "decoder": decoder}  # fmt: skip
-    ckpt = resolve_ckpt(ckpt)
-    model, cfg = load_backbone(ckpt, policy, decoder, overrides)  # also for a complete folder: its provenance is checked
+               "out": str(out), "ckpt": model.checkpoint, "policy": model.policy, "decoder": model.decoder}  # fmt: skip
+    model = model.resolved()
+    backbone, cfg = load_backbone(model)  # also for a complete folder: its provenance is checked
     summary["cfg_scale"] = cfg.sampling.cfg_scale
     summary["processes"] = sample_into_dir(
-        model, cfg.sampling, prompts, out, seed, batch_size, names, model_source(ckpt, policy, decoder, cfg), overwrite
-    )
+        backbone, cfg.sampling, prompts, out, seed=seed, batch_size=batch_size, names=names,
+        source=model_source(model, cfg), overwrite=overwrite,
+    )  # fmt: skip
     if overwrite and state.is_main_process:  # prompt folders beyond the new metadata would be evaluated too
         for folder in prompt_folders(out):
             if int(folder.name) >= len(records):
@@ -418,9 +413,15 @@ def score_geneval_folder(
 
 
 def evaluate_geneval(
-    metadata: str, out_dir: str, detector_path: str | None = None, clip_path: str | None = None, **sampling
+    *,
+    metadata: str,
+    out_dir: str,
+    model: ModelChoice = ModelChoice(),
+    detector_path: str | None = None,
+    clip_path: str | None = None,
+    **sample_options,
 ) -> dict:
-    """`ranke eval --protocol geneval`: sample (`sample_geneval`, which takes the `sampling`
+    """`ranke eval --protocol geneval`: sample (`sample_geneval`, which takes the `sample_options`
     keywords), then, given a detector and a CLIP, score (`score_geneval_folder`); the result
     names the official command for the folder."""
     from accelerate import PartialState
@@ -431,10 +432,9 @@ def evaluate_geneval(
         )
     if detector_path is not None:
         check_detector_classes(read_metadata(metadata), detector_path)  # before hours of sampling
-    result = sample_geneval(metadata, out_dir, **sampling)
+    result = sample_geneval(metadata=metadata, out_dir=out_dir, model=model, **sample_options)
     result["official_command"] = OFFICIAL_COMMAND.format(folder=out_dir)
     if detector_path is not None and PartialState().is_main_process:
-        device = config_lib.load(RunConfig, None, sampling.get("overrides", ())).device
-        summary = score_geneval_folder(out_dir, detector_path, clip_path, device=device)
+        summary = score_geneval_folder(out_dir, detector_path, clip_path, device=model.requested_device())
         result.update(scores=str(Path(out_dir) / SCORES_DIR), overall=summary["overall"], by_tag=summary["by_tag"])
     return result

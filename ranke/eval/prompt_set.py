@@ -19,17 +19,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import PartialState
 
-from ranke import config as config_lib
-from ranke.config import RunConfig
 from ranke.eval.fid import folder_distance
-from ranke.generate import load_backbone, model_source, resolve_ckpt, sample_into_dir, sample_prompts_to_dir
+from ranke.generate import ModelChoice, load_backbone, model_source, sample_into_dir, sample_prompts_to_dir
 from ranke.runlock import claim_output_dir
 from ranke.runtime import UserError, progress, read_user_text, select_device
 from ranke.toy.tools import CAPTIONS_FILE
@@ -67,23 +64,21 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def evaluate_prompt_set(
+    *,
     captions: str,
     ref_dir: str,
     out_dir: str,
-    ckpt: str | None = None,
+    model: ModelChoice = ModelChoice(),
     n: int = 30000,
     seed: int = 42,
-    policy: str = "online",
-    decoder: str = "online",
     features: str = "inception",
     inception_weights: str | None = None,
     clip_path: str | None = None,
     batch_size: int = 64,
-    overrides: Sequence[str] = (),
     overwrite: bool = False,
 ) -> dict:
-    """Sample the prompt set (the model and config `overrides` as `ranke.generate.load_backbone`
-    takes them), then FID against `ref_dir` and the CLIP score; writes OUT/metrics.json.
+    """Sample the prompt set with the chosen `model` (`ranke.generate.load_backbone`), then FID
+    against `ref_dir` and the CLIP score; writes OUT/metrics.json.
 
     OUT/images is resumed only when it was sampled with the same model and settings
     (`ranke.generate.sample_into_dir`); `overwrite` replaces it."""
@@ -96,11 +91,11 @@ def evaluate_prompt_set(
     out = Path(out_dir)
     images = out / "images"
     summary = sample_prompts_to_dir(
-        ckpt, None, str(images), seed, 1, batch_size, policy, decoder, overrides, prompts=prompts, overwrite=overwrite
+        out_dir=str(images), model=model, prompts=prompts, seed=seed, batch_size=batch_size, overwrite=overwrite
     )
     if not PartialState().is_main_process:
         return summary
-    device = config_lib.load(RunConfig, None, overrides).device
+    device = model.requested_device()
     resolution = read_rgb(images / "00000.png").shape[0]
     distance = folder_distance(images, ref_dir, features, inception_weights, resolution, batch_size, device)
     metrics = {
@@ -114,9 +109,9 @@ def evaluate_prompt_set(
         "fid_features": features,
         **{key: distance[key] for key in ("precision", "recall", "density", "coverage", "nearest_k")},
         "clip_score": clip_score_of_folder(images, clip_path, batch_size=batch_size, device=device) if clip_path else None,
-        "ckpt": ckpt,
-        "policy": policy,
-        "decoder": decoder,
+        "ckpt": model.checkpoint,
+        "policy": model.policy,
+        "decoder": model.decoder,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -126,42 +121,42 @@ HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 
 
 def evaluate_hpsv2_benchmark(
+    *,
     prompts_dir: str,
     hpsv2_path: str,
     out_dir: str,
-    ckpt: str | None = None,
+    model: ModelChoice = ModelChoice(),
     seed: int = 42,
-    policy: str = "online",
-    decoder: str = "online",
     batch_size: int = 64,
-    overrides: Sequence[str] = (),
     overwrite: bool = False,
 ) -> dict:
     """The HPSv2 benchmark: one image per HPDv2 test prompt of each style (`<style>.json`, a JSON
-    list of prompts, as the HPSv2 repository ships them), scored by HPSv2.1; per-style means and
-    their average (the paper's "HPSv2 average"). The model and config `overrides` are those of
-    `ranke.generate.load_backbone`. Needs the `hpsv2` extra (open_clip)."""
+    list of prompts, as the HPSv2 repository ships them) from the chosen `model`
+    (`ranke.generate.load_backbone`), scored by HPSv2.1; per-style means and their average (the
+    paper's "HPSv2 average"). Needs the `hpsv2` extra (open_clip)."""
     from ranke.rewards.hpsv2 import HPSv2Reward
 
     missing = [style for style in HPSV2_STYLES if not (Path(prompts_dir) / f"{style}.json").is_file()]
     if missing:
         raise UserError(f"'{prompts_dir}' lacks {', '.join(f'{m}.json' for m in missing)} (HPDv2 benchmark prompts)")
-    scorer = HPSv2Reward(hpsv2_path, select_device(config_lib.load(RunConfig, None, overrides).device))
-    ckpt = resolve_ckpt(ckpt)
-    model, cfg = load_backbone(ckpt, policy, decoder, overrides)  # once for the four styles
+    scorer = HPSv2Reward(hpsv2_path, select_device(model.requested_device()))
+    model = model.resolved()
+    backbone, cfg = load_backbone(model)  # once for the four styles
     claim_output_dir(out_dir)  # the main process locks it; the others only see it exist
     out = Path(out_dir)
-    source = model_source(ckpt, policy, decoder, cfg)
+    source = model_source(model, cfg)
     metrics: dict = {"protocol": "hpsv2", "seed": seed, "cfg_scale": cfg.sampling.cfg_scale}
     for style in HPSV2_STYLES:
         prompts = json.loads(read_user_text(Path(prompts_dir) / f"{style}.json", "HPDv2 prompt file"))
         folder = out / "images" / style
-        sample_into_dir(model, cfg.sampling, prompts, folder, seed, batch_size, source=source, overwrite=overwrite)
+        sample_into_dir(
+            backbone, cfg.sampling, prompts, folder, seed=seed, batch_size=batch_size, source=source, overwrite=overwrite
+        )
         if PartialState().is_main_process:
             metrics[style] = score_folder(folder, scorer, batch_size).mean().item()
     if not PartialState().is_main_process:
         return metrics
     metrics["average"] = sum(metrics[style] for style in HPSV2_STYLES) / len(HPSV2_STYLES)
-    metrics.update(ckpt=ckpt, policy=policy, decoder=decoder)
+    metrics.update(ckpt=model.checkpoint, policy=model.policy, decoder=model.decoder)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
