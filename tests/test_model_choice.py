@@ -85,11 +85,11 @@ def test_sample_loads_the_chosen_policy_and_decoder(chosen, tmp_path, capsys):
 
 def test_coco30k_protocol_loads_the_chosen_policy_and_decoder(chosen, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(heldout_prompts()[:3]) + "\n")
-    write_samples(4, tmp_path / "reference", split="heldout", seed=0)
+    prompts.write_text("\n".join(heldout_prompts()[:6]) + "\n")  # 6: precision / recall's 5 nearest neighbours
+    write_samples(6, tmp_path / "reference", split="heldout", seed=0)
     out = tmp_path / "eval"
     metrics = run_cli(capsys, "eval", "--protocol", "coco30k", "--ckpt", str(chosen[0]), *CHOICE,
-                      "--captions", str(prompts), "--n", "3", "--ref-dir", str(tmp_path / "reference"),
+                      "--captions", str(prompts), "--n", "6", "--ref-dir", str(tmp_path / "reference"),
                       "--features", "toy", "--out", str(out), "--seed", SEED, "--batch-size", BATCH, "device=cpu")  # fmt: skip
     assert (metrics["policy"], metrics["decoder"]) == ("ema", "online")
     assert_sampled_by(out / "images", chosen)
@@ -122,10 +122,10 @@ def test_geneval_protocol_loads_the_chosen_policy_and_decoder(chosen, tmp_path, 
 def test_toy_protocol_loads_the_chosen_policy_and_decoder(chosen, tmp_path, capsys):
     """The toy protocol keeps no image files: its sample grid shows the first images."""
     out = tmp_path / "eval"
-    metrics = run_cli(capsys, "eval", "--ckpt", str(chosen[0]), *CHOICE, "--n", "4", "--out", str(out),
+    metrics = run_cli(capsys, "eval", "--ckpt", str(chosen[0]), *CHOICE, "--n", "6", "--out", str(out),
                       "--seed", SEED, "--batch-size", BATCH, "device=cpu")  # fmt: skip
     assert (metrics["policy"], metrics["decoder"]) == ("ema", "online")
-    tiles = grid_tiles(np.asarray(Image.open(out / "samples.png").convert("RGB")), 4)
+    tiles = grid_tiles(np.asarray(Image.open(out / "samples.png").convert("RGB")), 6)
     _, wanted, swapped = chosen
-    assert np.array_equal(tiles, expected_pixels(wanted, heldout_prompts()[:4]))
-    assert not np.array_equal(tiles, expected_pixels(swapped, heldout_prompts()[:4]))
+    assert np.array_equal(tiles, expected_pixels(wanted, heldout_prompts()[:6]))
+    assert not np.array_equal(tiles, expected_pixels(swapped, heldout_prompts()[:6]))
