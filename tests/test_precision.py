@@ -80,12 +80,14 @@ def test_the_real_measurement_is_a_positive_ratio():
 def test_emulated_avx2_chooses_fp32_on_this_machine(tmp_path):
     """The slow path of an AVX2 laptop, reproduced on any x86 CPU by capping oneDNN and ATen at AVX2."""
     code = (
-        "import torch; from ranke.precision import choose_precision, cpu_has_native_bf16; "
-        "c = choose_precision('auto', torch.device('cpu'), 192); print(cpu_has_native_bf16(), c.name)"
+        "import torch; from ranke.precision import choose_precision, cpu_has_native_bf16, measure_bf16_speedup; "
+        "c = choose_precision('auto', torch.device('cpu'), 192); print(cpu_has_native_bf16(), c.name, measure_bf16_speedup(192))"
     )
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "RANKE_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "fp32"]
+    native, chosen, speedup = out.split()
+    assert (native, chosen) == ("False", "fp32")
+    assert float(speedup) < 0.5  # emulated bf16: several times slower than fp32 (measured 0.15)
 
 
 TINY = ["prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0", "seed=3", "mode=policy",
