@@ -119,6 +119,7 @@ CASES = [
     ("sample_out_file", ["sample", "--prompts", "{prompts}", "--out", "{inputs}/file"], "is an existing file"),
     ("toy_sample_out_file", ["toy", "sample", "--n", "2", "--out", "{inputs}/file"], "is an existing file"),
     ("eval_out_file", ["eval", "--n", "2", "--out", "{inputs}/file"], "is an existing file"),
+    ("demo_out_file", ["demo", "--out", "{inputs}/file", "--quick"], "--out '{inputs}/file' is an existing file, not a folder"),
     # images for ranke fid
     ("fid_truncated", ["fid", "{inputs}/truncated", "{inputs}/images"], "00001.png' cannot be read"),
     ("fid_not_an_image", ["fid", "{inputs}/images", "{inputs}/not_images"], "00002.png' cannot be read"),
@@ -174,4 +175,4 @@ def test_the_table_covers_every_command():
     assert len(CASES) >= 40
     commands = {case[1][0] if case[1][0] != "toy" else " ".join(case[1][:2]) for case in CASES}
     assert commands >= {"posttrain", "sft", "train-tokenizer", "train-reward", "sample", "eval", "fid", "toy verify",
-                        "toy sample", "check-checkpoint", "export"}  # fmt: skip
+                        "toy sample", "check-checkpoint", "export", "demo"}  # fmt: skip
