@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_posttrain import TINY
+from test_recipes import TINY_TOKENIZER as TINY_TOKENIZER_BASE
 
 from ranke import checkpoint as checkpoint_lib
 from ranke.backbones.base import Backbone
@@ -32,8 +33,10 @@ from ranke.cli import main
 from ranke.images import save_image_grid
 from ranke.runlock import LOCK_FILE
 from ranke.runtime import EXIT_LOST_PROCESS, EXIT_STOPPED, Stopped, UserError
-from ranke.train import posttrain
+from ranke.train import posttrain, reward
 from ranke.train.posttrain import train_posttrain
+from ranke.train.sft import train_sft
+from ranke.train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [*TINY, "mode=both", "steps=3", "disc_start=0", "grid_every=100", "policy_ema_every=1"]
@@ -126,6 +129,45 @@ def test_a_stop_signal_checkpoints_the_step_exits_75_and_resumes_bit_identically
     train_posttrain("toy", str(run), [*SETTINGS, save_every], resume=True)
     assert_same_final_weights(straight_run, run, 3)
     assert training_records(run) == training_records(straight_run)
+
+
+TINY_SFT = ["device=cpu", "sft.batch_size=4", "sft.steps=3", "sft.grid_every=100", "sft.eval_samples=2",
+            "sft.eval_prompts=2", "sft.warmup_steps=1", "sft.save_every=100", "log_with=none"]  # fmt: skip
+TINY_TOKENIZER = [*TINY_TOKENIZER_BASE, "tokenizer.steps=3", "tokenizer.save_every=100", "log_with=none"]
+
+
+@pytest.mark.parametrize("recipe", ["tokenizer", "sft"])
+def test_the_tokenizer_and_sft_recipes_stop_the_same_way(tmp_path, monkeypatch, one_thread, recipe):
+    """The shared helper in the other recipes with checkpoints: a signal in step 2 (as it draws its
+    batch) checkpoints step 2, and the resumed run ends with the weights of a straight one."""
+    train, settings, stem = {
+        "tokenizer": (train_tokenizer, TINY_TOKENIZER, "vq"), "sft": (train_sft, TINY_SFT, "policy")
+    }[recipe]  # fmt: skip
+    train("toy", str(tmp_path / "straight"), settings)
+    module = sys.modules[train.__module__]
+    monkeypatch.setattr(module, "train_batch", signal_on_calls(module.train_batch, {2}))
+    run = tmp_path / "run"
+    with pytest.raises(Stopped, match=f"after step 2; checkpoint {run}/checkpoints/step_000002; continue with --resume"):
+        train("toy", str(run), settings)
+    assert checkpoint_entries(run) == ["latest", "step_000002"]
+    assert records(run)[-1] == {"step": 2, "stopped": "SIGTERM", "checkpoint": "checkpoints/step_000002"}
+    monkeypatch.undo()
+    train("toy", str(run), settings, resume=True)
+    name = f"checkpoints/step_000003/{stem}.safetensors"
+    assert (run / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+def test_the_judges_recipe_stops_after_the_step_and_says_it_keeps_no_checkpoints(tmp_path, monkeypatch, capsys, one_thread):
+    sizes = "steps=3 batch_size=8 warmup_steps=1 eval_scenes=20 fd_images=20 model.width=8 model.feature_dim=16"
+    monkeypatch.setattr(reward, "train_batch", signal_on_calls(reward.train_batch, {2}))
+    run = tmp_path / "run"
+    code, err = cli(capsys, "train-reward", "--out", str(run), "reward.models=[features]", "log_with=none",
+                    *(f"reward.features.{item}" for item in sizes.split()))  # fmt: skip
+    assert code == EXIT_STOPPED
+    assert err == ["ranke: stopped by SIGTERM after step 2; this recipe keeps no checkpoints; run the command again"]
+    assert records(run / "features")[-1] == {"step": 2, "stopped": "SIGTERM", "checkpoint": None}
+    assert not (run / "toy_features.safetensors").exists() and not (run / "summary.json").exists()
+    assert (run / LOCK_FILE).read_text() == ""
 
 
 def test_a_second_signal_during_the_save_stops_at_once_and_keeps_the_previous_checkpoint(
@@ -236,11 +278,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(out: Path, resume: bool = False) -> list[subprocess.Popen]:
+def launch(out: Path, *overrides: str, resume: bool = False) -> list[subprocess.Popen]:
     """Two processes of one job, started as a launcher starts them (RANK, WORLD_SIZE, MASTER_*), but
     with no launcher to end the survivors: each process must stop by itself."""
     env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    command = [sys.executable, "-m", "ranke", "posttrain", "--out", str(out), *TWO, *(["--resume"] if resume else [])]
+    command = [sys.executable, "-m", "ranke", "posttrain", "--out", str(out), *TWO, *overrides,
+               *(["--resume"] if resume else [])]  # fmt: skip
     return [
         subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -288,7 +331,7 @@ def test_two_processes_stop_together_on_a_signal_and_a_killed_one_stops_the_othe
     assert errors[0][0].startswith("ranke: error: process 0 lost another process of the job (a collective failed: ")
     last = checkpoint_lib.latest_checkpoint(run)
     assert errors[0][0].endswith(f"; relaunch with --resume (it continues from {last})")
-    assert records(run)[-1]["stopped"].startswith("lost a process during step") and seconds < 30
+    assert records(run)[-1]["stopped"].startswith("process 0 lost another process during step") and seconds < 30
 
     codes, errors = outcome(launch(run, resume=True))
     assert codes == [0, 0], errors
@@ -299,3 +342,23 @@ def test_two_processes_stop_together_on_a_signal_and_a_killed_one_stops_the_othe
         name = f"checkpoints/step_000005/{stem}.safetensors"
         assert (run / name).read_bytes() == (reference / name).read_bytes(), f"{stem} differs"
     assert training_records(run) == training_records(reference)
+
+
+def test_a_hung_process_stops_the_other_after_collective_timeout(tmp_path):
+    """A process that stops answering (SIGSTOP: its sockets stay open, as on a hung node) is not
+    noticed by the network; the other one's next collective gives up after `collective_timeout`."""
+    run = tmp_path / "run"
+    job = launch(run, "collective_timeout=3", "steps=30")
+    wait_for(run / "checkpoints" / "step_000001" / "manifest.json", job)
+    job[1].send_signal(signal.SIGSTOP)
+    hung = time.monotonic()
+    try:
+        job[0].wait(timeout=120)
+        seconds = time.monotonic() - hung
+    finally:
+        job[1].kill()
+    codes, errors = outcome(job)
+    print(f"\nthe other process stopped {seconds:.2f} s after one hung (collective_timeout=3)")
+    assert codes[0] == EXIT_LOST_PROCESS and len(errors[0]) == 1, errors
+    assert "(a collective failed: Timed out waiting 3000ms for recv operation to complete) during step" in errors[0][0]
+    assert 3 <= seconds < 30

@@ -18,7 +18,8 @@ Written on accelerate (single process by default; several processes split the pr
 policy in DDP or sharded by FSDP, `ranke.parallel`); `precision=bf16` runs the forward passes under
 autocast. Every `log_every` steps a record goes to the run log (`metrics.jsonl` plus TensorBoard or
 Weights & Biases, `ranke.train.logging.RunLogger`); checkpoints are atomic (`ranke.checkpoint`)
-and `--resume` continues bit-exactly.
+and `--resume` continues bit-exactly. A stop signal (`stop_signals`) ends the run after the current
+step with its checkpoint (`ranke.train.preemption`).
 """
 
 from __future__ import annotations

@@ -154,14 +154,15 @@ def record_lost_process(error: BaseException) -> str:
     rank = torch.distributed.get_rank() if _distributed() else 0
     # gloo's first line: "[.../gloo/transport/tcp/pair.cc:537] Read error [...]: Connection reset by peer. This is ..."
     message = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
-    line = f"process {rank} lost another process of the job (a collective failed: {message.split('. ')[0][:200]})"
+    cause = f"a collective failed: {message.split('. ')[0][:200]}"
+    line = f"process {rank} lost another process of the job ({cause})"
     run = _running
     if run is None:
         return line + "; relaunch the job"
     checkpoint = checkpoint_lib.latest_checkpoint(run.run_dir)
     MetricsWriter(run.metrics).write(
-        {"step": _checkpoint_step(checkpoint) if checkpoint else 0, "stopped": f"lost a process during step "
-         f"{run.step + 1} ({line})", "checkpoint": _in_run(checkpoint, run.run_dir)}
+        {"step": _checkpoint_step(checkpoint) if checkpoint else 0, "stopped": f"process {rank} lost another process "
+         f"during step {run.step + 1} ({cause})", "checkpoint": _in_run(checkpoint, run.run_dir)}
     )  # fmt: skip
     run.close()
     resume = f"relaunch with --resume (it continues from {checkpoint})" if checkpoint else "relaunch the job"
