@@ -13,10 +13,11 @@ Checkpoint layout (ARCHITECTURE.md "Conventions"):
 
 A checkpoint is written into `.step_000100.tmp`, fsynced, then renamed to its final name,
 and only then is `latest` replaced (os.replace), so a crash at any point leaves `latest`
-naming a complete checkpoint. A save that fails (a full disk, an I/O error, a second stop
-signal) removes its partial files before the error goes on; a full disk (ENOSPC) becomes one
-line naming the checkpoint, the space it needs and the space free. `latest` is a plain file rather than a symlink because
+naming a complete checkpoint. `latest` is a plain file rather than a symlink because
 symlinks are not portable (Windows, some network and object-store filesystems, archive tools).
+A save that fails (a full disk, an I/O error, a second stop signal) removes its partial files
+before the error goes on; a full disk becomes one line naming the checkpoint, the space it
+needs and the space free.
 One process (rank 0) writes a run's checkpoints.
 
 Loading verifies every file against the manifest (size and sha256), so a checkpoint damaged

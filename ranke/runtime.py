@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +28,18 @@ EXIT_LOST_PROCESS = 69  # another process of a multi-process job died or hung (s
 class Stopped(Exception):
     """The run stopped before its end on request (a stop signal) and can be continued with
     --resume. The CLI prints the message as one line and exits EXIT_STOPPED."""
+
+
+def stop_signal_numbers(names: list[str]) -> list[signal.Signals]:
+    """The signals named by the config's `stop_signals` (e.g. SIGTERM, SIGUSR1), with one line for
+    a name that is not a signal a process can handle."""
+    numbers = []
+    for name in names:
+        number = getattr(signal.Signals, str(name), None)
+        if number is None or number in (signal.SIGKILL, signal.SIGSTOP):
+            raise UserError(f"stop_signals: '{name}' is not a signal a process can handle (e.g. SIGTERM, SIGUSR1)")
+        numbers.append(number)
+    return numbers
 
 
 def disk_full(path, needed_bytes: int, kept: str = "") -> UserError:

@@ -31,7 +31,7 @@ import torch
 
 from ranke import checkpoint as checkpoint_lib
 from ranke.runlock import release
-from ranke.runtime import Stopped, UserError
+from ranke.runtime import Stopped, stop_signal_numbers
 from ranke.train.logging import MetricsWriter
 
 _running: Preemption | None = None  # the run this process trains, for `record_lost_process`
@@ -42,18 +42,6 @@ class SecondSignal(BaseException):
     Exception` on the way (a loader's, a writer's) holds it up."""
 
 
-def signal_numbers(names: list[str]) -> list[signal.Signals]:
-    """The signals named by `stop_signals` (e.g. SIGTERM, SIGUSR1), with one line for a name
-    that is not a signal a process can handle."""
-    numbers = []
-    for name in names:
-        number = getattr(signal.Signals, str(name), None)
-        if number is None or number in (signal.SIGKILL, signal.SIGSTOP):
-            raise UserError(f"stop_signals: '{name}' is not a signal a process can handle (e.g. SIGTERM, SIGUSR1)")
-        numbers.append(number)
-    return numbers
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -61,17 +49,17 @@ def _distributed() -> bool:
 class Preemption:
     """The stop signals of one run (see the module docstring).
 
-    `run_dir` holds the run's lock and its checkpoints; `metrics` is the log the stop is recorded
-    in (default `run_dir/metrics.jsonl`); `device` is where the all-reduce runs (the recipe's
-    accelerator device). Only the main process records."""
+    `run_dir` holds the run's lock, its checkpoints and the log the stop is recorded in
+    (`metrics.jsonl`); `device` is where the all-reduce runs (the recipe's accelerator device).
+    Only the main process records."""
 
-    def __init__(self, names: list[str], run_dir: str | Path, device=None, main_process: bool = True, metrics=None):
+    def __init__(self, names: list[str], run_dir: str | Path, device=None, main_process: bool = True):
         global _running
         if _running is not None:  # a run of this process that ended in an error: its handlers go first
             _running.close()
-        self.signals = signal_numbers(names)
+        self.signals = stop_signal_numbers(names)
         self.run_dir, self.device, self.main_process = Path(run_dir), device, main_process
-        self.metrics = Path(metrics) if metrics is not None else self.run_dir / "metrics.jsonl"
+        self.metrics = self.run_dir / "metrics.jsonl"
         self.received: signal.Signals | None = None  # the first signal this process got
         self.agreed: signal.Signals | None = None  # the signal all processes stop on
         self.stopping = False
@@ -101,8 +89,8 @@ class Preemption:
 
     def stop(self, save: Callable[[], object] | None = None, metrics: str | Path | None = None) -> NoReturn:
         """After `requested` said so, on every process: `save` (the checkpoint of this step; None
-        when the step wrote one or the recipe keeps none), then record (in `metrics`, default the
-        run's log), release, raise `Stopped`."""
+        when the step wrote one or the recipe keeps none), then record (in `metrics` when the
+        recipe logs elsewhere than the run's metrics.jsonl), release, raise `Stopped`."""
         if metrics is not None:
             self.metrics = Path(metrics)
         name = self.agreed.name
@@ -120,10 +108,12 @@ class Preemption:
         self._finish(name, checkpoint, where, f" after step {self.step}")
 
     def _finish(self, reason: str, checkpoint: Path | None, where: str, when: str = "") -> NoReturn:
-        """Record the stop (main process), put the handlers back, release the lock, raise `Stopped`."""
+        """Record the stop (main process), put the handlers back, release the lock, raise `Stopped`
+        with the line `stopped by <reason><when>; <where>; <what to do>`."""
         if self.main_process:
             step = _checkpoint_step(checkpoint) if checkpoint else self.step  # a resume keeps records up to it
-            MetricsWriter(self.metrics).write({"step": step, "stopped": reason, "checkpoint": _in_run(checkpoint, self.run_dir)})
+            record = {"step": step, "stopped": reason, "checkpoint": _in_run(checkpoint, self.run_dir)}
+            MetricsWriter(self.metrics).write(record)
         self.close()
         release(self.run_dir)
         then = "continue with --resume" if checkpoint else "run the command again"

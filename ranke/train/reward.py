@@ -426,8 +426,8 @@ def train_reward(config_path: str, out_dir: str, overrides: list[str]) -> dict:
     summary = {}
     for name in cfg.reward.models:
         result = TRAINERS[name](
-            getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with, cfg.max_consecutive_skips,
-            preemption,
+            getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with,
+            cfg.max_consecutive_skips, preemption,
         )  # fmt: skip
         asset = run / ASSET_FILES[name]
         Path(result["asset"]).replace(asset)
