@@ -317,7 +317,8 @@ def test_two_processes_stop_together_on_a_signal_and_a_killed_one_stops_the_othe
     assert codes == [EXIT_STOPPED, EXIT_STOPPED], errors
     assert errors[0] == [f"ranke: stopped by SIGTERM after step {step}; checkpoint {run}/checkpoints/step_{step:06d}; "
                          "continue with --resume"]  # fmt: skip
-    assert 2 <= step < 4 and checkpoint_lib.latest_checkpoint(run).name == f"step_{step:06d}"
+    # step 1 when the signal came before the processes passed step 1's end (its checkpoint is written first)
+    assert 1 <= step < 4 and checkpoint_lib.latest_checkpoint(run).name == f"step_{step:06d}"
 
     job = launch(run, resume=True)
     wait_for(run / "checkpoints" / f"step_{step + 1:06d}" / "manifest.json", job)
