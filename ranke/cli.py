@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from ranke.runlock import release_all
-from ranke.runtime import EXIT_LOST_PROCESS, EXIT_STOPPED, Stopped, UserError
+from ranke.runtime import EXIT_LOST_PROCESS, EXIT_STOPPED, SecondSignal, Stopped, UserError
 
 FLAG_KEYS = {  # flags that set a config key -> that key
     "cfg": "sampling.cfg_scale",
@@ -392,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except Stopped as stopped:
         print(f"ranke: {stopped}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except SecondSignal as second:  # the recipe turns one during its save into Stopped; this is one just before it
+        print(f"ranke: stopped at once by a second {second}; continue with --resume from the newest checkpoint",
+              file=sys.stderr)  # fmt: skip
         sys.exit(EXIT_STOPPED)
     except RuntimeError as err:
         from ranke.parallel import collective_failure

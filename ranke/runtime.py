@@ -30,6 +30,11 @@ class Stopped(Exception):
     --resume. The CLI prints the message as one line and exits EXIT_STOPPED."""
 
 
+class SecondSignal(BaseException):
+    """A stop signal while the run is already stopping (`ranke.train.preemption`). A BaseException,
+    so that no `except Exception` on the way (a loader's, a writer's) holds it up."""
+
+
 def stop_signal_numbers(names: list[str]) -> list[signal.Signals]:
     """The signals named by the config's `stop_signals` (e.g. SIGTERM, SIGUSR1), with one line for
     a name that is not a signal a process can handle."""

@@ -34,6 +34,7 @@ from ranke.images import save_image_grid
 from ranke.runlock import LOCK_FILE
 from ranke.runtime import EXIT_LOST_PROCESS, EXIT_STOPPED, Stopped, UserError
 from ranke.train import posttrain, reward
+from ranke.train.logging import RunLogger
 from ranke.train.posttrain import train_posttrain
 from ranke.train.sft import train_sft
 from ranke.train.tokenizer import train_tokenizer
@@ -191,6 +192,20 @@ def test_a_second_signal_during_the_save_stops_at_once_and_keeps_the_previous_ch
     assert records(run)[-1]["stopped"].startswith("SIGTERM, then SIGTERM while saving") and records(run)[-1]["step"] == 2
     assert (run / LOCK_FILE).read_text() == ""
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_second_signal_as_the_run_begins_to_stop_ends_it_with_one_line(tmp_path, monkeypatch, capsys, one_thread):
+    """Between the step's end and its save the run closes its log; a second signal there stops the
+    command at once too (exit 75), and step 2's own checkpoint is intact."""
+    monkeypatch.setattr(Backbone, "sample", signal_on_calls(Backbone.sample, {2}))
+    monkeypatch.setattr(RunLogger, "close", signal_on_calls(RunLogger.close, {1}))
+    run = tmp_path / "run"
+    code, err = cli(capsys, "posttrain", "--out", str(run), *SETTINGS, "save_every=1")
+    assert code == EXIT_STOPPED
+    assert err == ["ranke: stopped at once by a second SIGTERM; continue with --resume from the newest checkpoint"]
+    assert checkpoint_entries(run) == ["latest", "step_000001", "step_000002"]
+    assert checkpoint_lib.checkpoint_damage(run / "checkpoints" / "step_000002") is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a third signal would end the process
 
 
 def enospc_on_call(function, call: int):

@@ -31,15 +31,10 @@ import torch
 
 from ranke import checkpoint as checkpoint_lib
 from ranke.runlock import release
-from ranke.runtime import Stopped, stop_signal_numbers
+from ranke.runtime import SecondSignal, Stopped, stop_signal_numbers
 from ranke.train.logging import MetricsWriter
 
 _running: Preemption | None = None  # the run this process trains, for `record_lost_process`
-
-
-class SecondSignal(BaseException):
-    """A stop signal while the run is already stopping. A BaseException, so that no `except
-    Exception` on the way (a loader's, a writer's) holds it up."""
 
 
 def _distributed() -> bool:
@@ -71,6 +66,7 @@ class Preemption:
 
     def _handle(self, number: int, frame) -> None:
         if self.stopping:
+            self.close()  # from now on a signal has its default effect
             raise SecondSignal(signal.Signals(number).name)
         self.received = self.received or signal.Signals(number)
 
