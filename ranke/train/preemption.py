@@ -145,11 +145,16 @@ def record_lost_process(error: BaseException) -> str:
     run = _running
     if run is None:
         return line + "; relaunch the job"
-    checkpoint = checkpoint_lib.latest_checkpoint(run.run_dir)
-    MetricsWriter(run.metrics).write(
-        {"step": _checkpoint_step(checkpoint) if checkpoint else 0, "stopped": f"process {rank} lost another process "
-         f"during step {run.step + 1} ({cause})", "checkpoint": _in_run(checkpoint, run.run_dir)}
-    )  # fmt: skip
     run.close()
+    checkpoint = checkpoint_lib.latest_checkpoint(run.run_dir)
+    record = {
+        "step": _checkpoint_step(checkpoint) if checkpoint else 0,
+        "stopped": f"process {rank} lost another process during step {run.step + 1} ({cause})",
+        "checkpoint": _in_run(checkpoint, run.run_dir),
+    }
+    try:
+        MetricsWriter(run.metrics).write(record)
+    except OSError:  # the other process may have died of this very disk (full, gone): the line still says why
+        pass
     resume = f"relaunch with --resume (it continues from {checkpoint})" if checkpoint else "relaunch the job"
     return f"{line} during step {run.step + 1}; {resume}"
