@@ -15,6 +15,9 @@ A checkpoint is written into `.step_000100.tmp`, fsynced, then renamed to its fi
 and only then is `latest` replaced (os.replace), so a crash at any point leaves `latest`
 naming a complete checkpoint. `latest` is a plain file rather than a symlink because
 symlinks are not portable (Windows, some network and object-store filesystems, archive tools).
+A save that fails (a full disk, an I/O error, a second stop signal) removes its partial files
+before the error goes on; a full disk becomes one line naming the checkpoint, the space it
+needs and the space free.
 One process (rank 0) writes a run's checkpoints.
 
 Loading verifies every file against the manifest (size and sha256), so a checkpoint damaged
@@ -24,6 +27,7 @@ file; `load_latest_checkpoint` then falls back to the newest intact checkpoint w
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ranke.runtime import UserError, warn
+from ranke.runtime import UserError, disk_full, warn
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -126,14 +131,49 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     _check_weights_only(trainer_state)
     checkpoints = Path(run_dir) / CHECKPOINTS
-    checkpoints.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final = checkpoints / name
     temp = checkpoints / f".{name}{TEMP_SUFFIX}"
-    if temp.exists():  # left by a crashed save of the same step
-        shutil.rmtree(temp)
-    temp.mkdir()
+    pointer = checkpoints / f".{LATEST}{TEMP_SUFFIX}"
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        if temp.exists():  # left by a crashed save of the same step
+            shutil.rmtree(temp)
+        _write_directory(temp, tensors, trainer_state, config_yaml, step)
+        if final.exists():  # re-saving a step (e.g. right after a resume): move the old copy aside first
+            replaced = checkpoints / f".{name}.old"
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.rename(final, replaced)
+            os.rename(temp, final)
+            shutil.rmtree(replaced)
+        else:
+            os.rename(temp, final)
+        _fsync_dir(checkpoints)
+        pointer.write_text(name + "\n")
+        _fsync_file(pointer)
+        os.replace(pointer, checkpoints / LATEST)
+        _fsync_dir(checkpoints)
+    except BaseException as err:  # BaseException: a second stop signal arrives as one
+        shutil.rmtree(temp, ignore_errors=True)
+        pointer.unlink(missing_ok=True)
+        needed = _tensor_bytes(tensors) + _tensor_bytes(trainer_state) + len(config_yaml)
+        if _out_of_space(err, checkpoints, needed):
+            previous = latest_checkpoint(run_dir)
+            kept = f"the previous checkpoint {previous.name} is intact and latest" if previous else "no checkpoint yet"
+            raise disk_full(final, needed, kept) from None
+        raise
 
+    if keep_last is not None:
+        for _, old in _step_dirs(checkpoints)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old)
+    return final
+
+
+def _write_directory(temp: Path, tensors: dict, trainer_state: dict, config_yaml: str, step: int) -> None:
+    """Every file of a checkpoint into `temp`, the manifest last, all fsynced."""
+    temp.mkdir()
     files = []
     for stem, state in tensors.items():
         save_file(_safetensors_ready(state), temp / f"{stem}.safetensors")
@@ -148,28 +188,27 @@ def save_checkpoint(
         _fsync_file(temp / file)
     _fsync_dir(temp)
 
-    if final.exists():  # re-saving a step (e.g. right after a resume): move the old copy aside first
-        replaced = checkpoints / f".{name}.old"
-        if replaced.exists():
-            shutil.rmtree(replaced)
-        os.rename(final, replaced)
-        os.rename(temp, final)
-        shutil.rmtree(replaced)
-    else:
-        os.rename(temp, final)
-    _fsync_dir(checkpoints)
 
-    pointer = checkpoints / f".{LATEST}{TEMP_SUFFIX}"
-    pointer.write_text(name + "\n")
-    _fsync_file(pointer)
-    os.replace(pointer, checkpoints / LATEST)
-    _fsync_dir(checkpoints)
+def _out_of_space(error: BaseException, folder: Path, needed: int) -> bool:
+    """Whether a failed save ran out of disk space: ENOSPC from Python's own writes, or an error
+    of safetensors' or torch's writers (which carry no errno: "I/O error ... (os error 28)",
+    "unexpected pos ...") on a filesystem with less room than the checkpoint needs."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    if isinstance(error, (RuntimeError, SafetensorError)):
+        return folder.is_dir() and shutil.disk_usage(folder).free < needed
+    return False
 
-    if keep_last is not None:
-        for _, old in _step_dirs(checkpoints)[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old)
-    return final
+
+def _tensor_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) state: about what its files take."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in state)
+    return 0
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

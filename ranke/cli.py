@@ -1,7 +1,8 @@
 """`ranke <command>`: argument parsing only; every command calls into the library.
 
 Bad input raises `UserError` (or, from the pure library code, `ValueError`), printed as one line
-with exit code 2 (`--debug` shows the traceback).
+with exit code 2 (`--debug` shows the traceback). A run stopped by a signal (`Stopped`) exits 75,
+a process that lost another process of its job exits 69, each with one line (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from ranke.runlock import release_all
-from ranke.runtime import UserError
+from ranke.runtime import EXIT_LOST_PROCESS, EXIT_STOPPED, SecondSignal, Stopped, UserError
 
 FLAG_KEYS = {  # flags that set a config key -> that key
     "cfg": "sampling.cfg_scale",
@@ -404,6 +405,22 @@ def main(argv: list[str] | None = None) -> None:
         where = "" if isinstance(err, UserError) else f" (ValueError at {_raised_at(err)}; --debug shows the traceback)"
         print(f"ranke: error: {err}{where}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stopped:
+        print(f"ranke: {stopped}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except SecondSignal as second:  # the recipe turns one during its save into Stopped; this is one just before it
+        print(f"ranke: stopped at once by a second {second}; continue with --resume from the newest checkpoint",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(EXIT_STOPPED)
+    except RuntimeError as err:
+        from ranke.parallel import collective_failure
+
+        if args.debug or not collective_failure(err):
+            raise
+        from ranke.train.preemption import record_lost_process
+
+        print(f"ranke: error: {record_lost_process(err)}", file=sys.stderr)
+        sys.exit(EXIT_LOST_PROCESS)
     except KeyboardInterrupt:
         print("ranke: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -470,6 +470,11 @@ class RunConfig:
     log_with: str = "tensorboard"
     # optimizer steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run (0: never)
     max_consecutive_skips: int = 10
+    # signals that make a recipe checkpoint after the current step and exit 75 (ranke.train.preemption); [] for none
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # seconds a collective may wait for the other processes before the run stops with one line (a dead or hung
+    # process); longer than the longest work the main process does alone (a checkpoint write, an evaluation)
+    collective_timeout: float = 1800.0
     toy: ToyConfig = field(default_factory=ToyConfig)
     vq: VQArgs = field(default_factory=lambda: VQ_PRESETS["toy"])
     gpt: GPTArgs = field(default_factory=lambda: GPT_PRESETS["toy"])

@@ -58,6 +58,7 @@ from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, verdict
 from ranke.generate import ModelChoice, load_backbone
 from ranke.images import save_image_grid
 from ranke.precision import PrecisionChoice, choose_precision, machine_description
+from ranke.runlock import prepare_output_dir
 from ranke.runtime import UserError, autocast, select_device
 from ranke.workers import Job, run_jobs
 
@@ -107,8 +108,7 @@ def run_demo(
     if preset_name not in PRESETS:
         raise UserError(f"unknown demo preset '{preset_name}' (one of: {', '.join(PRESETS)})")
     preset = PRESETS[preset_name]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir)
     started = time.perf_counter()
     settings = [*preset.overrides, *overrides]
     cfg = config_lib.load(RunConfig, config, settings, section="posttrain")

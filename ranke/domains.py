@@ -105,6 +105,7 @@ DOMAINS: list[tuple[str, Range]] = [
     ("sampling.cfg_scale", NON_NEGATIVE),
     ("*clip_eps", Range(0, 1, low_open=True, high_open=True)),
     ("*grad_clip", POSITIVE),
+    ("collective_timeout", POSITIVE),
     ("*tau_start", POSITIVE),
     ("*tau_end", POSITIVE),
     ("*norm_eps", POSITIVE),

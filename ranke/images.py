@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ranke.runtime import disk_full
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
@@ -26,7 +30,16 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndar
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
-    Image.fromarray(image_grid(images, nrow=nrow)).save(path)
+    """The grid as a PNG at `path`; on a full disk the partial file is removed and the error is one line."""
+    encoded = io.BytesIO()
+    Image.fromarray(image_grid(images, nrow=nrow)).save(encoded, format="PNG")
+    try:
+        Path(path).write_bytes(encoded.getvalue())
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        Path(path).unlink(missing_ok=True)
+        raise disk_full(path, len(encoded.getvalue())) from None
 
 
 def grid_tiles(grid: np.ndarray, count: int, nrow: int = 8, padding: int = 2) -> np.ndarray:

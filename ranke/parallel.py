@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -42,6 +43,24 @@ class Shard:
             raise UserError(f"{what}={global_batch} must be a multiple of the {world} processes")
         share = global_batch // world
         return Shard(rank * share, (rank + 1) * share, global_batch)
+
+
+def process_group_kwargs(collective_timeout: float):
+    """accelerate's set-up of the process group with `collective_timeout` seconds as the limit of
+    every collective: with gloo a wait beyond it raises (a hung process), with NCCL the watchdog
+    ends the process, so no process waits forever for one that died."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))
+
+
+def collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process is gone or hung:
+    torch's DistError (NCCL, the rendezvous store) or gloo's transport errors, which torch raises
+    as plain RuntimeErrors ("Connection reset by peer", "Timed out waiting ... for recv")."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    return isinstance(error, RuntimeError) and "gloo/transport" in str(error)
 
 
 def average_gradients(parameters, accelerator) -> None:

@@ -6,7 +6,10 @@ import contextlib
 import json
 import os
 import random
+import shutil
+import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +18,52 @@ from tqdm.auto import tqdm
 
 class UserError(Exception):
     """Bad input from the user. The CLI prints the message as one line and exits 2."""
+
+
+# Exit codes besides 0, 2 (UserError) and 130 (Ctrl-C); docs/distributed.md "What happens on a fault?"
+EXIT_STOPPED = 75  # stopped on a signal, resumable with --resume (sysexits' EX_TEMPFAIL: try again later)
+EXIT_LOST_PROCESS = 69  # another process of a multi-process job died or hung (sysexits' EX_UNAVAILABLE)
+
+
+class Stopped(Exception):
+    """The run stopped before its end on request (a stop signal) and can be continued with
+    --resume. The CLI prints the message as one line and exits EXIT_STOPPED."""
+
+
+class SecondSignal(BaseException):
+    """A stop signal while the run is already stopping (`ranke.train.preemption`). A BaseException,
+    so that no `except Exception` on the way (a loader's, a writer's) holds it up."""
+
+
+def stop_signal_numbers(names: list[str]) -> list[signal.Signals]:
+    """The signals named by the config's `stop_signals` (e.g. SIGTERM, SIGUSR1), with one line for
+    a name that is not a signal a process can handle."""
+    numbers = []
+    for name in names:
+        number = getattr(signal.Signals, str(name), None)
+        if number is None or number in (signal.SIGKILL, signal.SIGSTOP):
+            raise UserError(f"stop_signals: '{name}' is not a signal a process can handle (e.g. SIGTERM, SIGUSR1)")
+        numbers.append(number)
+    return numbers
+
+
+def disk_full(path, needed_bytes: int, kept: str = "") -> UserError:
+    """The one line for a write that found no space left on its device (ENOSPC), once its partial
+    files are removed: the path, about how much it needs, how much is free, and `kept` (what
+    remains intact)."""
+    folder = Path(path).parent
+    while not folder.exists():  # the filesystem that holds it
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return UserError(
+        f"no space left on the device for '{path}': it needs about {_size(needed_bytes)}, {_size(free)} are "
+        f"free{'; ' + kept if kept else ''}; free some space, then run the command again (with --resume for a "
+        "training run)"
+    )
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
 def read_user_text(path, what: str = "file") -> str:

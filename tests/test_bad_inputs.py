@@ -96,6 +96,9 @@ CASES = [
     ("tau_0", ["posttrain", "--out", "{new}/a", "tau_end=0"], "'posttrain.tau_end' is 0.0"),
     ("rank_top_k_0", ["posttrain", "--out", "{new}/a", "rank_top_k=0"], "'posttrain.rank_top_k' is 0"),
     ("rank_top_k_above_group", ["posttrain", "--out", "{new}/a", "rank_top_k=9"], "rank_top_k=9 must be between 1 and group_size=8"),
+    ("stop_signal_unknown", ["posttrain", "--out", "{new}/a", "stop_signals=[SIGTERM, SIGFOO]"], "stop_signals: 'SIGFOO' is not a signal"),
+    ("stop_signal_kill", ["sft", "--out", "{new}/a", "stop_signals=[SIGKILL]"], "stop_signals: 'SIGKILL' is not a signal a process can handle"),
+    ("collective_timeout_0", ["posttrain", "--out", "{new}/a", "collective_timeout=0"], "'collective_timeout' is 0.0; allowed: a finite number > 0"),
     ("skips_negative", ["posttrain", "--out", "{new}/a", "max_consecutive_skips=-1"], "'max_consecutive_skips' is -1"),
     ("temperature_0", ["posttrain", "--out", "{new}/a", "sampling.temperature=0"], "'sampling.temperature' is 0.0"),
     ("top_p_0", ["posttrain", "--out", "{new}/a", "sampling.top_p=0"], "'sampling.top_p' is 0.0; allowed: a number in (0, 1]"),
@@ -123,6 +126,7 @@ CASES = [
     ("sample_out_file", ["sample", "--prompts", "{prompts}", "--out", "{inputs}/file"], "is an existing file"),
     ("toy_sample_out_file", ["toy", "sample", "--n", "2", "--out", "{inputs}/file"], "is an existing file"),
     ("eval_out_file", ["eval", "--n", "2", "--out", "{inputs}/file"], "is an existing file"),
+    ("demo_out_file", ["demo", "--out", "{inputs}/file", "--quick"], "--out '{inputs}/file' is an existing file, not a folder"),
     # images for ranke fid
     ("fid_truncated", ["fid", "{inputs}/truncated", "{inputs}/images"], "00001.png' cannot be read"),
     ("fid_not_an_image", ["fid", "{inputs}/images", "{inputs}/not_images"], "00002.png' cannot be read"),
@@ -181,4 +185,4 @@ def test_the_table_covers_every_command():
     assert len(CASES) >= 40
     commands = {case[1][0] if case[1][0] != "toy" else " ".join(case[1][:2]) for case in CASES}
     assert commands >= {"posttrain", "sft", "train-tokenizer", "train-reward", "sample", "eval", "fid", "toy verify",
-                        "toy sample", "check-checkpoint", "export"}  # fmt: skip
+                        "toy sample", "check-checkpoint", "export", "demo"}  # fmt: skip

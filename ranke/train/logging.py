@@ -11,9 +11,9 @@ import torch
 
 from ranke import config as config_lib
 from ranke.config import RunConfig
-from ranke.runlock import claim_output_dir
 from ranke.precision import check_requested
-from ranke.runtime import UserError, seed_everything, select_device, warn
+from ranke.runlock import claim_output_dir
+from ranke.runtime import UserError, seed_everything, select_device, stop_signal_numbers, warn
 
 
 def start_run(config_path: str, out_dir: str, overrides: list[str], section: str) -> tuple[RunConfig, Path, torch.device]:
@@ -22,6 +22,7 @@ def start_run(config_path: str, out_dir: str, overrides: list[str], section: str
     (`write_run_config`) once it has accepted the run (`ranke.train.resume.resume_point`)."""
     cfg = config_lib.load(RunConfig, config_path, overrides, section=section)
     check_requested(cfg.precision)
+    stop_signal_numbers(cfg.stop_signals)
     tracker_names(cfg.log_with)  # a bad value or a missing wandb fails before any work
     claim_output_dir(out_dir)
     seed_everything(cfg.seed)

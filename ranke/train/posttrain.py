@@ -18,7 +18,8 @@ Written on accelerate (single process by default; several processes split the pr
 policy in DDP or sharded by FSDP, `ranke.parallel`); `precision=bf16` runs the forward passes under
 autocast. Every `log_every` steps a record goes to the run log (`metrics.jsonl` plus TensorBoard or
 Weights & Biases, `ranke.train.logging.RunLogger`); checkpoints are atomic (`ranke.checkpoint`)
-and `--resume` continues bit-exactly.
+and `--resume` continues bit-exactly. A stop signal (`stop_signals`) ends the run after the current
+step with its checkpoint (`ranke.train.preemption`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from ranke.parallel import (
     load_optimizer_state_dict,
     mean_over_processes,
     optimizer_state_dict,
+    process_group_kwargs,
     recipe_precision,
     shard_policy,
     uses_fsdp,
@@ -88,6 +90,7 @@ from ranke.toy.data import heldout_prompts, render_caption, scene_for_caption, t
 from ranke.train import state as state_lib
 from ranke.train.guard import StepGuard, gradient_norm, guarded_step
 from ranke.train.logging import MetricsWriter, RunLogger, start_run, write_run_config
+from ranke.train.preemption import Preemption
 from ranke.train.resume import resume_point, set_learning_rate
 
 MODES = ("policy", "decoder", "both")
@@ -683,7 +686,10 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
         set_deterministic(True)
     # gradients live in DDP's all-reduce buckets rather than in a second copy
     accelerator = Accelerator(
-        cpu=device.type == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
+        cpu=device.type == "cpu",
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(gradient_as_bucket_view=True), process_group_kwargs(cfg.collective_timeout)
+        ],
     )
     device = accelerator.device
     precision = recipe_precision(cfg, accelerator, "posttrain")
@@ -752,9 +758,10 @@ def open_outputs(run: PosttrainRun, start_step: int) -> RunOutputs:
     return RunOutputs(logger, evaluations, evaluator, grid_prompts, start_step, time.perf_counter())
 
 
-def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: dict, prompts: list[str]) -> None:
+def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: dict, prompts: list[str]) -> bool:
     """After a step: the record averaged over processes (replicas checked when asked) to
-    the run log, the preview grid, the evaluation, the checkpoint, a barrier."""
+    the run log, the preview grid, the evaluation, the checkpoint, a barrier. Returns whether
+    it wrote a checkpoint."""
     pcfg, models, main_process = run.pcfg, run.models, run.accelerator.is_main_process
     record = mean_over_processes(record, run.accelerator)
     if pcfg.check_replicas_every and (step + 1) % pcfg.check_replicas_every == 0:
@@ -782,14 +789,20 @@ def bookkeeping(run: PosttrainRun, outputs: RunOutputs, bar, step: int, record: 
             if main_process and eval_due:
                 evaluate_step(outputs.evaluator, run, step + 1, outputs.evaluations)
     if save_due:
-        tensors = checkpoint_tensors(models)
-        trainer_state = trainer_state_of(run, step + 1)
-        if main_process:
-            checkpoint_lib.save_checkpoint(
-                run.run_dir, step + 1, tensors, trainer_state, (run.run_dir / "config.yaml").read_text(),
-                keep_last=pcfg.keep_checkpoints or None,
-            )  # fmt: skip
+        save_posttrain_checkpoint(run, step + 1)
     run.accelerator.wait_for_everyone()
+    return save_due
+
+
+def save_posttrain_checkpoint(run: PosttrainRun, step: int) -> None:
+    """Checkpoint `step`: every process gathers (a collective with a sharded policy), the main one writes."""
+    tensors = checkpoint_tensors(run.models)
+    trainer_state = trainer_state_of(run, step)
+    if run.accelerator.is_main_process:
+        checkpoint_lib.save_checkpoint(
+            run.run_dir, step, tensors, trainer_state, (run.run_dir / "config.yaml").read_text(),
+            keep_last=run.pcfg.keep_checkpoints or None,
+        )  # fmt: skip
 
 
 def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
@@ -798,6 +811,7 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     run, start_step = start_posttrain(config_path, out_dir, overrides, resume)
     pcfg, main_process = run.pcfg, run.accelerator.is_main_process
     outputs = open_outputs(run, start_step)
+    preemption = Preemption(run.cfg.stop_signals, run.run_dir, run.device, main_process)
     bar = progress(
         range(start_step, pcfg.steps), total=pcfg.steps, initial=start_step, desc=f"posttrain[{pcfg.mode}]",
         disable_on_workers=not main_process,
@@ -815,7 +829,11 @@ def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
                 with timed(timings, "decoder"):
                     record.update(decoder_stage(run, rollout, real_images, step))
         record.update({f"time/{name}": round(seconds, 4) for name, seconds in timings.items()})
-        bookkeeping(run, outputs, bar, step, record, prompts)
+        saved = bookkeeping(run, outputs, bar, step, record, prompts)
+        if preemption.requested(step + 1):  # a stop signal reached some process: all stop after this step
+            outputs.logger.close()
+            preemption.stop(save=None if saved else lambda: save_posttrain_checkpoint(run, step + 1))
+    preemption.close()
     outputs.logger.close()
     final = checkpoint_lib.latest_checkpoint(run.run_dir)
     if main_process:

@@ -44,6 +44,7 @@ from ranke.toy.data import ToyConfig, heldout_prompts, heldout_scenes, reference
 from ranke.toy.render import render_scenes
 from ranke.train.guard import StepGuard, guarded_step
 from ranke.train.logging import RunLogger, start_run, write_run_config
+from ranke.train.preemption import Preemption
 from ranke.train.schedule import warmup_cosine
 
 CLIP_ASSET = "toy_clip.safetensors"
@@ -180,11 +181,13 @@ def train_toy_clip(
     cfg: ToyCLIPConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
     log_with: str = "tensorboard",
     max_consecutive_skips: int = 10,
+    preemption: Preemption | None = None,
 ) -> dict:
     """Train one toy CLIP, evaluate it on held-out prompts, write `out_dir/toy_clip.safetensors`.
 
     Logs every `log_every` steps (RunLogger: metrics.jsonl and the `log_with` trackers) and writes
     eval.json; returns the evaluation dict (plus train_seconds, steps, seed and the asset path).
+    With `preemption` (`train_reward`'s), a stop signal stops it after the current step.
     """
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -238,6 +241,9 @@ def train_toy_clip(
                 }
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", scale=f"{record['logit_scale']:.1f}")
+        if preemption is not None and preemption.requested(step + 1):  # no checkpoints: a rerun starts over
+            logger.close()
+            preemption.stop(metrics=run / "metrics.jsonl")
     train_seconds = time.perf_counter() - start
     logger.close()
 
@@ -343,11 +349,13 @@ def train_toy_features(
     cfg: ToyFeatureConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
     log_with: str = "tensorboard",
     max_consecutive_skips: int = 10,
+    preemption: Preemption | None = None,
 ) -> dict:
     """Train the feature network, evaluate it, write `out_dir/toy_features.safetensors`.
 
     Logs every `log_every` steps (RunLogger: metrics.jsonl and the `log_with` trackers) and writes
     eval.json; returns the evaluation dict (plus train_seconds, steps, seed and the asset path).
+    With `preemption` (`train_reward`'s), a stop signal stops it after the current step.
     """
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -377,6 +385,9 @@ def train_toy_features(
             record = {"step": step + 1, "lr": lr, **{f"loss_{k}": v.item() for k, v in losses.items()}}
             logger.log({**record, **guard.metrics()})
             bar.set_postfix(loss=f"{losses['total'].item():.3f}")
+        if preemption is not None and preemption.requested(step + 1):  # no checkpoints: a rerun starts over
+            logger.close()
+            preemption.stop(metrics=run / "metrics.jsonl")
     train_seconds = time.perf_counter() - start
     logger.close()
 
@@ -411,13 +422,16 @@ def train_reward(config_path: str, out_dir: str, overrides: list[str]) -> dict:
     if unknown or not cfg.reward.models:
         raise UserError(f"reward.models must list some of {', '.join(TRAINERS)}; got {cfg.reward.models}")
     write_run_config(cfg, run)
+    preemption = Preemption(cfg.stop_signals, run)
     summary = {}
     for name in cfg.reward.models:
         result = TRAINERS[name](
-            getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with, cfg.max_consecutive_skips
-        )
+            getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with,
+            cfg.max_consecutive_skips, preemption,
+        )  # fmt: skip
         asset = run / ASSET_FILES[name]
         Path(result["asset"]).replace(asset)
         summary[name] = {**result, "asset": str(asset)}
+    preemption.close()
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

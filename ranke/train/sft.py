@@ -30,13 +30,14 @@ from ranke.config import RunConfig
 from ranke.images import save_image_grid
 from ranke.models.gpt import Transformer
 from ranke.models.vq import to_model_range
-from ranke.parallel import Shard, mean_over_processes, recipe_precision
+from ranke.parallel import Shard, mean_over_processes, process_group_kwargs, recipe_precision
 from ranke.runtime import autocast, progress
 from ranke.toy.data import heldout_prompts, train_batch
 from ranke.toy.verifier import score_image, summarize
 from ranke.train import state as state_lib
 from ranke.train.guard import StepGuard, guarded_step
 from ranke.train.logging import RunLogger, start_run, write_run_config
+from ranke.train.preemption import Preemption
 from ranke.train.resume import resume_point, set_learning_rate
 from ranke.train.schedule import warmup_cosine
 
@@ -60,7 +61,7 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
     cfg, run, device = start_run(config_path, out_dir, overrides, section="sft")
     scfg = cfg.sft
     resumed = resume_point(run, cfg, "sft", resume)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    accelerator = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[process_group_kwargs(cfg.collective_timeout)])
     device, main_process = accelerator.device, accelerator.is_main_process
     shard = Shard.of(accelerator, scfg.batch_size, "sft.batch_size")
     precision = recipe_precision(cfg, accelerator, "sft").name
@@ -97,7 +98,26 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
         guard.load_state_dict(trainer_state.get("guard", guard.state_dict()))
         start_step = trainer_state["step"]
 
+    def save(step: int) -> None:
+        """Checkpoint `step` (the main process writes)."""
+        if main_process:
+            checkpoint_lib.save_checkpoint(
+                run,
+                step,
+                {"policy": policy.state_dict()},
+                {
+                    "step": step,
+                    "optimizer": opt.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": state_lib.rng_state({"data": data_rng}),
+                    "guard": guard.state_dict(),
+                },
+                (run / "config.yaml").read_text(),
+                keep_last=2,
+            )
+
     logger = RunLogger(run, cfg.log_with, cfg, device, start_step)
+    preemption = Preemption(cfg.stop_signals, run, device, main_process)
     t0 = time.perf_counter()
     bar = progress(range(start_step, scfg.steps), total=scfg.steps, initial=start_step, desc="sft",
                    disable_on_workers=not main_process)  # fmt: skip
@@ -133,21 +153,13 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
         if main_process and ((step + 1) % scfg.grid_every == 0 or step + 1 == scfg.steps):
             grid = sample_images(backbone, preview_prompts, cfg, seed=cfg.seed)
             save_image_grid(grid, run / f"samples_{step + 1:06d}.png", nrow=8)
-        if main_process and ((step + 1) % scfg.save_every == 0 or step + 1 == scfg.steps):
-            checkpoint_lib.save_checkpoint(
-                run,
-                step + 1,
-                {"policy": policy.state_dict()},
-                {
-                    "step": step + 1,
-                    "optimizer": opt.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rng": state_lib.rng_state({"data": data_rng}),
-                    "guard": guard.state_dict(),
-                },
-                (run / "config.yaml").read_text(),
-                keep_last=2,
-            )
+        saved = (step + 1) % scfg.save_every == 0 or step + 1 == scfg.steps
+        if saved:
+            save(step + 1)
+        if preemption.requested(step + 1):  # a stop signal reached some process: all stop after this step
+            logger.close()
+            preemption.stop(save=None if saved else lambda: save(step + 1))
+    preemption.close()
     train_seconds = time.perf_counter() - t0
     logger.close()
     accelerator.wait_for_everyone()

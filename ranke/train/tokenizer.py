@@ -32,12 +32,13 @@ from ranke.images import save_image_grid
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.perceptual import build_perceptual
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
-from ranke.parallel import Shard, average_gradients, mean_over_processes, recipe_precision
+from ranke.parallel import Shard, average_gradients, mean_over_processes, process_group_kwargs, recipe_precision
 from ranke.runtime import autocast, progress
 from ranke.toy.data import reference_images, train_batch
 from ranke.train import state as state_lib
 from ranke.train.guard import StepGuard, gradient_norm, guarded_step
 from ranke.train.logging import RunLogger, start_run, write_run_config
+from ranke.train.preemption import Preemption
 from ranke.train.resume import resume_point, set_learning_rate
 from ranke.train.schedule import warmup_cosine
 
@@ -69,7 +70,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
     cfg, run, device = start_run(config_path, out_dir, overrides, section="tokenizer")
     tcfg = cfg.tokenizer
     resumed = resume_point(run, cfg, "tokenizer", resume)
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    accelerator = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[process_group_kwargs(cfg.collective_timeout)])
     device, main_process = accelerator.device, accelerator.is_main_process
     shard = Shard.of(accelerator, tcfg.batch_size, "tokenizer.batch_size")
     precision = recipe_precision(cfg, accelerator, "tokenizer").name
@@ -107,7 +108,27 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
     if main_process:
         write_run_config(cfg, run)
 
+    def save(step: int) -> None:
+        """Checkpoint `step` (the main process writes)."""
+        if main_process:
+            checkpoint_lib.save_checkpoint(
+                run,
+                step,
+                {"vq": model.state_dict(), "discriminator": disc.state_dict()},
+                {
+                    "step": step,
+                    "optimizer": opt.state_dict(),
+                    "optimizer_disc": opt_disc.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": state_lib.rng_state({"data": data_rng, "restart": restart_gen}),
+                    "guards": {name: guard.state_dict() for name, guard in guards.items()},
+                },
+                (run / "config.yaml").read_text(),
+                keep_last=2,
+            )
+
     logger = RunLogger(run, cfg.log_with, cfg, device, start_step)
+    preemption = Preemption(cfg.stop_signals, run, device, main_process)
     t0 = time.perf_counter()
     bar = progress(range(start_step, tcfg.steps), total=tcfg.steps, initial=start_step, desc="tokenizer",
                    disable_on_workers=not main_process)  # fmt: skip
@@ -176,22 +197,13 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
                 model.eval()
                 shown = to_unit_range(model.decode(model.encode(to_model_range(preview))[0]))
             save_image_grid(torch.cat([preview, shown]), run / f"reconstructions_{step + 1:06d}.png", nrow=16)
-        if main_process and ((step + 1) % tcfg.save_every == 0 or step + 1 == tcfg.steps):
-            checkpoint_lib.save_checkpoint(
-                run,
-                step + 1,
-                {"vq": model.state_dict(), "discriminator": disc.state_dict()},
-                {
-                    "step": step + 1,
-                    "optimizer": opt.state_dict(),
-                    "optimizer_disc": opt_disc.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rng": state_lib.rng_state({"data": data_rng, "restart": restart_gen}),
-                    "guards": {name: guard.state_dict() for name, guard in guards.items()},
-                },
-                (run / "config.yaml").read_text(),
-                keep_last=2,
-            )
+        saved = (step + 1) % tcfg.save_every == 0 or step + 1 == tcfg.steps
+        if saved:
+            save(step + 1)
+        if preemption.requested(step + 1):  # a stop signal reached some process: all stop after this step
+            logger.close()
+            preemption.stop(save=None if saved else lambda: save(step + 1))
+    preemption.close()
     train_seconds = time.perf_counter() - t0
     logger.close()
     accelerator.wait_for_everyone()
