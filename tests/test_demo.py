@@ -6,8 +6,10 @@ import json
 import re
 
 from ranke.cli import main
-from ranke.demo import PRESETS, describe, reward_description
-from ranke.eval.report import COLUMNS, Method, read_eval
+from ranke.demo import PRESETS, RANKE, describe, reward_description
+from ranke.eval.runs import read_eval
+from ranke.eval.study import Method
+from ranke.eval.tables import COLUMNS
 
 
 def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
@@ -55,7 +57,7 @@ def test_describe_with_one_seed_gives_figures_and_calls_nothing(tmp_path):
     (tmp_path / "eval.jsonl").write_text(json.dumps(final) + "\n")
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     real = {"n": 300, "fd": 6.1, "kid": 0.021, "kid_se": 0.015}
-    lines = describe(sft, [Method("RankE", "ema", [tmp_path])], real).splitlines()
+    lines = describe(sft, [Method(RANKE, [tmp_path])], [], real).splitlines()
     assert lines[0].startswith("The evaluation's own noise: a second real image of each of the same 300 prompts is "
                                "FD 6.1 and KID 0.021 (standard error 0.015) from the first")  # fmt: skip
     assert lines[1] == ""  # its own paragraph

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from ranke.config import RunConfig
-from ranke.demo import build_report
-from ranke.eval.report import COLUMNS, Method, RealReference
+from ranke.demo import ADAPTED, GRPO, GRPO_VS_RANKE, RANKE, build_report
+from ranke.eval.runs import RealReference
+from ranke.eval.study import Method, Study
+from ranke.eval.tables import COLUMNS
 from ranke.toy.data import heldout_prompts
 from ranke.images import grid_tiles, image_grid, save_image_grid
 
@@ -55,8 +57,8 @@ def _build(out, seeds):
         _write_run(out / "runs" / f"ranke_seed{seed}", seed, ["ema", "online"], FINAL_FD[seed][1], FINAL_REWARD[seed][1])
         grpo.append(out / "runs" / f"grpo_seed{seed}")
         ranke.append(out / "runs" / f"ranke_seed{seed}")
-    methods = [Method("GRPO", "base", grpo, "frozen decoder"), Method("RankE", "ema", ranke, "co-evolved", ["online"])]
-    md, html = build_report(out, SFT, methods, "test", RunConfig().posttrain, seeds, ["ranke posttrain ..."], 0.5)
+    methods = [Method(GRPO, grpo), Method(RANKE, ranke)]
+    md, html = build_report(out, SFT, GRPO_VS_RANKE, methods, "test", RunConfig().posttrain, seeds, ["ranke posttrain ..."], 0.5)
     return md.read_text(), html.read_text()
 
 
@@ -121,9 +123,9 @@ def test_runs_evaluated_before_kid_existed_show_n_a(tmp_path):
     run = out / "runs" / "grpo_seed1"
     records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     (run / "eval.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kid"}) + "\n" for r in records))
-    grpo = Method("GRPO", "base", [out / "runs" / "grpo_seed0", run])
-    ranke = Method("RankE", "ema", [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
-    markdown = build_report(out, SFT, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
+    grpo = Method(GRPO, [out / "runs" / "grpo_seed0", run])
+    ranke = Method(RANKE, [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
+    markdown = build_report(out, SFT, GRPO_VS_RANKE, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
     assert "| GRPO | base | 8 | 2 | " in markdown and " n/a " in _section(markdown, "Results")
     kid_row = next(line for line in markdown.splitlines() if line.startswith("| KID (toy features) |"))
     assert kid_row.endswith("| 1 | one seed: no interval |")  # only seed 0 has KID on both sides
@@ -140,9 +142,9 @@ def test_runs_evaluated_before_the_manifold_and_round_trip_metrics_show_n_a(tmp_
     for run in (out / "runs").iterdir():
         records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
         (run / "eval.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in NEW_KEYS}) + "\n" for r in records))
-    grpo = Method("GRPO", "base", [out / "runs" / "grpo_seed0", out / "runs" / "grpo_seed1"])
-    ranke = Method("RankE", "ema", [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
-    markdown = build_report(out, SFT, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
+    grpo = Method(GRPO, [out / "runs" / "grpo_seed0", out / "runs" / "grpo_seed1"])
+    ranke = Method(RANKE, [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
+    markdown = build_report(out, SFT, GRPO_VS_RANKE, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
     titles = [title for _, title, _, _ in COLUMNS]
     new_columns = [titles.index(title) for key, title, _, _ in COLUMNS if key in NEW_KEYS]
     for section, first in (("Results", "| GRPO | base | 8 | 2 | "), ("Every run", "| grpo_seed1 | 1 | base | 8 | ")):
@@ -173,10 +175,10 @@ def test_mechanism_figure_pairs_the_frozen_and_adapted_decoder_by_seed(tmp_path)
         run = out / "runs" / f"grpo_policy_adapted_decoder_seed{seed}"
         _write_run(run, seed, ["ema"], FINAL_FD[seed][0] - 1.0, FINAL_REWARD[seed][0])
         adapted.append(run)
-    methods = [Method("GRPO", "base", [out / "runs" / f"grpo_seed{s}" for s in (0, 1)]),
-               Method("GRPO policy, adapted decoder", "ema", adapted)]  # fmt: skip
+    methods = [Method(GRPO, [out / "runs" / f"grpo_seed{s}" for s in (0, 1)]), Method(ADAPTED, adapted)]
     reconstruction = {run.name: {"method": "GRPO policy, adapted decoder", "recon_fd": 27.5} for run in adapted}
-    markdown = build_report(out, SFT | {"recon_fd": 27.8}, methods, "test", RunConfig().posttrain, [0, 1], [], 0.5,
+    study = Study((GRPO, ADAPTED), ((ADAPTED, GRPO),))
+    markdown = build_report(out, SFT | {"recon_fd": 27.8}, study, methods, "test", RunConfig().posttrain, [0, 1], [], 0.5,
                             reconstruction)[0].read_text()  # fmt: skip
     assert "![Left: FD of the final GRPO policy's samples decoded by the frozen decoder" in markdown
     assert (out / "mechanism.png").is_file()
