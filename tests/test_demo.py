@@ -6,7 +6,7 @@ import json
 import re
 
 from ranke.cli import main
-from ranke.demo import PRESETS, RANKE, describe, reward_description
+from ranke.demo import ABLATIONS, ADAPTED, GRPO, PRESETS, RANKE, describe, reward_description
 from ranke.eval.runs import read_eval
 from ranke.eval.study import Method
 from ranke.eval.tables import COLUMNS
@@ -78,3 +78,19 @@ def test_mechanism_runs_start_from_grpo_runs_of_the_same_preset():
     for name, preset in PRESETS.items():
         assert set(preset.mechanism_seeds) <= set(preset.seeds), name
     assert PRESETS["mechanism"].ablation_seeds == () and len(PRESETS["mechanism"].mechanism_seeds) >= 3
+
+
+def test_each_preset_declares_the_study_it_runs():
+    """Every preset's study holds GRPO and RankE and their comparison; the ablations and the
+    mechanism runs, with their comparisons, only where the preset gives them seeds."""
+    for name, preset in PRESETS.items():
+        study = preset.study()
+        assert study.methods[:2] == (GRPO, RANKE) and study.comparisons[0] == (RANKE, GRPO), name
+        assert all(preset.seeds_of(method) for method in study.methods), name
+        assert (ADAPTED in study.methods) == bool(preset.mechanism_seeds), name
+        assert set(ABLATIONS) <= set(study.methods) if preset.ablation_seeds else not set(ABLATIONS) & set(study.methods)
+    full = PRESETS["full"].study()
+    assert [(a.name, b.name) for a, b in full.comparisons] == [
+        ("RankE", "GRPO"), ("RankE, top-4 rank-weighted", "RankE, top-4 uniform GAN"), ("RankE", "RankE, no EMA anchor"),
+        ("RankE", "decoder only"), ("GRPO policy, adapted decoder", "GRPO"),
+    ]  # fmt: skip
