@@ -99,6 +99,7 @@ class DemoPreset:
         return study
 
     def seeds_of(self, method: MethodSpec) -> tuple[int, ...]:
+        """The training seeds of one method of the study."""
         if method in ABLATIONS:
             return self.ablation_seeds
         return self.mechanism_seeds if method == ADAPTED else self.seeds
