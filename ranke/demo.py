@@ -32,27 +32,20 @@ from ranke.checkpoint import MANIFEST, latest_checkpoint
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator
 from ranke.eval.manifold import MIN_FEATURES
-from ranke.eval.report import (
+from ranke.eval.figures import curves_caption, plot_decoder_mechanism, plot_metric, plot_pareto, plot_samples
+from ranke.eval.page import Report, write_report
+from ranke.eval.runs import RealReference, final_metrics
+from ranke.eval.study import Method, MethodSpec, Study
+from ranke.eval.tables import (
     COLUMNS,
     SHORT,
-    Method,
-    RealReference,
-    Report,
     comparison_table,
-    comparisons,
-    curves_caption,
     difference_cell,
-    final_metrics,
     gain_table,
     gains_over_start,
     paired_comparison,
     per_run_table,
-    plot_decoder_mechanism,
-    plot_metric,
-    plot_pareto,
-    plot_samples,
     results_table,
-    write_report,
 )
 from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, verdict
 from ranke.generate import ModelChoice, load_backbone
@@ -61,6 +54,31 @@ from ranke.precision import PrecisionChoice, choose_precision, machine_descripti
 from ranke.runlock import prepare_output_dir
 from ranke.runtime import UserError, autocast, select_device
 from ranke.workers import Job, run_jobs
+
+
+GRPO = MethodSpec("GRPO", ("mode=policy",), "base", note="standard RL: GRPO policy stage, frozen decoder")
+RANKE = MethodSpec("RankE", ("mode=both",), "ema", ("online",), "GRPO policy stage + RankE decoder stage on the same rollouts")
+# With the released K = 1 every rank weight is 1, so the rank-weighted vs uniform GAN ablation
+# needs K > 1: both of its arms keep the top 4 of 8 rollouts.
+RANK_WEIGHTED = MethodSpec("RankE, top-4 rank-weighted", ("mode=both", "rank_top_k=4"), "ema",
+                           note="K = 4 rank-selected rollouts, softmax(r / tau) weights")  # fmt: skip
+UNIFORM_GAN = MethodSpec("RankE, top-4 uniform GAN", ("mode=both", "rank_top_k=4", "uniform_weights=true"), "ema",
+                         note="K = 4 with all weights 1 (plain GAN on the top-K rollouts)")  # fmt: skip
+NO_EMA_ANCHOR = MethodSpec("RankE, no EMA anchor", ("mode=both", "consistency_weight=0"), "ema", note="without L_consist")
+DECODER_ONLY = MethodSpec("decoder only", ("mode=decoder",), "ema", note="decoder stage alone, policy frozen at SFT")
+ABLATIONS = (RANK_WEIGHTED, UNIFORM_GAN, NO_EMA_ANCHOR, DECODER_ONLY)
+# The mechanism (does the frozen decoder fail on the shifted tokens?): the decoder stage alone,
+# started from a finished GRPO run's final policy, so the same policy's tokens are decoded by the
+# frozen and by an adapted decoder.
+ADAPTED = MethodSpec("GRPO policy, adapted decoder", ("mode=decoder",), "ema",
+                     note="decoder stage alone on the final GRPO policy's rollouts")  # fmt: skip
+
+# Every study: GRPO vs RankE; a preset with ablation or mechanism seeds extends it by those methods
+# and their comparisons ((A, B): the report gives A - B).
+GRPO_VS_RANKE = Study((GRPO, RANKE), ((RANKE, GRPO),))
+ABLATION_COMPARISONS = ((RANK_WEIGHTED, UNIFORM_GAN), (RANKE, NO_EMA_ANCHOR), (RANKE, DECODER_ONLY))
+MECHANISM_COMPARISONS = ((ADAPTED, GRPO),)  # the same GRPO policy, adapted vs frozen decoder
+SAMPLED = (GRPO, RANKE)  # the columns of the sample grid beside the real image and SFT
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,21 @@ class DemoPreset:
     ablation_seeds: tuple[int, ...] = ()  # seeds of each ablation; () = none
     mechanism_seeds: tuple[int, ...] = ()  # seeds of the mechanism runs (a subset of `seeds`); () = none
 
+    def study(self) -> Study:
+        """The methods this preset runs and the comparisons its report makes."""
+        study = GRPO_VS_RANKE
+        if self.ablation_seeds:
+            study = study.extended(ABLATIONS, ABLATION_COMPARISONS)
+        if self.mechanism_seeds:
+            study = study.extended((ADAPTED,), MECHANISM_COMPARISONS)
+        return study
+
+    def seeds_of(self, method: MethodSpec) -> tuple[int, ...]:
+        """The training seeds of one method of the study."""
+        if method in ABLATIONS:
+            return self.ablation_seeds
+        return self.mechanism_seeds if method == ADAPTED else self.seeds
+
 
 PRESETS = {
     "quick": DemoPreset(
@@ -82,24 +115,6 @@ PRESETS = {
     # the question of a new reward or world: does GRPO's token shift cost fidelity, and does RankE remove it?
     "mechanism": DemoPreset((), (0, 1, 2), (), (0, 1, 2)),
 }
-
-# name, posttrain overrides, decoder of its table row, extra decoder rows, what it is
-METHODS = (
-    ("GRPO", ["mode=policy"], "base", [], "standard RL: GRPO policy stage, frozen decoder"),
-    ("RankE", ["mode=both"], "ema", ["online"], "GRPO policy stage + RankE decoder stage on the same rollouts"),
-)
-# With the released K = 1 every rank weight is 1, so the rank-weighted vs uniform GAN ablation
-# needs K > 1: both of its arms keep the top 4 of 8 rollouts.
-ABLATIONS = (
-    ("RankE, top-4 rank-weighted", ["mode=both", "rank_top_k=4"], "ema", [], "K = 4 rank-selected rollouts, softmax(r / tau) weights"),
-    ("RankE, top-4 uniform GAN", ["mode=both", "rank_top_k=4", "uniform_weights=true"], "ema", [], "K = 4 with all weights 1 (plain GAN on the top-K rollouts)"),
-    ("RankE, no EMA anchor", ["mode=both", "consistency_weight=0"], "ema", [], "without L_consist"),
-    ("decoder only", ["mode=decoder"], "ema", [], "decoder stage alone, policy frozen at SFT"),
-)
-# The mechanism (does the frozen decoder fail on the shifted tokens?): the decoder stage alone,
-# started from a finished GRPO run's final policy, so the same policy's tokens are decoded by the
-# frozen and by an adapted decoder.
-ADAPTED = ("GRPO policy, adapted decoder", ["mode=decoder"], "ema", [], "decoder stage alone on the final GRPO policy's rollouts")
 
 
 def run_demo(
@@ -130,11 +145,13 @@ def run_demo(
     save_image_grid(evaluator.preview, out / "sft_samples.png", nrow=8)
     RealReference.from_evaluator(evaluator).save(out)
 
-    studied = [(method, preset.seeds) for method in METHODS] + [(method, preset.ablation_seeds) for method in ABLATIONS]
-    methods, jobs = _method_jobs(out, studied, settings)
+    study = preset.study()
+    trained = [(method, preset.seeds_of(method)) for method in study.methods if method != ADAPTED]
+    methods, jobs = _method_jobs(out, trained, settings)
     _run_unfinished(jobs, config, workers, threads, pcfg.steps, preset_name)
-    if preset.mechanism_seeds:  # the mechanism runs start from the GRPO runs' final policies
-        grpo_runs = dict(zip(preset.seeds, methods[0].runs))  # absolute: the runs' configs are read from anywhere
+    if ADAPTED in study.methods:  # the mechanism runs start from the GRPO runs' final policies
+        grpo = next(method for method in methods if method.spec == GRPO)
+        grpo_runs = dict(zip(preset.seeds, grpo.runs))  # absolute: the runs' configs are read from anywhere
         adapted_settings = {seed: [f"policy={export_final_policy(grpo_runs[seed]).resolve()}"] for seed in preset.mechanism_seeds}
         adapted, adapted_jobs = _method_jobs(out, [(ADAPTED, preset.mechanism_seeds)], settings, adapted_settings)
         _run_unfinished(adapted_jobs, config, workers, threads, pcfg.steps, preset_name)
@@ -145,7 +162,7 @@ def run_demo(
     (out / "mechanism.json").write_text(json.dumps(mechanism, indent=2))
     commands = [" ".join(["ranke posttrain", "--config", config, "--out", str(job.run), *job.overrides]) for job in jobs]
     minutes = (time.perf_counter() - started) / 60
-    report_paths = build_report(out, sft, methods, preset_name, pcfg, preset.seeds, commands, minutes, mechanism, precision)
+    report_paths = build_report(out, sft, study, methods, preset_name, pcfg, preset.seeds, commands, minutes, mechanism, precision)
     print(f"demo[{preset_name}]: {minutes:.1f} min -> {report_paths[0]} and {report_paths[1]}")
     return {"report": str(report_paths[0]), "html": str(report_paths[1]), "minutes": round(minutes, 2)}
 
@@ -200,17 +217,17 @@ def _checkpoint_step(run: Path) -> int:
     return 0 if latest is None else json.loads((latest / MANIFEST).read_text())["step"]
 
 
-def _method_jobs(out: Path, studied, settings, per_seed: dict[int, list[str]] | None = None) -> tuple[list[Method], list[Job]]:
+def _method_jobs(
+    out: Path, studied: list[tuple[MethodSpec, tuple[int, ...]]], settings, per_seed: dict[int, list[str]] | None = None
+) -> tuple[list[Method], list[Job]]:
     """A `Method` per (method, seeds) and a posttrain job per seed (run directory OUT/runs/<slug>_seed<s>)."""
     methods, jobs = [], []
-    for (name, method_overrides, decoder, extra, note), seeds in studied:
-        if not seeds:
-            continue
-        runs = [out / "runs" / f"{_slug(name)}_seed{seed}" for seed in seeds]
+    for spec, seeds in studied:
+        runs = [out / "runs" / f"{_slug(spec.name)}_seed{seed}" for seed in seeds]
         for seed, run in zip(seeds, runs):
             extra_settings = (per_seed or {}).get(seed, [])
-            jobs.append(Job(run, (*settings, *method_overrides, *extra_settings, f"seed={seed}")))
-        methods.append(Method(name, decoder, runs, note, extra))
+            jobs.append(Job(run, (*settings, *spec.overrides, *extra_settings, f"seed={seed}")))
+        methods.append(Method(spec, runs))
     return methods, jobs
 
 
@@ -241,9 +258,10 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
 
 
-def describe(sft: dict, methods: list[Method], real: dict | None = None) -> str:
-    """Plain sentences of what the numbers say, computed from the intervals: a difference is
-    called better or worse only when its 95% interval over seeds excludes 0."""
+def describe(sft: dict, methods: list[Method], compared: list[tuple[Method, Method]], real: dict | None = None) -> str:
+    """Plain sentences of what the numbers say about `methods` and the `compared` pairs, computed
+    from the intervals: a difference is called better or worse only when its 95% interval over
+    seeds excludes 0."""
     lines = []
     seeds = min((len(final_metrics(m, m.decoder)) for m in methods), default=0)
     if real is not None:
@@ -267,7 +285,7 @@ def describe(sft: dict, methods: list[Method], real: dict | None = None) -> str:
             "difference is called only where its 95% interval excludes 0; elsewhere it is not separated."
         )
     lines.append("")
-    for a, b in comparisons(methods):
+    for a, b in compared:
         title = f"{a.name} ({a.decoder} decoder) vs {b.name} ({b.decoder} decoder)"
         lines.append(_summary(title, a.name, paired_comparison(a, b)))
     for method in methods:
@@ -301,21 +319,36 @@ def reward_description(weights: dict[str, float]) -> str:
 
 
 def build_report(
-    out: Path, sft: dict, methods: list[Method], preset_name, pcfg, seeds, commands, minutes, mechanism: dict | None = None,
-    precision: PrecisionChoice | None = None,
+    out: Path, sft: dict, study: Study, methods: list[Method], preset_name, pcfg, seeds, commands, minutes,
+    mechanism: dict | None = None, precision: PrecisionChoice | None = None,
 ) -> tuple[Path, Path]:
-    """`report.md` / `report.html` in `out` from the SFT metrics, the saved `RealReference`, the runs,
-    (`decoder_mechanism`) the trained decoders' reconstructions of ground-truth codes and the
-    study's precision."""
+    """`report.md` / `report.html` in `out` from the SFT metrics, the saved `RealReference`, the runs
+    of the `study`'s methods and the comparisons it makes, (`decoder_mechanism`) the trained
+    decoders' reconstructions of ground-truth codes and the study's precision."""
     reference = RealReference.load(out)
     real = reference.metrics
+    compared = study.compared(methods)
     banded = [plot_metric(sft, methods, key, out / f"curve_{key}.png", real) for key, *_ in COLUMNS]
     curves = curves_caption(methods, any(banded), real is not None) + "\n\n" + "\n".join(
         f"![{title} against post-training steps](curve_{key}.png)" for key, title, _, _ in COLUMNS
     )
     pareto = plot_pareto(sft, methods, out / "pareto.png")
-    samples, sample_files = plot_samples(out, sft, methods, reference)
-    method_lines = "\n".join(f"* {m.name}: {m.note}." for m in methods)
+    samples, sample_files = plot_samples(out, sft, [method for method in methods if method.spec in SAMPLED], reference)
+    sections = [
+        ("Methods", "\n".join(f"* {method.name}: {method.spec.note}." for method in methods)),
+        ("Results", _results(out, sft, methods, compared, real, mechanism)),
+        ("What the numbers say", describe(sft, methods, compared, real)),
+        ("Curves", curves),
+        ("Alignment vs fidelity", f"![{pareto}](pareto.png)"),
+        ("Samples", samples + "\n\n" + "\n".join(f"![{label}]({name})" for label, name in sample_files)),
+        ("Every run", per_run_table(methods) + "\nKID ± its standard error over disjoint subsets of the images."),
+        ("Exact commands", "```\n" + "\n".join(commands) + "\n```\nEach run's resolved config is `runs/<run>/config.yaml`."),
+    ]
+    intro = _intro(out, preset_name, pcfg, seeds, minutes, precision)
+    return write_report(Report("RankE in the toy world: GRPO vs RankE", intro, sections), out)
+
+
+def _intro(out: Path, preset_name, pcfg, seeds, minutes, precision: PrecisionChoice | None) -> str:
     intro = (
         f"The toy world's version of the paper's experiment (preset `{preset_name}`, {minutes:.1f} min). "
         f"From the committed toy SFT policy and tokenizer, each method post-trains for {pcfg.steps} steps of "
@@ -329,6 +362,12 @@ def build_report(
             f" Every run trained and every table and figure was sampled in **{precision.name}** ({precision.reason}); "
             f"chosen on: {chosen_on}."
         )
+    return intro
+
+
+def _results(out: Path, sft: dict, methods: list[Method], compared, real: dict | None, mechanism: dict | None) -> str:
+    """The Results section: the table and what its columns are, each comparison of the study, the
+    gains over the start and, with the mechanism runs, the mechanism figure."""
     arrows = ", ".join(f"{SHORT[key]} {better}" for key, _, _, better in COLUMNS if better)
     results = (
         results_table(sft, methods, real)
@@ -348,21 +387,11 @@ def build_report(
         "colorfulness, where real images are the reference and no direction is better (a reward that favours "
         "vivid colour raises it).\n"
     )
-    for a, b in comparisons(methods):
+    for a, b in compared:
         results += f"\n{a.name} - {b.name}, paired by seed ({a.decoder} vs {b.decoder} decoder):\n\n" + comparison_table(a, b)
     results += "\nGain over the SFT start (mean [95% interval] over seeds):\n\n" + gain_table(sft, methods)
-    by_name = {method.name: method for method in methods}
-    if ADAPTED[0] in by_name and mechanism:
-        caption = plot_decoder_mechanism(by_name[METHODS[0][0]], by_name[ADAPTED[0]], mechanism, sft, out / "mechanism.png")
+    by_spec = {method.spec: method for method in methods}
+    if ADAPTED in by_spec and mechanism:
+        caption = plot_decoder_mechanism(by_spec[GRPO], by_spec[ADAPTED], mechanism, sft, out / "mechanism.png")
         results += f"\n![{caption}](mechanism.png)\n"
-    sections = [
-        ("Methods", method_lines),
-        ("Results", results),
-        ("What the numbers say", describe(sft, methods, real)),
-        ("Curves", curves),
-        ("Alignment vs fidelity", f"![{pareto}](pareto.png)"),
-        ("Samples", samples + "\n\n" + "\n".join(f"![{label}]({name})" for label, name in sample_files)),
-        ("Every run", per_run_table(methods) + "\nKID ± its standard error over disjoint subsets of the images."),
-        ("Exact commands", "```\n" + "\n".join(commands) + "\n```\nEach run's resolved config is `runs/<run>/config.yaml`."),
-    ]
-    return write_report(Report("RankE in the toy world: GRPO vs RankE", intro, sections), out)
+    return results

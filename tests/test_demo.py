@@ -6,8 +6,10 @@ import json
 import re
 
 from ranke.cli import main
-from ranke.demo import PRESETS, describe, reward_description
-from ranke.eval.report import COLUMNS, Method, read_eval
+from ranke.demo import ABLATIONS, ADAPTED, GRPO, PRESETS, RANKE, describe, reward_description
+from ranke.eval.runs import read_eval
+from ranke.eval.study import Method
+from ranke.eval.tables import COLUMNS
 
 
 def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
@@ -55,7 +57,7 @@ def test_describe_with_one_seed_gives_figures_and_calls_nothing(tmp_path):
     (tmp_path / "eval.jsonl").write_text(json.dumps(final) + "\n")
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     real = {"n": 300, "fd": 6.1, "kid": 0.021, "kid_se": 0.015}
-    lines = describe(sft, [Method("RankE", "ema", [tmp_path])], real).splitlines()
+    lines = describe(sft, [Method(RANKE, [tmp_path])], [], real).splitlines()
     assert lines[0].startswith("The evaluation's own noise: a second real image of each of the same 300 prompts is "
                                "FD 6.1 and KID 0.021 (standard error 0.015) from the first")  # fmt: skip
     assert lines[1] == ""  # its own paragraph
@@ -76,3 +78,19 @@ def test_mechanism_runs_start_from_grpo_runs_of_the_same_preset():
     for name, preset in PRESETS.items():
         assert set(preset.mechanism_seeds) <= set(preset.seeds), name
     assert PRESETS["mechanism"].ablation_seeds == () and len(PRESETS["mechanism"].mechanism_seeds) >= 3
+
+
+def test_each_preset_declares_the_study_it_runs():
+    """Every preset's study holds GRPO and RankE and their comparison; the ablations and the
+    mechanism runs, with their comparisons, only where the preset gives them seeds."""
+    for name, preset in PRESETS.items():
+        study = preset.study()
+        assert study.methods[:2] == (GRPO, RANKE) and study.comparisons[0] == (RANKE, GRPO), name
+        assert all(preset.seeds_of(method) for method in study.methods), name
+        assert (ADAPTED in study.methods) == bool(preset.mechanism_seeds), name
+        assert set(ABLATIONS) <= set(study.methods) if preset.ablation_seeds else not set(ABLATIONS) & set(study.methods)
+    full = PRESETS["full"].study()
+    assert [(a.name, b.name) for a, b in full.comparisons] == [
+        ("RankE", "GRPO"), ("RankE, top-4 rank-weighted", "RankE, top-4 uniform GAN"), ("RankE", "RankE, no EMA anchor"),
+        ("RankE", "decoder only"), ("GRPO policy, adapted decoder", "GRPO"),
+    ]  # fmt: skip

@@ -1,18 +1,25 @@
 """The report built from fake but structurally real runs: paired intervals in its tables and text,
-figures that exist, responsive HTML; and the grid tiles the sample grid reads back."""
+figures that exist, responsive HTML; the comparisons a study declares; the page's rendering of
+Markdown; and the grid tiles the sample grid reads back."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from bs4 import BeautifulSoup
 
 from ranke.config import RunConfig
-from ranke.demo import build_report
-from ranke.eval.report import COLUMNS, Method, RealReference
+from ranke.demo import ADAPTED, GRPO, GRPO_VS_RANKE, RANKE, build_report
+from ranke.eval.page import render_html
+from ranke.eval.runs import RealReference
+from ranke.eval.study import Method, Study
+from ranke.eval.tables import COLUMNS
 from ranke.toy.data import heldout_prompts
 from ranke.images import grid_tiles, image_grid, save_image_grid
 
@@ -43,7 +50,7 @@ def _write_run(run, seed: int, decoders: list[str], fd: float, reward: float) ->
     (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def _build(out, seeds):
+def _build(out, seeds, ranke_spec=RANKE):
     out.mkdir()
     save_image_grid(_images(99), out / "sft_samples.png", nrow=8)
     real = {key: SFT[key] - 5 for key, *_ in COLUMNS} | {"n": 64, "kid_se": 0.2}
@@ -55,8 +62,9 @@ def _build(out, seeds):
         _write_run(out / "runs" / f"ranke_seed{seed}", seed, ["ema", "online"], FINAL_FD[seed][1], FINAL_REWARD[seed][1])
         grpo.append(out / "runs" / f"grpo_seed{seed}")
         ranke.append(out / "runs" / f"ranke_seed{seed}")
-    methods = [Method("GRPO", "base", grpo, "frozen decoder"), Method("RankE", "ema", ranke, "co-evolved", ["online"])]
-    md, html = build_report(out, SFT, methods, "test", RunConfig().posttrain, seeds, ["ranke posttrain ..."], 0.5)
+    methods = [Method(GRPO, grpo), Method(ranke_spec, ranke)]
+    study = GRPO_VS_RANKE if ranke_spec == RANKE else Study((GRPO, ranke_spec), ((ranke_spec, GRPO),))
+    md, html = build_report(out, SFT, study, methods, "test", RunConfig().posttrain, seeds, ["ranke posttrain ..."], 0.5)
     return md.read_text(), html.read_text()
 
 
@@ -121,9 +129,9 @@ def test_runs_evaluated_before_kid_existed_show_n_a(tmp_path):
     run = out / "runs" / "grpo_seed1"
     records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     (run / "eval.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kid"}) + "\n" for r in records))
-    grpo = Method("GRPO", "base", [out / "runs" / "grpo_seed0", run])
-    ranke = Method("RankE", "ema", [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
-    markdown = build_report(out, SFT, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
+    grpo = Method(GRPO, [out / "runs" / "grpo_seed0", run])
+    ranke = Method(RANKE, [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
+    markdown = build_report(out, SFT, GRPO_VS_RANKE, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
     assert "| GRPO | base | 8 | 2 | " in markdown and " n/a " in _section(markdown, "Results")
     kid_row = next(line for line in markdown.splitlines() if line.startswith("| KID (toy features) |"))
     assert kid_row.endswith("| 1 | one seed: no interval |")  # only seed 0 has KID on both sides
@@ -140,9 +148,9 @@ def test_runs_evaluated_before_the_manifold_and_round_trip_metrics_show_n_a(tmp_
     for run in (out / "runs").iterdir():
         records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
         (run / "eval.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in NEW_KEYS}) + "\n" for r in records))
-    grpo = Method("GRPO", "base", [out / "runs" / "grpo_seed0", out / "runs" / "grpo_seed1"])
-    ranke = Method("RankE", "ema", [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
-    markdown = build_report(out, SFT, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
+    grpo = Method(GRPO, [out / "runs" / "grpo_seed0", out / "runs" / "grpo_seed1"])
+    ranke = Method(RANKE, [out / "runs" / "ranke_seed0", out / "runs" / "ranke_seed1"])
+    markdown = build_report(out, SFT, GRPO_VS_RANKE, [grpo, ranke], "test", RunConfig().posttrain, [0, 1], [], 0.5)[0].read_text()
     titles = [title for _, title, _, _ in COLUMNS]
     new_columns = [titles.index(title) for key, title, _, _ in COLUMNS if key in NEW_KEYS]
     for section, first in (("Results", "| GRPO | base | 8 | 2 | "), ("Every run", "| grpo_seed1 | 1 | base | 8 | ")):
@@ -173,12 +181,81 @@ def test_mechanism_figure_pairs_the_frozen_and_adapted_decoder_by_seed(tmp_path)
         run = out / "runs" / f"grpo_policy_adapted_decoder_seed{seed}"
         _write_run(run, seed, ["ema"], FINAL_FD[seed][0] - 1.0, FINAL_REWARD[seed][0])
         adapted.append(run)
-    methods = [Method("GRPO", "base", [out / "runs" / f"grpo_seed{s}" for s in (0, 1)]),
-               Method("GRPO policy, adapted decoder", "ema", adapted)]  # fmt: skip
+    methods = [Method(GRPO, [out / "runs" / f"grpo_seed{s}" for s in (0, 1)]), Method(ADAPTED, adapted)]
     reconstruction = {run.name: {"method": "GRPO policy, adapted decoder", "recon_fd": 27.5} for run in adapted}
-    markdown = build_report(out, SFT | {"recon_fd": 27.8}, methods, "test", RunConfig().posttrain, [0, 1], [], 0.5,
+    study = Study((GRPO, ADAPTED), ((ADAPTED, GRPO),))
+    markdown = build_report(out, SFT | {"recon_fd": 27.8}, study, methods, "test", RunConfig().posttrain, [0, 1], [], 0.5,
                             reconstruction)[0].read_text()  # fmt: skip
     assert "![Left: FD of the final GRPO policy's samples decoded by the frozen decoder" in markdown
     assert (out / "mechanism.png").is_file()
     fd_row = next(line for line in markdown.splitlines() if line.startswith("| FD (toy features) |"))
     assert "| -1.0 [-1.0, -1.0] | 2 | GRPO policy, adapted decoder lower FD (better) |" in fd_row
+
+
+def test_a_renamed_method_keeps_its_comparison(tmp_path):
+    """The report's comparisons are the study's pairs of methods, not names: renamed, RankE is still compared."""
+    renamed = replace(RANKE, name="co-evolved decoder")
+    markdown, _ = _build(tmp_path / "report", [0, 1, 2], renamed)
+    results = _section(markdown, "Results")
+    assert "co-evolved decoder - GRPO, paired by seed (ema vs base decoder):" in results
+    fd_row = next(line for line in results.splitlines() if line.startswith("| FD (toy features) |"))
+    assert fd_row.endswith("| -3.0 [-5.5, -0.5] | 3 | co-evolved decoder lower FD (better) |")
+    assert "RankE" not in results
+
+
+def test_a_study_refuses_a_comparison_of_a_method_it_lacks():
+    with pytest.raises(ValueError, match=r"comparison 'RankE' - 'GRPO' names 'RankE', not a method of the study \(GRPO\)"):
+        Study((GRPO,), ((RANKE, GRPO),))
+    with pytest.raises(ValueError, match="repeated: GRPO"):
+        Study((GRPO, replace(RANKE, name="GRPO")))
+    with pytest.raises(ValueError, match="the study compares RankE, but no runs of it were given"):
+        GRPO_VS_RANKE.compared([Method(GRPO, [])])
+
+
+def _page(markdown: str, folder) -> BeautifulSoup:
+    return BeautifulSoup(render_html("a <page>", markdown, folder), "html.parser")
+
+
+def test_page_wraps_tables_and_labels_every_cell_with_its_column(tmp_path):
+    markdown = "| metric | A - B [95% interval] | `code` & more |\n|---|---|---|\n| FD | -3.0 [-5.5, -0.5] | x |\n| KID | +0.1 | y |\n"
+    page = _page(markdown, tmp_path)
+    assert page.title.string == "a <page>"
+    table = page.select_one("div.table > table")
+    assert [th.get_text() for th in table.select("thead th")] == ["metric", "A - B [95% interval]", "code & more"]
+    rows = [[(td["data-label"], td.get_text()) for td in row.find_all("td")] for row in table.select("tbody tr")]
+    assert rows == [
+        [("metric", "FD"), ("A - B [95% interval]", "-3.0 [-5.5, -0.5]"), ("code & more", "x")],
+        [("metric", "KID"), ("A - B [95% interval]", "+0.1"), ("code & more", "y")],
+    ]
+
+
+def test_page_inlines_images_and_groups_consecutive_ones_into_figures(tmp_path):
+    for name, seed in (("a.png", 1), ("b.png", 2)):
+        save_image_grid(_images(seed), tmp_path / name, nrow=4)
+    page = _page("![first plot](a.png)\n![second plot](b.png)\n\n![alone](b.png)\n\nText with ![an icon](a.png) inside.\n", tmp_path)
+    grid, single = page.select("div.figures")
+    assert grid["class"] == ["figures"] and single["class"] == ["figures", "single"]
+    assert [figure.figcaption.get_text() for figure in grid.find_all("figure")] == ["first plot", "second plot"]
+    assert [figure.img["alt"] for figure in grid.find_all("figure")] == ["first plot", "second plot"]
+    assert [figure.figcaption.get_text() for figure in single.find_all("figure")] == ["alone"]
+    sources = [img["src"] for img in page.find_all("img")]
+    assert len(sources) == 4 and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert base64.b64decode(sources[0].split(",", 1)[1]) == (tmp_path / "a.png").read_bytes()
+    assert base64.b64decode(sources[2].split(",", 1)[1]) == (tmp_path / "b.png").read_bytes()
+    inline = page.find_all("p")[-1]  # an image within text stays in its paragraph (inlined, no figure)
+    assert inline.img["alt"] == "an icon" and inline.find("figure") is None and "Text with" in inline.get_text()
+
+
+def test_page_renders_code_lists_and_escapes_text(tmp_path):
+    markdown = ("Intro of **bf16** in `code <x>`.\n\n```\nranke posttrain --out <dir> & more\n```\nAfter the block.\n\n"
+                "* one `item`\n* two\n\nA < b & c, <script>alert(1)</script> stays text.\n")  # fmt: skip
+    html = render_html("title", markdown, tmp_path)
+    page = BeautifulSoup(html, "html.parser")
+    assert page.pre.code.get_text() == "ranke posttrain --out <dir> & more\n"
+    assert "<pre><code>ranke posttrain --out &lt;dir&gt; &amp; more" in html
+    first, after, *_, last = page.find_all("p")
+    assert first.strong.get_text() == "bf16" and first.code.get_text() == "code <x>"
+    assert after.get_text() == "After the block."
+    assert [li.get_text() for li in page.ul.find_all("li")] == ["one item", "two"] and page.ul.li.code.get_text() == "item"
+    assert page.find("script") is None and last.get_text() == "A < b & c, <script>alert(1)</script> stays text."
+    assert "A &lt; b &amp; c, &lt;script&gt;" in html
