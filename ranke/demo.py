@@ -32,15 +32,16 @@ from ranke.checkpoint import MANIFEST, latest_checkpoint
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator
 from ranke.eval.manifold import MIN_FEATURES
-from ranke.eval.figures import curves_caption, plot_decoder_mechanism, plot_metric, plot_pareto, plot_samples
+from ranke.eval.figures import curves_caption, plot_decoder_mechanism, plot_frontier, plot_metric, plot_samples
 from ranke.eval.page import Report, write_report
-from ranke.eval.runs import RealReference, final_metrics
+from ranke.eval.runs import RealReference, final_metrics, frontier_by_seed
 from ranke.eval.study import Method, MethodSpec, Study
 from ranke.eval.tables import (
     COLUMNS,
     SHORT,
     comparison_table,
     difference_cell,
+    frontier_table,
     gain_table,
     gains_over_start,
     paired_comparison,
@@ -332,14 +333,17 @@ def build_report(
     curves = curves_caption(methods, any(banded), real is not None) + "\n\n" + "\n".join(
         f"![{title} against post-training steps](curve_{key}.png)" for key, title, _, _ in COLUMNS
     )
-    pareto = plot_pareto(sft, methods, out / "pareto.png")
+    frontier = f"![{plot_frontier(sft, methods, out / 'frontier.png', real)}](frontier.png)"
+    if min((len(frontier_by_seed(method, sft, "fd")) for method in methods), default=0) >= 2:
+        frontier += "\n\nAt matched reward gain (the largest every run of both methods reaches), paired by seed:\n\n"
+        frontier += frontier_table(sft, compared)
     samples, sample_files = plot_samples(out, sft, [method for method in methods if method.spec in SAMPLED], reference)
     sections = [
+        ("Reward against fidelity", frontier),
         ("Methods", "\n".join(f"* {method.name}: {method.spec.note}." for method in methods)),
         ("Results", _results(out, sft, methods, compared, real, mechanism)),
         ("What the numbers say", describe(sft, methods, compared, real)),
         ("Curves", curves),
-        ("Alignment vs fidelity", f"![{pareto}](pareto.png)"),
         ("Samples", samples + "\n\n" + "\n".join(f"![{label}]({name})" for label, name in sample_files)),
         ("Every run", per_run_table(methods) + "\nKID ± its standard error over disjoint subsets of the images."),
         ("Exact commands", "```\n" + "\n".join(commands) + "\n```\nEach run's resolved config is `runs/<run>/config.yaml`."),

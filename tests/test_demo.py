@@ -32,7 +32,7 @@ def test_quick_demo_writes_a_report_with_numbers(tmp_path, capsys):
     assert "rollouts against the reward `toy_clip`, with seed 0." in report
 
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert sorted(figures) == sorted([f"curve_{key}.png" for key, *_ in COLUMNS] + ["pareto.png", "samples_1.png", "samples_2.png"])
+    assert sorted(figures) == sorted([f"curve_{key}.png" for key, *_ in COLUMNS] + ["frontier.png", "samples_1.png", "samples_2.png"])
     for image in [*figures, "sft_samples.png", "real_samples.png"]:
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
     html = (out / "report.html").read_text()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ranke.eval.frontier import TrajectoryPoint, common_gain, matched_gain_difference, value_at_gain
+from ranke.eval.runs import frontier_by_seed
+from ranke.eval.study import Method, MethodSpec
+from ranke.eval.tables import frontier_table
 
 
 def trajectory(*pairs):
@@ -43,3 +48,29 @@ def test_the_matched_gain_difference_is_paired_by_seed():
     assert difference.high - difference.mean == pytest.approx(4.302653 / 3**0.5, rel=1e-6)
     short = {0: trajectory((0.0, 40.0), (0.5, 41.0)), **{seed: b[seed] for seed in (1, 2)}}
     assert matched_gain_difference(a, short, 1.0).n == 2  # seed 0 of B never reaches gain 1
+
+
+def write_run(folder, seed, rows, decoder="base"):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"seed: {seed}\n")
+    (folder / "eval.jsonl").write_text("".join(json.dumps({"decoder": decoder, **row}) + "\n" for row in rows))
+    return folder
+
+
+def test_the_frontier_table_reads_each_run_at_the_common_gain(tmp_path):
+    sft = {"reward": 90.0, "fd": 40.0, "kid": 1.0}
+    grpo_fd, ranke_fd = (44.0, 48.0, 46.0), (41.0, 42.0, 43.0)
+    grpo = Method(MethodSpec("GRPO", (), "base"), [
+        write_run(tmp_path / f"grpo{seed}", seed, [{"step": 50, "reward": 92.0, "fd": fd, "kid": 1.0}])
+        for seed, fd in enumerate(grpo_fd)])  # fmt: skip
+    ranke = Method(MethodSpec("RankE", (), "ema"), [
+        write_run(tmp_path / f"ranke{seed}", seed, [{"step": 50, "reward": 91.0, "fd": fd, "kid": 1.0}], "ema")
+        for seed, fd in enumerate(ranke_fd)])  # fmt: skip
+    assert frontier_by_seed(grpo, sft, "fd")[1] == trajectory((0.0, 40.0), (2.0, 48.0))
+    assert frontier_by_seed(grpo, sft, "precision") == {}  # evaluated before the metric existed
+    # at gain 1 (RankE's highest): GRPO 42, 44, 43 vs RankE 41, 42, 43 -> differences 1, 2, 0
+    rows = frontier_table(sft, [(grpo, ranke)]).splitlines()
+    fd_row = next(row for row in rows if "| FD |" in row)
+    half = 4.302653 / 3**0.5
+    assert fd_row.startswith(f"| GRPO - RankE | +1.00 | FD | +1.0 [{1 - half:+.1f}, {1 + half:+.1f}] | 3 |")
+    assert "| KID | +0.000 [+0.000, +0.000] | 3 |" in next(row for row in rows if "| KID |" in row)

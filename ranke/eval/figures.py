@@ -14,14 +14,22 @@ from PIL import Image
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ranke.eval.runs import PREVIEW_NROW, RealReference, final_metrics, metric_by_seed, run_seed, trajectory  # noqa: E402
+from ranke.eval.runs import (  # noqa: E402
+    PREVIEW_NROW,
+    RealReference,
+    final_metrics,
+    frontier_by_seed,
+    metric_by_seed,
+    run_seed,
+    trajectory,
+)
 from ranke.eval.stats import Interval, mean_interval  # noqa: E402
 from ranke.eval.study import Method  # noqa: E402
 from ranke.eval.tables import COLUMNS, SHORT  # noqa: E402
 from ranke.images import grid_tiles  # noqa: E402
 
 SAMPLE_PROMPTS = 8
-PARETO_LABELS = 6  # step labels per trajectory at most (evenly spread, the last one included)
+STEP_LABELS = 6  # step labels per mean trajectory at most (evenly spread, the last one included)
 
 
 def _curve(method: Method, key: str, sft: dict) -> tuple[list[int], list[Interval]]:
@@ -101,41 +109,45 @@ def curves_caption(methods: list[Method], banded: bool, real: bool) -> str:
     return caption + "."
 
 
-def plot_pareto(sft: dict, methods: list[Method], path: Path) -> str:
-    """Reward (x) against FD (y, lower is better) along each method's mean trajectory, every point
-    labelled with its step; returns the caption."""
+def plot_frontier(sft: dict, methods: list[Method], path: Path, real: dict | None = None, key: str = "fd") -> str:
+    """The reward-fidelity plane the frontier study reads (`ranke.eval.frontier`): reward gain over
+    the SFT start (x) against metric `key` (y) along every run (thin) and each method's mean over
+    seeds (thick), from the shared start (star), with the real-image floor; returns the caption."""
     _style()
-    fig, axis = plt.subplots(figsize=(4.4, 4.3))
-    axis.scatter([sft["reward"]], [sft["fd"]], marker="*", s=220, color="black", zorder=4, label="SFT start (step 0)")
-    xs, ys = [sft["reward"]], [sft["fd"]]
-    for index, method in enumerate(methods):
+    fig, axis = plt.subplots(figsize=(5.2, 4.4))
+    axis.scatter([0.0], [sft[key]], marker="*", s=220, color="black", zorder=5, label="SFT start")
+    for method in methods:
+        runs = frontier_by_seed(method, sft, key)
+        (mean_line,) = axis.plot([], [], linewidth=2.2, marker="o", markersize=4, label=_label(method), zorder=4)
+        for points in runs.values():
+            axis.plot([p.gain for p in points], [p.value for p in points], color=mean_line.get_color(), alpha=0.35, linewidth=1)
         steps, rewards = _curve(method, "reward", sft)
-        _, fds = _curve(method, "fd", sft)
-        x, y = [i.mean for i in rewards], [i.mean for i in fds]
-        (line,) = axis.plot(x, y, marker="o", markersize=4, linewidth=1.6, label=_label(method), zorder=3)
-        axis.scatter([x[-1]], [y[-1]], marker="s", s=70, color=line.get_color(), edgecolor="black", zorder=5)
-        labelled = sorted({round(i) for i in np.linspace(1, len(steps) - 1, min(len(steps) - 1, PARETO_LABELS))})
-        for step, px, py in (p for i, p in enumerate(zip(steps, x, y)) if i in labelled):
-            axis.annotate(str(step), (px, py), xytext=(5, 5 if index % 2 == 0 else -12), textcoords="offset points",
-                          fontsize=9, color=line.get_color())  # fmt: skip
-        xs += x
-        ys += y
-    # room for the step labels inside the frame
-    x_pad, y_pad = 0.12 * (max(xs) - min(xs) or 1.0), 0.12 * (max(ys) - min(ys) or 1.0)
-    axis.set_xlim(min(xs) - x_pad, max(xs) + x_pad)
-    axis.set_ylim(min(ys) - y_pad, max(ys) + y_pad)
-    axis.set_xlabel("reward (toy CLIP, higher is better)")
-    axis.set_ylabel("FD (toy features, lower is better)")
-    axis.set_title("alignment vs fidelity along training")
+        _, values = _curve(method, key, sft)
+        x, y = [r.mean - sft["reward"] for r in rewards], [v.mean for v in values]
+        mean_line.set_data(x, y)
+        labelled = sorted({round(i) for i in np.linspace(1, len(steps) - 1, min(len(steps) - 1, STEP_LABELS))})
+        for step, px, py in (point for i, point in enumerate(zip(steps, x, y)) if i in labelled):
+            axis.annotate(str(step), (px, py), xytext=(4, 4), textcoords="offset points", fontsize=8, color=mean_line.get_color())
+    if real is not None and key in real:
+        axis.axhline(real[key], color="grey", linestyle=":", linewidth=1.5, label="real images (the evaluation's floor)")
+    axis.relim()
+    axis.autoscale_view()
+    axis.set_xlabel("reward gain over the SFT start (training toy CLIP)")
+    axis.set_ylabel(f"{SHORT[key]} (toy features, lower is better)")
+    axis.set_title("reward against fidelity along training")
     axis.grid(alpha=0.3)
-    _legend_below(axis, len(methods) + 1)
+    _legend_below(axis, len(methods) + 2)
     fig.tight_layout()
-    fig.savefig(path, dpi=180, bbox_inches="tight")  # a long legend label stays inside the image
+    fig.savefig(path, dpi=180, bbox_inches="tight")
     plt.close(fig)
-    points = "each point one evaluation of the run" if _seed_count(methods) < 2 else "each point the mean over seeds at one evaluation"
-    return (f"Reward against FD along each method's trajectory ({_seeds_text(methods)}, {points}; numbers: the "
-            f"evaluation step, up to {PARETO_LABELS} per line; square: the last evaluation; star: the SFT start). "
-            "Down and to the right is better on both.")  # fmt: skip
+    seeds = _seed_count(methods)
+    can = ("With one seed this shows where one run went, not whether the methods differ: that needs paired seeds."
+           if seeds < 2 else "The frontier table compares the methods at matched reward gain, paired by seed.")  # fmt: skip
+    return (f"Reward gain against {SHORT[key]} from the SFT start (star) along each run ({_seeds_text(methods)}; thin: "
+            f"each seed, thick: the mean at each evaluation, numbered by step; dotted: a second set of real images, the "
+            f"floor). Right "
+            f"is more reward, down is better fidelity: a method whose line lies lower at the same gain pays less "
+            f"fidelity for its reward. {can}")  # fmt: skip
 
 
 def plot_decoder_mechanism(frozen: Method, adapted: Method, reconstruction: dict, base: dict, path: Path) -> str:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from ranke.eval.frontier import TrajectoryPoint
 from ranke.eval.study import Method
 from ranke.images import grid_tiles, save_image_grid
 
@@ -90,3 +91,16 @@ def metric_by_seed(method: Method, key: str) -> dict[int, float]:
     """A method's final value of metric `key` by training seed (its table row's decoder; seeds
     whose run lacks the metric are left out)."""
     return {seed: row[key] for seed, row in finals_by_seed(method, method.decoder).items() if key in row}
+
+
+def frontier_by_seed(method: Method, sft: dict, key: str) -> dict[int, list[TrajectoryPoint]]:
+    """Per training seed, the run's trajectory in the reward-fidelity plane: (reward gain over the
+    SFT start, metric `key`) at the start and at every evaluation of its table row's decoder
+    (`ranke.eval.frontier`); runs without evaluations, or evaluated before `key` existed, are left out."""
+    by_seed = {}
+    for run in method.runs:
+        rows = trajectory(run, method.decoder)
+        if rows and all(key in row for row in rows):
+            start = TrajectoryPoint(0.0, sft[key])
+            by_seed[run_seed(run)] = [start] + [TrajectoryPoint(row["reward"] - sft["reward"], row[key]) for row in rows]
+    return by_seed

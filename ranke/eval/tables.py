@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranke.eval.runs import final_metrics, metric_by_seed, run_seed, trajectory, values_of
+from ranke.eval.frontier import common_gain, matched_gain_difference
+from ranke.eval.runs import final_metrics, frontier_by_seed, metric_by_seed, run_seed, trajectory, values_of
 from ranke.eval.stats import Interval, gain_interval, mean_interval, paired_interval, verdict
 from ranke.eval.study import Method
 
@@ -141,4 +142,27 @@ def per_run_table(methods: list[Method]) -> str:
                         kid = [key for key, *_ in COLUMNS].index("kid")
                         values[kid] += f" ± {COLUMNS[kid][2].format(last['kid_se'])}"
                     lines.append(f"| {run.name} | {run_seed(run)} | {decoder} | {last['step']} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+FRONTIER_METRICS = ("fd", "kid", "precision", "recall")  # fidelity read at matched reward gain
+
+
+def frontier_table(sft: dict, compared: list[tuple[Method, Method]]) -> str:
+    """Markdown table of each comparison A - B at matched reward gain (`ranke.eval.frontier`): the
+    largest reward gain over the SFT start that every run of both reaches, and per fidelity metric
+    the paired difference where each run first reaches it, with its 95% interval and verdict."""
+    lines = ["| comparison | reward gain | metric | A - B [95% interval] | seeds | verdict |", "|---" * 6 + "|"]
+    for a, b in compared:
+        for key in FRONTIER_METRICS:
+            a_runs, b_runs = frontier_by_seed(a, sft, key), frontier_by_seed(b, sft, key)
+            if not (a_runs and b_runs):
+                continue
+            gain = common_gain(a_runs, b_runs)
+            difference = matched_gain_difference(a_runs, b_runs, gain)
+            fmt, better = next((fmt, better) for k, _, fmt, better in COLUMNS if k == key)
+            lines.append(
+                f"| {a.name} - {b.name} | {gain:+.2f} | {SHORT[key]} | {difference_cell(difference, fmt)} | "
+                f"{difference.n} | {verdict(difference, better, a.name, SHORT[key])} |"
+            )
     return "\n".join(lines) + "\n"
