@@ -64,3 +64,13 @@ def test_sft_step_benchmark_prints_both_tables():
     header, values = rows[3].strip("| ").split(" | "), rows[4].strip("| ").split(" | ")
     assert header == ["data", "encode", "text", "forward", "backward", "optimizer", "step"]
     assert float(values[-1]) >= max(float(value) for value in values[:-1]) > 0  # the step holds every part
+
+
+def test_precision_benchmark_names_the_machine_and_the_choice():
+    script = Path(__file__).parent.parent / "benchmarks" / "precision.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), "--widths", "32"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CPU capability " in result.stdout and "bf16 matmul native: " in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 32 |"))
+    assert row.split("|")[4].strip() in ("fp32", "bf16")
