@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -420,7 +421,12 @@ def main(argv: list[str] | None = None) -> None:
         from ranke.train.preemption import record_lost_process
 
         print(f"ranke: error: {record_lost_process(err)}", file=sys.stderr)
-        sys.exit(EXIT_LOST_PROCESS)
+        # the process group's threads may still wait on the lost process, and tearing them down at
+        # interpreter exit aborts (exit -6, "terminate called ..."): leave without running it
+        release_all()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_LOST_PROCESS)
     except KeyboardInterrupt:
         print("ranke: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,6 +1,7 @@
 """EMA, RNG snapshots (ranke/train/state.py) and atomic checkpoints (ranke/checkpoint.py)."""
 
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -164,10 +165,12 @@ def test_trainer_state_loads_with_weights_only(tmp_path):
         save_checkpoint(tmp_path, 2, {}, {"rng": np.random.get_state()}, "")
 
 
-def test_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch):
+def test_an_error_mid_save_removes_the_partial_and_keeps_previous_latest(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 1, _tensors(), {"step": 1}, "a: 1\n")
+    written = []
 
     def crash(*args, **kwargs):
+        written.extend(path.name for path in (tmp_path / "checkpoints" / ".step_000002.tmp").iterdir())
         raise RuntimeError("simulated crash after the safetensors files were written")
 
     monkeypatch.setattr(checkpoint_lib.torch, "save", crash)
@@ -176,11 +179,19 @@ def test_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     checkpoints = tmp_path / "checkpoints"
-    partial = checkpoints / ".step_000002.tmp"
-    assert (partial / "policy.safetensors").is_file()  # the crash really happened mid-save
+    assert "policy.safetensors" in written  # the error really came mid-save
+    assert not (checkpoints / ".step_000002.tmp").exists()
     assert (checkpoints / "latest").read_text().strip() == "step_000001"
-    assert latest_checkpoint(tmp_path) == checkpoints / "step_000001"
     assert load_checkpoint(latest_checkpoint(tmp_path))[1] == {"step": 1}
+
+
+def test_a_killed_saves_leftover_is_never_loaded_and_is_replaced(tmp_path):
+    save_checkpoint(tmp_path, 1, _tensors(), {"step": 1}, "a: 1\n")
+    checkpoints = tmp_path / "checkpoints"
+    partial = checkpoints / ".step_000002.tmp"  # what a process killed mid-save leaves: files, no manifest
+    partial.mkdir()
+    shutil.copyfile(checkpoints / "step_000001" / "policy.safetensors", partial / "policy.safetensors")
+    assert latest_checkpoint(tmp_path) == checkpoints / "step_000001"
     with pytest.raises(UserError, match="incomplete"):
         load_checkpoint(partial)
 
