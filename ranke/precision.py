@@ -93,11 +93,12 @@ def _median_seconds(run, repeats: int = 15) -> float:
 def measure_bf16_speedup(width: int) -> float:
     """fp32 time over bf16-autocast time of one linear layer at the policy's shape on the CPU
     ([MEASURED_TOKENS, width] @ [width, 4 width], the MLP's first product); > 1: bf16 is faster."""
-    layer = torch.nn.Linear(width, 4 * width)
-    inputs = torch.randn(MEASURED_TOKENS, width)
-    fp32 = _median_seconds(lambda: layer(inputs))
+    generator = torch.Generator().manual_seed(0)  # the run's global generators stay untouched: seeded runs repeat
+    weight, bias = torch.randn(4 * width, width, generator=generator), torch.randn(4 * width, generator=generator)
+    inputs = torch.randn(MEASURED_TOKENS, width, generator=generator)
+    fp32 = _median_seconds(lambda: torch.nn.functional.linear(inputs, weight, bias))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = _median_seconds(lambda: layer(inputs))
+        bf16 = _median_seconds(lambda: torch.nn.functional.linear(inputs, weight, bias))
     return fp32 / bf16
 
 

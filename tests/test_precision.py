@@ -73,8 +73,11 @@ def test_the_measurement_is_cached_per_machine_and_width(tmp_path, monkeypatch):
     assert all(torch.backends.cpu.get_cpu_capability() in key and "torch " + torch.__version__ in key for key in cache)
 
 
-def test_the_real_measurement_is_a_positive_ratio():
+def test_the_real_measurement_is_a_positive_ratio_and_leaves_the_global_generator_alone():
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
     assert 0 < precision_lib.measure_bf16_speedup(32) < 1000
+    assert torch.equal(torch.get_rng_state(), state)  # a run measured on its first start repeats exactly
 
 
 def test_emulated_avx2_chooses_fp32_on_this_machine(tmp_path):
