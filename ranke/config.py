@@ -403,6 +403,23 @@ class PosttrainConfig:
     eval_seed: int = 0  # sampling seed of every evaluation, the same across runs and training seeds
     eval_split: str = "heldout"  # heldout (report) | validation (choosing settings: sweeps)
 
+    @property
+    def trains_policy(self) -> bool:
+        """Whether the policy stage runs (modes policy and both)."""
+        return self.mode != "decoder"
+
+    @property
+    def trains_decoder(self) -> bool:
+        """Whether the decoder stage runs (modes decoder and both): the decoder and a discriminator train."""
+        return self.mode != "policy"
+
+    @property
+    def consistency_span(self) -> tuple[int, int]:
+        """The steps over which a linear / cosine lambda_c ramps: `consistency_start_step` to
+        `consistency_end_step`, which defaults to a quarter of `steps`."""
+        end = self.steps // 4 if self.consistency_end_step is None else self.consistency_end_step
+        return self.consistency_start_step, end
+
 
 @dataclass
 class ToyCLIPConfig:

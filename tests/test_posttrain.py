@@ -28,9 +28,7 @@ from ranke.config import RunConfig
 from ranke.toy.verifier import score_image
 from ranke.models.vq import to_model_range, to_unit_range
 from ranke.train.posttrain import (
-    build_prompt_source,
     collect_rollout,
-    consistency_span,
     decoder_loss,
     decoder_weights,
     next_prompts,
@@ -39,6 +37,7 @@ from ranke.train.posttrain import (
     start_posttrain,
     train_posttrain,
 )
+from ranke.train.prompts import build_prompt_source
 
 # fp32: these tests compare values exactly, and precision=auto picks bf16 on a CPU with native bf16
 TINY = ["prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0", "deterministic=true", "seed=3", "precision=fp32"]
@@ -121,7 +120,7 @@ def test_consistency_ramps_from_zero_to_lambda_c_by_default():
     otherwise; the Janus preset (lambda_c 5) ramps up to 5."""
     cfg = config_lib.load(RunConfig, "toy", ["posttrain.steps=200", "posttrain.consistency_schedule=linear"])
     pcfg = cfg.posttrain
-    assert consistency_span(pcfg) == (0, 50)
+    assert pcfg.consistency_span == (0, 50)
     assert [decoder_weights(pcfg, step, 1.0).consistency for step in (0, 10, 25, 50, 199)] == [0.0, 2.0, 5.0, 10.0, 10.0]
     cosine = dataclasses.replace(pcfg, consistency_schedule="cosine")
     assert decoder_weights(cosine, 25, 1.0).consistency == pytest.approx(5.0)  # half way: 10 * (1 - cos(pi / 2)) / 2
