@@ -131,10 +131,10 @@ def cmd_sample(args) -> None:
     print(json.dumps(summary))
 
 
-def cmd_train_reward(args) -> None:
-    from ranke.train.reward import train_reward
+def cmd_train_judges(args) -> None:
+    from ranke.train.judges import train_judges
 
-    train_reward(args.config, args.out, args.overrides)
+    train_judges(args.config, args.out, args.overrides)
 
 
 def cmd_fid(args) -> None:
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. reward.features.steps=600")
-    p.set_defaults(func=cmd_train_reward)
+    p.set_defaults(func=cmd_train_judges)
 
     p = _command(sub, "fid", "Frechet distance, precision, recall, density and coverage of two image folders (prints JSON)")
     p.add_argument("dir_a", help="the images to judge (e.g. samples)")
