@@ -122,7 +122,7 @@ def cmd_toy_verify(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from ranke.generate import sample_prompts_to_dir
+    from ranke.sample_folder import sample_prompts_to_dir
 
     summary = sample_prompts_to_dir(
         out_dir=args.out, model=_model_choice(args), prompts_file=args.prompts,
@@ -189,7 +189,7 @@ def cmd_eval(args) -> None:
 
 def _model_choice(args):
     """The model `ranke sample` / `ranke eval` run: --ckpt, --policy, --decoder and the config overrides."""
-    from ranke.generate import ModelChoice
+    from ranke.sample_folder import ModelChoice
 
     return ModelChoice(checkpoint=args.ckpt, policy=args.policy, decoder=args.decoder, overrides=tuple(_overrides(args)))
 
