@@ -254,10 +254,10 @@ def test_existing_run_needs_resume(both_run, capsys):
     [
         (["stepz=3"], "unknown config key 'stepz' (did you mean 'steps'?)"),
         (["group_size=1"], "config key 'posttrain.group_size' is 1; allowed: a finite number >= 2"),
-        (["mode=decoders"], "unknown mode 'decoders'"),
+        (["mode=decoders"], "config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both"),
         (["rewards={toy_clip: 1.0, clipp: 1.0}"], "unknown reward 'clipp'"),
-        (["kl_kind=k4"], "unknown kl_kind 'k4'"),
-        (["consistency_schedule=ramp"], "posttrain.consistency_schedule='ramp' is not one of: none, linear, cosine"),
+        (["kl_kind=k4"], "config key 'posttrain.kl_kind' is 'k4'; allowed: one of squared, k3"),
+        (["consistency_schedule=ramp"], "config key 'posttrain.consistency_schedule' is 'ramp'; allowed: one of none, linear, cosine"),
         (["consistency_schedule=linear", "consistency_end_step=0"],
          "posttrain.consistency_start_step=0 must be below consistency_end_step=0"),
         (["consistency_schedule=cosine", "steps=8", "consistency_start_step=2"],

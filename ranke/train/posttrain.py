@@ -37,7 +37,6 @@ import torch
 
 from ranke import checkpoint as checkpoint_lib
 from ranke.algo.decoder import (
-    CONSISTENCY_SCHEDULES,
     DecoderTerms,
     DecoderWeights,
     consistency_weight,
@@ -52,7 +51,7 @@ from ranke.algo.decoder import (
     soft_codes,
     soft_token_consistency_loss,
 )
-from ranke.algo.grpo import KL_ANCHORS, group_advantages, grpo_policy_loss
+from ranke.algo.grpo import group_advantages, grpo_policy_loss
 from ranke.algo.vqgan import adaptive_generator_weight, adopt_weight, hinge_generator_loss, reconstruction_loss
 from ranke.backbones import Backbone
 from ranke.config import PosttrainConfig, RunConfig
@@ -86,40 +85,14 @@ if TYPE_CHECKING:
 
     from ranke.eval.evaluate import Evaluator
 
-MODES = ("policy", "decoder", "both")
-REFERENCES = ("frozen", "ema")
-SOFT_TOKEN_LOGITS = ("current", "rollout")
-SOFT_TOKEN_CODEBOOKS = ("unit", "raw")
-
-
 def check_posttrain_config(pcfg: PosttrainConfig) -> None:
-    """One clear line for settings the loop cannot run with (beyond each number's own range,
-    `ranke.domains`, checked when the config is built)."""
-    if pcfg.mode not in MODES:
-        raise UserError(f"unknown mode '{pcfg.mode}' (one of: {', '.join(MODES)})")
+    """One clear line for settings the loop cannot run with together (each number's own range is
+    `ranke.domains`', each choice's values `ranke.choices`', checked when the config is built)."""
     if not 1 <= pcfg.rank_top_k <= pcfg.group_size:
         raise UserError(f"rank_top_k={pcfg.rank_top_k} must be between 1 and group_size={pcfg.group_size}")
-    if pcfg.reference not in REFERENCES:
-        raise UserError(f"unknown reference '{pcfg.reference}' (one of: {', '.join(REFERENCES)})")
-    if pcfg.kl_kind not in KL_ANCHORS:
-        raise UserError(f"unknown kl_kind '{pcfg.kl_kind}' (one of: {', '.join(KL_ANCHORS)})")
-    if pcfg.soft_token_logits not in SOFT_TOKEN_LOGITS or pcfg.soft_token_codebook not in SOFT_TOKEN_CODEBOOKS:
-        raise UserError(
-            f"soft_token_logits must be one of {', '.join(SOFT_TOKEN_LOGITS)} and soft_token_codebook one of "
-            f"{', '.join(SOFT_TOKEN_CODEBOOKS)}"
-        )
-    check_consistency_schedule(pcfg)
-
-
-def check_consistency_schedule(pcfg: PosttrainConfig) -> None:
-    """One line naming the key when the lambda_c schedule cannot ramp as asked (each weight's and
-    step's own range is `ranke.domains`')."""
-    if pcfg.consistency_schedule not in CONSISTENCY_SCHEDULES:
-        choices = ", ".join(CONSISTENCY_SCHEDULES)
-        raise UserError(f"posttrain.consistency_schedule='{pcfg.consistency_schedule}' is not one of: {choices}")
     if pcfg.consistency_schedule == "none":
         return
-    start, end = pcfg.consistency_span
+    start, end = pcfg.consistency_span  # checked here once: every step's lambda_c reads it
     if end > pcfg.steps:
         raise UserError(f"posttrain.consistency_end_step={end} must be <= steps={pcfg.steps}")
     if start >= end:
@@ -357,7 +330,7 @@ def decoder_stage(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor
 
 def decoder_weights(pcfg: PosttrainConfig, step: int, disc_factor: float) -> DecoderWeights:
     """The decoder objective's weights at `step`: the config's, lambda_c on its schedule (its span
-    checked once, by `check_consistency_schedule`)."""
+    checked once, by `check_posttrain_config`)."""
     start, end = pcfg.consistency_span
     lambda_c = consistency_weight(
         step, pcfg.consistency_schedule, start, end, pcfg.consistency_start_weight, pcfg.consistency_weight

@@ -24,7 +24,7 @@ from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
 from ranke.config import RunConfig
 from ranke.parallel import mean_over_processes, process_group_kwargs, recipe_precision
-from ranke.precision import PrecisionChoice, check_requested
+from ranke.precision import PrecisionChoice
 from ranke.runlock import claim_output_dir
 from ranke.runtime import progress, seed_everything, select_device, stop_signal_numbers
 from ranke.train.logging import RunLogger, tracker_names
@@ -40,7 +40,6 @@ def start_run(config_path: str, out_dir: str, overrides: list[str], section: str
     seed the global generators and pick the device. The recipe writes config.yaml
     (`write_run_config`) once it has accepted the run (`ranke.train.resume.resume_point`)."""
     cfg = config_lib.load(RunConfig, config_path, overrides, section=section)
-    check_requested(cfg.precision)
     stop_signal_numbers(cfg.stop_signals)
     tracker_names(cfg.log_with)  # a bad value or a missing wandb fails before any work
     claim_output_dir(out_dir)
