@@ -77,14 +77,27 @@ class JudgeTraining:
 
 
 def train_judge(
-    judge: JudgeTraining, cfg: ToyCLIPConfig | ToyFeatureConfig, out_dir: str | Path, run_seed: int, device: torch.device,
-    log_with: str, max_consecutive_skips: int, preemption: Preemption | None,
+    describe: Callable[..., JudgeTraining],
+    cfg: ToyCLIPConfig | ToyFeatureConfig,
+    out_dir: str | Path,
+    seed: int,
+    toy: ToyConfig = ToyConfig(),
+    device: str = "cpu",
+    log_with: str = "tensorboard",
+    max_consecutive_skips: int = 10,
+    preemption: Preemption | None = None,
 ) -> dict:
-    """Train `judge` for `cfg.steps` steps from `run_seed`, evaluate it, write eval.json and its
-    asset in `out_dir`; returns the evaluation (plus train_seconds, steps, seed and the asset path).
-    Logs every `log_every` steps (RunLogger: metrics.jsonl and the `log_with` trackers); with
-    `preemption`, a stop signal stops it after the current step."""
+    """Train the judge `describe(cfg, toy, device)` builds for `cfg.steps` steps from seed
+    `seed + cfg.seed_offset`, evaluate it, write eval.json and its asset in `out_dir`; returns the
+    evaluation (plus train_seconds, steps, seed and the asset path). Logs every `log_every` steps
+    (RunLogger: metrics.jsonl and the `log_with` trackers); with `preemption` (`train_judges`'s),
+    a stop signal stops it after the current step."""
     run = Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    run_seed = seed + cfg.seed_offset
+    seed_everything(run_seed)
+    device = select_device(device)
+    judge = describe(cfg, toy, device)
     lr_factor = lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)  # noqa: E731
     adamw = torch.optim.AdamW(judge.param_groups, lr=cfg.lr)
     optimizer = GuardedOptimizer(
@@ -96,23 +109,28 @@ def train_judge(
     start = time.perf_counter()
     bar = progress(range(cfg.steps), total=cfg.steps, desc=judge.label)
     for step in bar:
-        judge.model.train()
-        lr = optimizer.current_lr
-        loss, terms, figures = judge.batch_loss(data_rng)
-        optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(judge.model.parameters(), cfg.grad_clip)
-        optimizer.step(step + 1, {**terms, "grad_norm": grad_norm})
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            record = {"step": step + 1, "lr": lr, **{name: value.item() for name, value in terms.items()}, **figures()}
-            logger.log({**record, **optimizer.guard.metrics()})
-            bar.set_postfix(judge.postfix(record))
+        judge_step(judge, optimizer, data_rng, cfg, step, logger, bar)
         if preemption is not None and preemption.requested(step + 1):  # no checkpoints: a rerun starts over
             logger.close()
             preemption.stop(metrics=run / "metrics.jsonl")
     train_seconds = time.perf_counter() - start
     logger.close()
     return finish_judge(judge, run, train_seconds, cfg.steps, run_seed)
+
+
+def judge_step(judge: JudgeTraining, optimizer: GuardedOptimizer, data_rng, cfg, step: int, logger: RunLogger, bar) -> None:
+    """One batch, one guarded step, and the record when it is due."""
+    judge.model.train()
+    lr = optimizer.current_lr
+    loss, terms, figures = judge.batch_loss(data_rng)
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(judge.model.parameters(), cfg.grad_clip)
+    optimizer.step(step + 1, {**terms, "grad_norm": grad_norm})
+    if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        record = {"step": step + 1, "lr": lr, **{name: value.item() for name, value in terms.items()}, **figures()}
+        logger.log({**record, **optimizer.guard.metrics()})
+        bar.set_postfix(judge.postfix(record))
 
 
 def finish_judge(judge: JudgeTraining, run: Path, train_seconds: float, steps: int, run_seed: int) -> dict:
@@ -124,14 +142,6 @@ def finish_judge(judge: JudgeTraining, run: Path, train_seconds: float, steps: i
     save_asset(path, judge.asset_kind, judge.model.args, judge.model.state_dict())
     print(f"{judge.label}: {judge.summary(result)}; {train_seconds / 60:.1f} min -> {path}")
     return result
-
-
-def start_judge(out_dir: str | Path, seed: int, seed_offset: int, device: str) -> tuple[int, torch.device]:
-    """The judge's directory, seed (`seed + seed_offset`, every global stream seeded) and device."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    run_seed = seed + seed_offset
-    seed_everything(run_seed)
-    return run_seed, select_device(device)
 
 
 # --- toy CLIP ----------------------------------------------------------------------------------
@@ -255,15 +265,14 @@ def evaluate_toy_clip(
     }
 
 
-def train_toy_clip(
-    cfg: ToyCLIPConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
-    log_with: str = "tensorboard",
-    max_consecutive_skips: int = 10,
-    preemption: Preemption | None = None,
-) -> dict:
-    """Train one toy CLIP (`train_judge`), evaluate it on held-out prompts, write
-    `out_dir/toy_clip.safetensors`; returns the evaluation."""
-    run_seed, device = start_judge(out_dir, seed, cfg.seed_offset, device)
+def train_toy_clip(cfg: ToyCLIPConfig, out_dir: str | Path, seed: int, **settings) -> dict:
+    """Train one toy CLIP (`train_judge`, which takes the `settings`), evaluate it on held-out
+    prompts, write `out_dir/toy_clip.safetensors`; returns the evaluation."""
+    return train_judge(toy_clip_training, cfg, out_dir, seed, **settings)
+
+
+def toy_clip_training(cfg: ToyCLIPConfig, toy: ToyConfig, device: torch.device) -> JudgeTraining:
+    """A toy CLIP and how it trains: symmetric InfoNCE with hard negatives (`contrastive_loss`)."""
     model = ToyCLIP(cfg.model).to(device)
     # weight decay on matrices only (not on biases, norms or the temperature), as in CLIP
     matrices = [p for p in model.parameters() if p.ndim >= 2]
@@ -278,7 +287,7 @@ def train_toy_clip(
         figures = lambda: {"logit_scale": model.logit_scale.item(), **batch_figures(image_emb, text_emb, cfg.hard_negatives)}  # noqa: E731
         return loss, {"loss": loss}, figures
 
-    judge = JudgeTraining(
+    return JudgeTraining(
         label="toy clip", model=model,
         param_groups=[{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}],
         batch_loss=batch_loss, postfix=lambda record: {"loss": f"{record['loss']:.3f}", "scale": f"{record['logit_scale']:.1f}"},
@@ -289,7 +298,6 @@ def train_toy_clip(
             f"{result['pair_accuracy']:.3f}, hard negatives {result['hard_negative_accuracy']:.3f}"
         ),
     )  # fmt: skip
-    return train_judge(judge, cfg, out_dir, run_seed, device, log_with, max_consecutive_skips, preemption)
 
 
 @torch.no_grad()
@@ -389,15 +397,14 @@ def evaluate_toy_features(
     return result
 
 
-def train_toy_features(
-    cfg: ToyFeatureConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
-    log_with: str = "tensorboard",
-    max_consecutive_skips: int = 10,
-    preemption: Preemption | None = None,
-) -> dict:
-    """Train the feature network (`train_judge`), evaluate it, write
+def train_toy_features(cfg: ToyFeatureConfig, out_dir: str | Path, seed: int, **settings) -> dict:
+    """Train the feature network (`train_judge`, which takes the `settings`), evaluate it, write
     `out_dir/toy_features.safetensors`; returns the evaluation."""
-    run_seed, device = start_judge(out_dir, seed, cfg.seed_offset, device)
+    return train_judge(toy_features_training, cfg, out_dir, seed, **settings)
+
+
+def toy_features_training(cfg: ToyFeatureConfig, toy: ToyConfig, device: torch.device) -> JudgeTraining:
+    """The feature network and how it trains: scene attributes from pixels (`feature_losses`)."""
     model = ToyFeatureNet(cfg.model).to(device)
 
     def batch_loss(data_rng: np.random.Generator):
@@ -406,7 +413,7 @@ def train_toy_features(
         losses = feature_losses(predictions, _targets_to(scene_targets(scenes), device), cfg.color_weight)
         return losses["total"], {f"loss_{name}": value for name, value in losses.items()}, dict
 
-    judge = JudgeTraining(
+    return JudgeTraining(
         label="toy features", model=model, param_groups=[{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}],
         batch_loss=batch_loss, postfix=lambda record: {"loss": f"{record['loss_total']:.3f}"},
         evaluate=lambda: evaluate_toy_features(model, toy, cfg.eval_scenes, cfg.fd_images, device),
@@ -417,7 +424,6 @@ def train_toy_features(
             f"{result['fd_blur']['1.0']:.2f}, noise(0.05) {result['fd_noise']['0.05']:.2f}"
         ),
     )  # fmt: skip
-    return train_judge(judge, cfg, out_dir, run_seed, device, log_with, max_consecutive_skips, preemption)
 
 
 # --- the recipe: all three judges --------------------------------------------------------------
@@ -441,8 +447,8 @@ def train_judges(config_path: str, out_dir: str, overrides: list[str]) -> dict:
     summary = {}
     for name in cfg.reward.models:
         result = TRAINERS[name](
-            getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with,
-            cfg.max_consecutive_skips, preemption,
+            getattr(cfg.reward, name), run / name, cfg.seed, toy=cfg.toy, device=cfg.device, log_with=cfg.log_with,
+            max_consecutive_skips=cfg.max_consecutive_skips, preemption=preemption,
         )  # fmt: skip
         asset = run / ASSET_FILES[name]
         Path(result["asset"]).replace(asset)

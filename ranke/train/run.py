@@ -5,15 +5,18 @@ A checkpointing recipe (tokenizer, SFT, post-training) reads
 
     start = begin_run(config_path, out_dir, overrides, "sft", resume)   # config, lock, resume point, accelerate
     ...build its models and `GuardedOptimizer`s, restore `start.resumed`...
-    run_steps("sft", start_step, steps, ..., logger, one_step, save)     # progress bar, stop signals
+    return train_recipe("sft", start, start_step, steps, one_step, save, finish)  # log, loop, stop signals
 
-with `one_step(step, bar)` the recipe's named stages and its bookkeeping (`due` says which
-records, previews and checkpoints a step writes), returning whether it wrote a checkpoint, and
-`save_recipe_checkpoint` writing one (trainer state: `ranke.train.trainer_state`).
+with `one_step(logger, step, bar)` the recipe's named stages and its bookkeeping (`due` says which
+records, previews and checkpoints a step writes), returning whether it wrote a checkpoint,
+`save(step)` writing one (`save_recipe_checkpoint`; trainer state: `ranke.train.trainer_state`)
+and `finish(train_seconds)` its evaluation and asset. Post-training runs `run_steps` itself: it
+keeps more outputs than the log.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -121,6 +124,29 @@ def save_recipe_checkpoint(
     if main_process:
         config_yaml = (run_dir / "config.yaml").read_text()
         checkpoint_lib.save_checkpoint(run_dir, step, tensors, trainer_state, config_yaml, keep_last=keep_last)
+
+
+def train_recipe(
+    desc: str,
+    start: RunStart,
+    start_step: int,
+    total: int,
+    one_step: Callable[[RunLogger, int, object], bool],
+    save: Callable[[int], None],
+    finish: Callable[[float], dict],
+) -> dict:
+    """A checkpointing recipe from its `start` to its end: the run log (`RunLogger`, records after
+    `start_step` dropped), `run_steps` with `one_step(logger, step, bar)`, then on the main process
+    `finish(train_seconds)` (evaluation and asset), whose result it returns ({} on the others)."""
+    logger = RunLogger(start.run_dir, start.cfg.log_with, start.cfg, start.device, start_step)
+    started = time.perf_counter()
+    run_steps(
+        desc, start_step, total, start.cfg.stop_signals, start.run_dir, start.accelerator, logger,
+        one_step=lambda step, bar: one_step(logger, step, bar), save=save,
+    )  # fmt: skip
+    train_seconds = time.perf_counter() - started
+    start.accelerator.wait_for_everyone()
+    return finish(train_seconds) if start.main_process else {}
 
 
 def run_steps(

@@ -18,7 +18,6 @@ Set-up, resume, stop signals and checkpoints are every recipe's (`ranke.train.ru
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -39,7 +38,7 @@ from ranke.toy.data import heldout_prompts, train_batch
 from ranke.toy.verifier import score_image, summarize
 from ranke.train.guard import StepGuard
 from ranke.train.logging import RunLogger
-from ranke.train.run import RunStart, begin_run, due, log_record, run_steps, save_recipe_checkpoint, write_run_config
+from ranke.train.run import RunStart, begin_run, due, log_record, save_recipe_checkpoint, train_recipe, write_run_config
 from ranke.train.schedule import warmup_cosine
 from ranke.train.trainer_state import GuardedOptimizer, restore_trainer_state, trainer_state, upgrade
 
@@ -174,16 +173,10 @@ def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool
     """Train (or with `resume`, continue) the policy in `out_dir`; one process or several under
     `torchrun` / `accelerate launch` (each takes its share of every batch; DDP averages gradients)."""
     run, start_step = start_sft(config_path, out_dir, overrides, resume)
-    start, scfg = run.start, run.scfg
-    logger = RunLogger(start.run_dir, start.cfg.log_with, start.cfg, start.device, start_step)
-    started = time.perf_counter()
-    run_steps(
-        "sft", start_step, scfg.steps, start.cfg.stop_signals, start.run_dir, start.accelerator, logger,
-        one_step=lambda step, bar: sft_step(run, logger, step, bar), save=partial(save_sft_checkpoint, run),
+    return train_recipe(
+        "sft", run.start, start_step, run.scfg.steps, one_step=partial(sft_step, run),
+        save=partial(save_sft_checkpoint, run), finish=partial(evaluate_policy, run),
     )  # fmt: skip
-    train_seconds = time.perf_counter() - started
-    start.accelerator.wait_for_everyone()
-    return evaluate_policy(run, train_seconds) if start.main_process else {}
 
 
 def evaluate_policy(run: SFTRun, train_seconds: float) -> dict:

@@ -17,7 +17,6 @@ Set-up, resume, stop signals and checkpoints are every recipe's (`ranke.train.ru
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -44,7 +43,7 @@ from ranke.toy.data import reference_images, train_batch
 from ranke.train.discriminator import discriminator_step
 from ranke.train.guard import StepGuard
 from ranke.train.logging import RunLogger
-from ranke.train.run import RunStart, begin_run, due, log_record, run_steps, save_recipe_checkpoint, write_run_config
+from ranke.train.run import RunStart, begin_run, due, log_record, save_recipe_checkpoint, train_recipe, write_run_config
 from ranke.train.schedule import warmup_cosine
 from ranke.train.trainer_state import GuardedOptimizer, restore_trainer_state, trainer_state, upgrade
 
@@ -226,16 +225,10 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
     (the adaptive GAN weight and the discriminator's BatchNorm statistics stay per process), and
     the codebook's usage window and dead-code restarts see the global batch."""
     run, start_step = start_tokenizer(config_path, out_dir, overrides, resume)
-    start, tcfg = run.start, run.tcfg
-    logger = RunLogger(start.run_dir, start.cfg.log_with, start.cfg, start.device, start_step)
-    started = time.perf_counter()
-    run_steps(
-        "tokenizer", start_step, tcfg.steps, start.cfg.stop_signals, start.run_dir, start.accelerator, logger,
-        one_step=lambda step, bar: tokenizer_train_step(run, logger, step, bar), save=partial(save_tokenizer_checkpoint, run),
+    return train_recipe(
+        "tokenizer", run.start, start_step, run.tcfg.steps, one_step=partial(tokenizer_train_step, run),
+        save=partial(save_tokenizer_checkpoint, run), finish=partial(finish_tokenizer, run),
     )  # fmt: skip
-    train_seconds = time.perf_counter() - started
-    start.accelerator.wait_for_everyone()
-    return finish_tokenizer(run, train_seconds) if start.main_process else {}
 
 
 def finish_tokenizer(run: TokenizerRun, train_seconds: float) -> dict:
