@@ -5,12 +5,12 @@ A checkpointing recipe (tokenizer, SFT, post-training) reads
 
     start = begin_run(config_path, out_dir, overrides, "sft", resume)   # config, lock, resume point, accelerate
     ...build its models and `GuardedOptimizer`s, restore `start.resumed`...
-    return train_recipe("sft", start, start_step, steps, one_step, save, finish)  # log, loop, stop signals
+    return train_recipe((run, start_step), one_step, save, finish)     # log, loop, stop signals
 
-with `one_step(logger, step, bar)` the recipe's named stages and its bookkeeping (`due` says which
+with `one_step(run, logger, step, bar)` the recipe's named stages and its bookkeeping (`due` says which
 records, previews and checkpoints a step writes), returning whether it wrote a checkpoint,
-`save(step)` writing one (`save_recipe_checkpoint`; trainer state: `ranke.train.trainer_state`)
-and `finish(train_seconds)` its evaluation and asset. Post-training runs `run_steps` itself: it
+`save(run, step)` writing one (`save_recipe_checkpoint`; trainer state: `ranke.train.trainer_state`)
+and `finish(run, train_seconds)` its evaluation and asset. Post-training runs `run_steps` itself: it
 keeps more outputs than the log.
 """
 
@@ -58,6 +58,7 @@ def write_run_config(cfg: RunConfig, run: Path) -> None:
 class RunStart:
     """A checkpointing recipe's run as `begin_run` sets it up."""
 
+    section: str  # the recipe's config section and name: tokenizer, sft, posttrain
     cfg: RunConfig
     run_dir: Path
     accelerator: Accelerator
@@ -99,7 +100,9 @@ def begin_run(
     )
     precision = recipe_precision(cfg, accelerator, section)
     contents = None if resumed is None else resumed[1][:2]
-    return RunStart(cfg=cfg, run_dir=run_dir, accelerator=accelerator, precision=precision, resumed=contents)
+    return RunStart(
+        section=section, cfg=cfg, run_dir=run_dir, accelerator=accelerator, precision=precision, resumed=contents
+    )
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -126,27 +129,24 @@ def save_recipe_checkpoint(
         checkpoint_lib.save_checkpoint(run_dir, step, tensors, trainer_state, config_yaml, keep_last=keep_last)
 
 
-def train_recipe(
-    desc: str,
-    start: RunStart,
-    start_step: int,
-    total: int,
-    one_step: Callable[[RunLogger, int, object], bool],
-    save: Callable[[int], None],
-    finish: Callable[[float], dict],
-) -> dict:
-    """A checkpointing recipe from its `start` to its end: the run log (`RunLogger`, records after
-    `start_step` dropped), `run_steps` with `one_step(logger, step, bar)`, then on the main process
-    `finish(train_seconds)` (evaluation and asset), whose result it returns ({} on the others)."""
+def train_recipe(started: tuple, one_step: Callable, save: Callable, finish: Callable) -> dict:
+    """A checkpointing recipe from its start to its end. `started` is (run, start step) as the
+    recipe's start function returns it, `run.start` its `RunStart`; then the run log (`RunLogger`,
+    records after the start step dropped), `run_steps` over the section's `steps` with
+    `one_step(run, logger, step, bar)` and `save(run, step)`, and on the main process
+    `finish(run, train_seconds)` (evaluation and asset), whose result it returns ({} on the others)."""
+    run, start_step = started
+    start = run.start
     logger = RunLogger(start.run_dir, start.cfg.log_with, start.cfg, start.device, start_step)
-    started = time.perf_counter()
+    begun = time.perf_counter()
     run_steps(
-        desc, start_step, total, start.cfg.stop_signals, start.run_dir, start.accelerator, logger,
-        one_step=lambda step, bar: one_step(logger, step, bar), save=save,
+        start.section, start_step, getattr(start.cfg, start.section).steps, start.cfg.stop_signals, start.run_dir,
+        start.accelerator, logger, one_step=lambda step, bar: one_step(run, logger, step, bar),
+        save=lambda step: save(run, step),
     )  # fmt: skip
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - begun
     start.accelerator.wait_for_everyone()
-    return finish(train_seconds) if start.main_process else {}
+    return finish(run, train_seconds) if start.main_process else {}
 
 
 def run_steps(

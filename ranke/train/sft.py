@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -172,11 +171,7 @@ def save_sft_checkpoint(run: SFTRun, step: int) -> None:
 def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
     """Train (or with `resume`, continue) the policy in `out_dir`; one process or several under
     `torchrun` / `accelerate launch` (each takes its share of every batch; DDP averages gradients)."""
-    run, start_step = start_sft(config_path, out_dir, overrides, resume)
-    return train_recipe(
-        "sft", run.start, start_step, run.scfg.steps, one_step=partial(sft_step, run),
-        save=partial(save_sft_checkpoint, run), finish=partial(evaluate_policy, run),
-    )  # fmt: skip
+    return train_recipe(start_sft(config_path, out_dir, overrides, resume), sft_step, save_sft_checkpoint, evaluate_policy)
 
 
 def evaluate_policy(run: SFTRun, train_seconds: float) -> dict:

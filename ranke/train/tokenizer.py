@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -224,11 +223,7 @@ def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume
     `torchrun` / `accelerate launch`: each takes its share of every batch, gradients are averaged
     (the adaptive GAN weight and the discriminator's BatchNorm statistics stay per process), and
     the codebook's usage window and dead-code restarts see the global batch."""
-    run, start_step = start_tokenizer(config_path, out_dir, overrides, resume)
-    return train_recipe(
-        "tokenizer", run.start, start_step, run.tcfg.steps, one_step=partial(tokenizer_train_step, run),
-        save=partial(save_tokenizer_checkpoint, run), finish=partial(finish_tokenizer, run),
-    )  # fmt: skip
+    return train_recipe(start_tokenizer(config_path, out_dir, overrides, resume), tokenizer_train_step, save_tokenizer_checkpoint, finish_tokenizer)
 
 
 def finish_tokenizer(run: TokenizerRun, train_seconds: float) -> dict:
