@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from test_posttrain import TINY
 from test_recipes import TINY_TOKENIZER, tiny_sft
 
