@@ -31,8 +31,8 @@ from ranke.precision import choose_precision, machine_description
 from ranke.rewards.build import build_reward
 from ranke.runtime import autocast
 from ranke.train import state as state_lib
-from ranke.train.guard import StepGuard
-from ranke.train.posttrain import Models, Optimizers, PosttrainRun, collect_rollout, decoder_stage, policy_stage
+from ranke.train.posttrain import PosttrainRun, collect_rollout, decoder_stage, policy_stage
+from ranke.train.posttrain_models import Models, build_optimizers
 
 
 class RandomCaptions:
@@ -107,13 +107,12 @@ def main() -> None:
     for parameter in vq.decoder_parameters():
         parameter.requires_grad_(True)
     models = Models(
-        policy, state_lib.EMA(policy, 0.999), Transformer(gpt_args).to(device).eval().requires_grad_(False), vq,
-        state_lib.EMA(vq, 0.99), PatchDiscriminator().to(device), build_perceptual("pyramid").to(device),
+        policy=policy, policy_ema=state_lib.EMA(policy, 0.999),
+        reference=Transformer(gpt_args).to(device).eval().requires_grad_(False), vq=vq, vq_ema=state_lib.EMA(vq, 0.99),
+        disc=PatchDiscriminator().to(device), perceptual=build_perceptual("pyramid").to(device),
     )  # fmt: skip
-    optimizers = Optimizers(
-        torch.optim.AdamW(policy.parameters(), lr=1e-5), torch.optim.AdamW(vq.decoder_parameters(), lr=5e-5),
-        torch.optim.AdamW(models.disc.parameters(), lr=2e-5),
-    )  # fmt: skip
+    # AdamW at the released learning rates; 0: the guards never stop the run
+    optimizers = build_optimizers(models, pcfg, 0, device)
     reward = build_reward({"toy_clip": 1.0}, device)
     from accelerate import Accelerator
 
@@ -124,10 +123,11 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cfg = RunConfig(posttrain=pcfg, sampling=sampling)
-    guards = {name: StepGuard(name, 0, device) for name in ("policy", "decoder", "disc")}  # 0: never stop
     run = PosttrainRun(
-        cfg, None, backbone, models, optimizers, policy, reward, None, {}, accelerator, shard, precision, "ddp", guards
-    )
+        cfg=cfg, run_dir=None, backbone=backbone, models=models, optimizers=optimizers, policy_for_loss=policy,
+        reward=reward, prompt_source=None, generators={}, accelerator=accelerator, shard=shard, precision=precision,
+        sharding="ddp",
+    )  # fmt: skip
     for step in range(2):  # the second step is timed
         timings: dict[str, float] = {}
         synchronize(device)

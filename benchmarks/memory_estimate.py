@@ -68,7 +68,7 @@ from ranke.rewards.base import DualEncoderReward
 from ranke.rewards.clip import CLIPReward
 from ranke.rewards.combine import CombinedReward
 from ranke.sampling import token_logprobs
-from ranke.train.posttrain import RankSelection, consistency_span, decoder_loss
+from ranke.train.posttrain import RankSelection, decoder_loss
 
 GIB = 2**30
 BF16_BYTES = 2
@@ -471,7 +471,7 @@ def decoder_stage_activations(models: RunModels, pcfg, prompts: int, setting: Se
     run = SimpleNamespace(pcfg=pcfg, models=holder, reward=reward, backbone=None)
     selection = RankSelection(None, weights, None, 1.0, tokens, ["a prompt"] * selected)
     models.disc.requires_grad_(False)  # as during the decoder step
-    step = max(pcfg.disc_start, consistency_span(pcfg)[1]) + 1
+    step = max(pcfg.disc_start, pcfg.consistency_span[1]) + 1
 
     def run_forward():
         with setting.autocast():

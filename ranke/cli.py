@@ -123,7 +123,7 @@ def cmd_toy_verify(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from ranke.generate import sample_prompts_to_dir
+    from ranke.sample_folder import sample_prompts_to_dir
 
     summary = sample_prompts_to_dir(
         out_dir=args.out, model=_model_choice(args), prompts_file=args.prompts,
@@ -132,10 +132,10 @@ def cmd_sample(args) -> None:
     print(json.dumps(summary))
 
 
-def cmd_train_reward(args) -> None:
-    from ranke.train.reward import train_reward
+def cmd_train_judges(args) -> None:
+    from ranke.train.judges import train_judges
 
-    train_reward(args.config, args.out, args.overrides)
+    train_judges(args.config, args.out, args.overrides)
 
 
 def cmd_fid(args) -> None:
@@ -190,7 +190,7 @@ def cmd_eval(args) -> None:
 
 def _model_choice(args):
     """The model `ranke sample` / `ranke eval` run: --ckpt, --policy, --decoder and the config overrides."""
-    from ranke.generate import ModelChoice
+    from ranke.sample_folder import ModelChoice
 
     return ModelChoice(checkpoint=args.ckpt, policy=args.policy, decoder=args.decoder, overrides=tuple(_overrides(args)))
 
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. reward.features.steps=600")
-    p.set_defaults(func=cmd_train_reward)
+    p.set_defaults(func=cmd_train_judges)
 
     p = _command(sub, "fid", "Frechet distance, precision, recall, density and coverage of two image folders (prints JSON)")
     p.add_argument("dir_a", help="the images to judge (e.g. samples)")

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ranke.choices import check_choices
 from ranke.domains import validate
 from ranke.models.gpt import GPT_PRESETS, GPTArgs
 from ranke.models.vq import VQ_PRESETS, VQArgs
@@ -176,9 +177,11 @@ def apply_overrides(cls, data: dict, overrides: list[str], section: str | None =
 
 
 def build_checked(cls, data: dict):
-    """`build`, then each number checked against its domain (`ranke.domains`)."""
+    """`build`, then each number checked against its domain (`ranke.domains`) and each choice
+    against its values (`ranke.choices`)."""
     cfg = build(cls, data)
     validate(cfg)
+    check_choices(cfg)
     return cfg
 
 
@@ -197,7 +200,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def load(cls, path: str | None, overrides: list[str] = (), section: str | None = None):
     """Load config dataclass `cls` from a YAML file (or defaults) plus overrides, each number
-    checked against its domain (`ranke.domains`)."""
+    checked against its domain (`ranke.domains`) and each choice against its values (`ranke.choices`)."""
     data = read_yaml(resolve_config_path(path)) if path is not None else {}
     return build_checked(cls, apply_overrides(cls, data, list(overrides), section))
 
@@ -402,6 +405,23 @@ class PosttrainConfig:
     eval_samples: int = 500  # held-out prompts per evaluation; 0: no evaluation
     eval_seed: int = 0  # sampling seed of every evaluation, the same across runs and training seeds
     eval_split: str = "heldout"  # heldout (report) | validation (choosing settings: sweeps)
+
+    @property
+    def trains_policy(self) -> bool:
+        """Whether the policy stage runs (modes policy and both)."""
+        return self.mode != "decoder"
+
+    @property
+    def trains_decoder(self) -> bool:
+        """Whether the decoder stage runs (modes decoder and both): the decoder and a discriminator train."""
+        return self.mode != "policy"
+
+    @property
+    def consistency_span(self) -> tuple[int, int]:
+        """The steps over which a linear / cosine lambda_c ramps: `consistency_start_step` to
+        `consistency_end_step`, which defaults to a quarter of `steps`."""
+        end = self.steps // 4 if self.consistency_end_step is None else self.consistency_end_step
+        return self.consistency_start_step, end
 
 
 @dataclass

@@ -16,6 +16,10 @@ path, a `..` component, or that is not a regular file (link, device, fifo) is re
 Samples without a caption or an image, and images that do not decode, are skipped and
 counted in `ImageCaptionSource.stats`.
 
+The toy world needs no files: `ToyPromptSource` draws its seeded training stream, or prompts
+from a toy-grammar prompt file with a freshly rendered real image each. Both sources are
+`PromptSource`s.
+
 Evaluation needs prompts only: `read_eval_prompts` reads txt/csv/jsonl prompt files and
 COCO captions JSON.
 """
@@ -32,12 +36,14 @@ import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from ranke.runtime import UserError, progress, read_user_text
+from ranke.toy.data import ToyConfig, render_caption, scene_for_caption, train_batch
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -303,6 +309,48 @@ def index_source(source: str) -> tuple[list[Record], dict[str, int]]:
 
 # ---------------------------------------------------------------------------------------------
 # seeded batches for the post-training loop
+
+
+class PromptSource(Protocol):
+    """B (prompt, real image) pairs per step, resumable from the loop's generator plus its own state."""
+
+    def next_batch(self, batch_size: int) -> tuple[list[str], torch.Tensor]:
+        """(prompts, real images float [B, 3, H, W] in [0, 1])."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class ToyPromptSource:
+    """The toy world's pairs: the seeded toy training stream, or prompts drawn from a toy-grammar
+    prompt file (`prompts_file`) with a freshly rendered real image for each. Its only state is
+    the loop's generator."""
+
+    def __init__(self, toy: ToyConfig, prompts_file: str | None, rng: np.random.Generator):
+        self.toy, self.rng = toy, rng
+        self.prompts = read_prompts(prompts_file) if prompts_file else None
+        if self.prompts:
+            for prompt in self.prompts:  # a scene for each prompt, so a bad one fails now, not mid-run
+                try:
+                    scene_for_caption(prompt, np.random.default_rng(0))
+                except ValueError as err:
+                    raise UserError(f"prompt file '{prompts_file}': {err}") from None
+
+    def next_batch(self, batch_size: int) -> tuple[list[str], torch.Tensor]:
+        if self.prompts is None:
+            images, captions, _ = train_batch(self.rng, batch_size, self.toy)
+            return captions, images
+        picked = [self.prompts[i] for i in self.rng.integers(len(self.prompts), size=batch_size)]
+        pixels = np.stack([render_caption(prompt, self.rng, self.toy) for prompt in picked])
+        return picked, torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 
 class ImageCaptionSource:

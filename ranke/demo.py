@@ -49,7 +49,7 @@ from ranke.eval.tables import (
     results_table,
 )
 from ranke.eval.stats import NOT_SEPARATED, ONE_SEED, verdict
-from ranke.generate import ModelChoice, load_backbone
+from ranke.sample_folder import ModelChoice, load_backbone
 from ranke.images import save_image_grid
 from ranke.precision import PrecisionChoice, choose_precision, machine_description
 from ranke.runlock import prepare_output_dir

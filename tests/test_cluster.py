@@ -33,7 +33,7 @@ from ranke.cli import main
 from ranke.images import save_image_grid
 from ranke.runlock import LOCK_FILE
 from ranke.runtime import EXIT_LOST_PROCESS, EXIT_STOPPED, Stopped, UserError
-from ranke.train import posttrain, reward
+from ranke.train import judges, posttrain
 from ranke.train.logging import RunLogger
 from ranke.train.posttrain import train_posttrain
 from ranke.train.sft import train_sft
@@ -160,7 +160,7 @@ def test_the_tokenizer_and_sft_recipes_stop_the_same_way(tmp_path, monkeypatch, 
 
 def test_the_judges_recipe_stops_after_the_step_and_says_it_keeps_no_checkpoints(tmp_path, monkeypatch, capsys, one_thread):
     sizes = "steps=3 batch_size=8 warmup_steps=1 eval_scenes=20 fd_images=20 model.width=8 model.feature_dim=16"
-    monkeypatch.setattr(reward, "train_batch", signal_on_calls(reward.train_batch, {2}))
+    monkeypatch.setattr(judges, "train_batch", signal_on_calls(judges.train_batch, {2}))
     run = tmp_path / "run"
     code, err = cli(capsys, "train-reward", "--out", str(run), "reward.models=[features]", "log_with=none",
                     *(f"reward.features.{item}" for item in sizes.split()))  # fmt: skip

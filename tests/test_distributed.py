@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from test_logging import assert_tensorboard_matches_jsonl
 
-from ranke.generate import ModelChoice
+from ranke.sample_folder import ModelChoice
 from ranke.train.posttrain import train_posttrain
 
 ON_CPU = ModelChoice(overrides=("device=cpu",))  # the committed toy assets
@@ -108,7 +108,7 @@ def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_p
     import numpy as np
     from PIL import Image
 
-    from ranke.generate import sample_prompts_to_dir
+    from ranke.sample_folder import sample_prompts_to_dir
     from ranke.toy.data import heldout_prompts
 
     prompts = tmp_path / "prompts.txt"

@@ -16,7 +16,7 @@ from ranke.eval.evaluate import Evaluator, kid_subsets, metrics_table, quantize
 from ranke.eval.fid import frechet_distance_from_features, kernel_distance
 from ranke.eval.manifold import manifold_metrics
 from ranke.eval.shift import code_histogram, token_entropy_bits, token_kl
-from ranke.generate import batch_seed
+from ranke.sample_folder import batch_seed
 from ranke.models.vq import to_model_range
 from ranke.rewards.colorfulness import colorfulness
 from ranke.rewards.toy_clip import load_toy_clip

@@ -17,7 +17,7 @@ import yaml
 from ranke import config as config_lib
 from ranke.cli import main
 from ranke.config import BackboneConfig, RunConfig
-from ranke.generate import ModelChoice, load_backbone
+from ranke.sample_folder import ModelChoice, load_backbone
 from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.vq import VQ_PRESETS, VQModel
 from ranke import checkpoint as checkpoint_lib
@@ -105,7 +105,7 @@ def test_janus_export_loads_with_from_pretrained(janus_dir, tmp_path, capsys):
 
     from ranke.backbones.janus import load_janus_backbone
 
-    base = load_janus_backbone(janus_dir)
+    base = load_janus_backbone(janus_dir)[0]
     tensors = {
         "policy": _moved(base.policy.state_dict(), 1), "policy_ema": _moved(base.policy.state_dict(), 2),
         "vq": _moved(base.tokenizer.state_dict(), 3), "vq_ema": _moved(base.tokenizer.state_dict(), 4),
@@ -123,8 +123,8 @@ def test_janus_export_loads_with_from_pretrained(janus_dir, tmp_path, capsys):
     untouched = "model.vision_model.embeddings.patch_embedding.weight"
     assert torch.equal(exported.state_dict()[untouched], original.state_dict()[untouched])
 
-    reloaded = load_janus_backbone(out)
-    expected = load_janus_backbone(janus_dir)
+    reloaded = load_janus_backbone(out)[0]
+    expected = load_janus_backbone(janus_dir)[0]
     expected.policy.load_state_dict(tensors["policy"])
     expected.tokenizer.load_state_dict(tensors["vq_ema"])
     ids, mask = reloaded.encode_prompts(PROMPTS)

@@ -42,7 +42,7 @@ from ranke.eval.geneval_models import (
     masks_at_image_size,
     object_crop,
 )
-from ranke.generate import ModelChoice
+from ranke.sample_folder import ModelChoice
 from ranke.rewards.clip import CLIPReward
 from ranke.runtime import UserError
 
@@ -131,7 +131,7 @@ def test_toy_backbone_samples_into_the_geneval_layout_and_resumes(tmp_path, caps
 
 
 def test_two_processes_sample_the_folder_of_one(tmp_path):
-    """Under torchrun each process samples 2 rows of every batch of 4 (`ranke.generate.sample_into_dir`)."""
+    """Under torchrun each process samples 2 rows of every batch of 4 (`ranke.sample_folder.sample_into_dir`)."""
     records = [*TOY_METADATA, dict(TOY_METADATA[0], prompt="a picture of a small yellow circle")]
     metadata = write_metadata(tmp_path / "evaluation_metadata.jsonl", records)
     on_cpu = ModelChoice(overrides=("device=cpu",))

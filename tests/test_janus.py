@@ -82,7 +82,7 @@ def janus_dir(tmp_path_factory, one_thread):
 
 @pytest.fixture
 def backbone(janus_dir) -> JanusBackbone:
-    return load_janus_backbone(janus_dir)
+    return load_janus_backbone(janus_dir)[0]
 
 
 def sampling(**overrides) -> SamplingConfig:
@@ -231,7 +231,7 @@ def test_policy_update_changes_logprobs_and_state_dict_round_trips(backbone, jan
     before = backbone.token_logprobs(reference, ids, mask, sample.tokens)
     torch.testing.assert_close(before, sample.logprobs, atol=1e-5, rtol=1e-5)
 
-    fresh = load_janus_backbone(janus_dir)
+    fresh = load_janus_backbone(janus_dir)[0]
     fresh.policy.load_state_dict(policy.state_dict())
     torch.testing.assert_close(fresh.token_logprobs(fresh.policy, ids, mask, sample.tokens), updated, atol=0, rtol=0)
 
@@ -296,7 +296,7 @@ def test_cli_sample_and_one_ranke_step_on_janus(janus_dir, tmp_path, capsys):
     main(["posttrain", "--backbone", "janus", "--model-path", str(janus_dir), "--out", str(run),
           f"data={tmp_path / 'data'}", "mode=both", "steps=1", "prompts_per_step=2", "group_size=2", "disc_start=0",
           "eval_samples=0", "grid_prompts=2", "policy_lr=1e-3", "decoder_lr=1e-3"])  # fmt: skip
-    start = load_janus_backbone(janus_dir)
+    start = load_janus_backbone(janus_dir)[0]
     checkpoint = latest_checkpoint(run)
     policy, decoder = load_file(checkpoint / "policy.safetensors"), load_file(checkpoint / "vq.safetensors")
     changed = lambda tensors, module: [k for k, v in module.state_dict().items() if not torch.equal(v, tensors[k])]  # noqa: E731

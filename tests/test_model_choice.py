@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_generate import ON_CPU, posttrain_run  # noqa: F401 (fixture)
+from test_sample_folder import ON_CPU, posttrain_run  # noqa: F401 (fixture)
 from test_geneval import TOY_METADATA, write_metadata
 from test_rewards import _FakeOpenCLIP, fake_open_clip  # noqa: F401 (fixture)
 
 from ranke.cli import main
 from ranke.eval.prompt_set import HPSV2_STYLES
-from ranke.generate import ModelChoice, batch_seed, load_backbone
+from ranke.sample_folder import ModelChoice, batch_seed, load_backbone
 from ranke.images import grid_tiles
 from ranke.toy.data import heldout_prompts
 from ranke.toy.tools import CAPTIONS_FILE, write_samples

@@ -147,7 +147,7 @@ def test_janus_sampler_takes_the_same_guidance_switches(janus_dir):
     from ranke.config import SamplingConfig
     from ranke.backbones.janus import load_janus_backbone
 
-    backbone = load_janus_backbone(janus_dir)
+    backbone = load_janus_backbone(janus_dir)[0]
     ids, mask = backbone.encode_prompts(["a red circle left of a big blue square", "green circle"])
 
     def greedy(**settings):

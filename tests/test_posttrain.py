@@ -28,9 +28,7 @@ from ranke.config import RunConfig
 from ranke.toy.verifier import score_image
 from ranke.models.vq import to_model_range, to_unit_range
 from ranke.train.posttrain import (
-    build_prompt_source,
     collect_rollout,
-    consistency_span,
     decoder_loss,
     decoder_weights,
     next_prompts,
@@ -39,6 +37,7 @@ from ranke.train.posttrain import (
     start_posttrain,
     train_posttrain,
 )
+from ranke.train.prompts import build_prompt_source
 
 # fp32: these tests compare values exactly, and precision=auto picks bf16 on a CPU with native bf16
 TINY = ["prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0", "deterministic=true", "seed=3", "precision=fp32"]
@@ -121,7 +120,7 @@ def test_consistency_ramps_from_zero_to_lambda_c_by_default():
     otherwise; the Janus preset (lambda_c 5) ramps up to 5."""
     cfg = config_lib.load(RunConfig, "toy", ["posttrain.steps=200", "posttrain.consistency_schedule=linear"])
     pcfg = cfg.posttrain
-    assert consistency_span(pcfg) == (0, 50)
+    assert pcfg.consistency_span == (0, 50)
     assert [decoder_weights(pcfg, step, 1.0).consistency for step in (0, 10, 25, 50, 199)] == [0.0, 2.0, 5.0, 10.0, 10.0]
     cosine = dataclasses.replace(pcfg, consistency_schedule="cosine")
     assert decoder_weights(cosine, 25, 1.0).consistency == pytest.approx(5.0)  # half way: 10 * (1 - cos(pi / 2)) / 2
@@ -255,10 +254,10 @@ def test_existing_run_needs_resume(both_run, capsys):
     [
         (["stepz=3"], "unknown config key 'stepz' (did you mean 'steps'?)"),
         (["group_size=1"], "config key 'posttrain.group_size' is 1; allowed: a finite number >= 2"),
-        (["mode=decoders"], "unknown mode 'decoders'"),
+        (["mode=decoders"], "config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both"),
         (["rewards={toy_clip: 1.0, clipp: 1.0}"], "unknown reward 'clipp'"),
-        (["kl_kind=k4"], "unknown kl_kind 'k4'"),
-        (["consistency_schedule=ramp"], "posttrain.consistency_schedule='ramp' is not one of: none, linear, cosine"),
+        (["kl_kind=k4"], "config key 'posttrain.kl_kind' is 'k4'; allowed: one of squared, k3"),
+        (["consistency_schedule=ramp"], "config key 'posttrain.consistency_schedule' is 'ramp'; allowed: one of none, linear, cosine"),
         (["consistency_schedule=linear", "consistency_end_step=0"],
          "posttrain.consistency_start_step=0 must be below consistency_end_step=0"),
         (["consistency_schedule=cosine", "steps=8", "consistency_start_step=2"],

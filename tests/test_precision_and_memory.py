@@ -109,8 +109,8 @@ def test_posttrain_in_bf16_trains_both_stages_with_float32_losses(tmp_path, one_
 
 @pytest.mark.parametrize(
     "override, message",
-    [("precision=fp16", "precision='fp16' is not one of auto, fp32, bf16"),
-     ("policy_sharding=zero3", "unknown policy_sharding 'zero3'")],
+    [("precision=fp16", "config key 'precision' is 'fp16'; allowed: one of auto, fp32, bf16"),
+     ("policy_sharding=zero3", "config key 'posttrain.policy_sharding' is 'zero3'; allowed: one of ddp, fsdp")],
 )  # fmt: skip
 def test_bad_precision_or_sharding_is_one_clear_error(tmp_path, override, message):
     with pytest.raises(UserError, match=message):

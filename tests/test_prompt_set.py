@@ -15,7 +15,7 @@ from PIL import Image
 from ranke.cli import main
 from ranke.eval.fid import folder_distance
 from ranke.eval.prompt_set import CLIP_SCORE_PREFIX, clip_score_of_folder
-from ranke.generate import ModelChoice
+from ranke.sample_folder import ModelChoice
 from ranke.rewards.clip import CLIPReward
 from ranke.runtime import UserError
 from ranke.toy.data import heldout_prompts

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from test_logging import assert_tensorboard_matches_jsonl
 
-from ranke.generate import ModelChoice, sample_prompts_to_dir
+from ranke.sample_folder import ModelChoice, sample_prompts_to_dir
 from ranke.runtime import set_deterministic
 from ranke.train.sft import train_sft
 from ranke.train.tokenizer import train_tokenizer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ranke.config import PosttrainConfig
-from ranke.train.posttrain import Models, build_optimizers
+from ranke.train.posttrain_models import Models, build_optimizers
 
 from test_posttrain import records, run
 
@@ -53,10 +53,11 @@ def test_release_decoder_stage_settings_run(tmp_path):
 
 def test_discriminator_optimizer_takes_the_configured_betas_and_decay():
     disc = torch.nn.Linear(2, 2)
-    models = Models(torch.nn.Linear(2, 2), None, None, torch.nn.Module(), None, disc, None)
+    models = Models(policy=torch.nn.Linear(2, 2), policy_ema=None, reference=None, vq=torch.nn.Module(), vq_ema=None,
+                    disc=disc, perceptual=None)  # fmt: skip
     models.vq.decoder_parameters = lambda: [torch.nn.Parameter(torch.zeros(1))]
     pcfg = PosttrainConfig(disc_betas=(0.9, 0.999), disc_weight_decay=0.01)
-    group = build_optimizers(models, pcfg).disc.param_groups[0]
+    group = build_optimizers(models, pcfg, 0, "cpu")["disc"].optimizer.param_groups[0]
     assert (group["betas"], group["weight_decay"]) == ((0.9, 0.999), 0.01)
-    default = build_optimizers(models, PosttrainConfig()).disc.param_groups[0]
+    default = build_optimizers(models, PosttrainConfig(), 0, "cpu")["disc"].optimizer.param_groups[0]
     assert (default["betas"], default["weight_decay"]) == ((0.5, 0.9), 0.0)

@@ -27,7 +27,7 @@ from ranke.rewards.toy_clip import (
 from ranke.toy.captions import CaptionSpec, parse_caption
 from ranke.toy.data import ToyConfig, render_caption
 from ranke.toy.scenes import ObjectSpec, sample_scene
-from ranke.train.reward import ToyCLIPConfig, contrastive_loss, train_toy_clip
+from ranke.train.judges import ToyCLIPConfig, contrastive_loss, train_toy_clip
 
 TINY = ToyCLIPArgs(width=8, depth=0, text_width=32, embed_dim=32)
 SWAPPED = (

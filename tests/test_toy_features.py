@@ -23,7 +23,7 @@ from ranke.rewards.toy_features import (
 )
 from ranke.toy.data import ToyConfig, reference_images
 from ranke.toy.scenes import Background, ObjectSpec, PlacedObject, Scene
-from ranke.train.reward import ToyFeatureConfig, feature_losses, train_toy_features
+from ranke.train.judges import ToyFeatureConfig, feature_losses, train_toy_features
 
 TINY = ToyFeatureArgs(width=8, feature_dim=32)
 TOY = ToyConfig(supersample=2)

@@ -191,11 +191,14 @@ class DecoderTerms:
 
 @dataclass(frozen=True)
 class DecoderWeights:
-    """The weights of the decoder objective at one step (defaults: the released LlamaGen values)."""
+    """The weights of the decoder objective at one step (defaults: the released LlamaGen values);
+    the recipe passes the ones inside L_recon to `reconstruction_anchor_loss` from here too, so the
+    GAN weights reach the objective by one path."""
 
     recon: float = 1.0  # on L_recon
+    perceptual: float = 1.0  # inside L_recon, on its LPIPS term
     rank_gan: float = 1.0  # on L_rankgan, times the GAN weight and factor below
-    disc_weight: float = 0.5  # the GAN weight lambda_d (also inside L_recon)
+    disc_weight: float = 0.5  # the GAN weight lambda_d, here and inside L_recon (`reconstruction_anchor_loss`)
     disc_factor: float = 1.0  # `vqgan.adopt_weight`: 0 before the discriminator starts, then 1
     consistency: float = 10.0  # lambda_c at this step (`consistency_weight`)
     reward: float = 0.01  # on L_reward

@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
+RECONSTRUCTION_KINDS = ("l1", "l2")
+
+
 def reconstruction_loss(
     x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1", pixel_weight: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """Backbones: the `Backbone` interface (`base`) and one module per model family (`toy`,
-`llamagen`, `janus`); `load_configured_backbone` builds the one a config names."""
+`llamagen`, `janus`), each with a loader that returns the backbone and the run config with its
+models' own arguments; `load_configured_backbone` builds the one a config names."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
@@ -20,15 +19,13 @@ def load_configured_backbone(cfg: RunConfig, device: torch.device | str = "cpu")
     """The backbone named by `cfg.backbone`, and the config updated with its models' arguments."""
     kind = cfg.backbone.kind
     if kind == "toy":
-        backbone, assets_cfg = load_toy_backbone(cfg.posttrain.policy, cfg.posttrain.tokenizer, device)
-        return backbone, dataclasses.replace(cfg, gpt=assets_cfg.gpt, vq=assets_cfg.vq, text=assets_cfg.text)
+        return load_toy_backbone(cfg.posttrain.policy, cfg.posttrain.tokenizer, device, run_cfg=cfg)
     if kind == "llamagen":
-        backbone, text_cfg = load_llamagen_backbone(cfg.backbone, device, cfg.text)
-        return backbone, dataclasses.replace(cfg, gpt=backbone.policy.args, vq=backbone.tokenizer.args, text=text_cfg)
+        return load_llamagen_backbone(cfg, device)
     if kind == "janus":
         from ranke.backbones.janus import load_janus_backbone  # transformers' Janus classes load only here
 
         if not cfg.backbone.model_path:
             raise UserError("backbone.kind=janus needs backbone.model_path (a local Janus-Pro directory)")
-        return load_janus_backbone(cfg.backbone.model_path, device), cfg
+        return load_janus_backbone(cfg.backbone.model_path, device, run_cfg=cfg)
     raise UserError(f"unknown backbone.kind '{kind}' (toy, llamagen or janus)")

@@ -30,8 +30,6 @@ def build_text_encoder(cfg: TextConfig, device: torch.device | str = "cpu"):
             raise UserError("text.kind=t5 needs text.path=<local flan-t5-xl directory>")
         from ranke.models.text import T5_DTYPES
 
-        if cfg.t5_dtype not in T5_DTYPES:
-            raise UserError(f"text.t5_dtype must be one of {', '.join(T5_DTYPES)}, got '{cfg.t5_dtype}'")
         return T5TextEncoder(
             cfg.path, cfg.max_tokens, device, T5_DTYPES[cfg.t5_dtype], clean_captions=cfg.clean_captions, padding=cfg.padding
         )

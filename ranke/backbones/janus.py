@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, JanusForConditionalGeneration, JanusProcessor
 
 from ranke.backbones.base import Backbone
+from ranke.config import RunConfig
 from ranke.models.janus import JanusDecoder, JanusPolicy, JanusPrompts, positions_from_mask
 from ranke.runtime import UserError, read_user_json
 from ranke.sampling import SampleOutput, SamplingConfig, draw_image_tokens, uses_guidance
@@ -101,9 +102,14 @@ def _check_janus_directory(path: Path) -> None:
 
 
 def load_janus_backbone(
-    model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> JanusBackbone:
-    """A `JanusBackbone` from a local transformers Janus directory (model + processor), in eval mode.
+    model_path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    run_cfg: RunConfig | None = None,
+) -> tuple[JanusBackbone, RunConfig]:
+    """A `JanusBackbone` from a local transformers Janus directory (model + processor), in eval
+    mode, and `run_cfg` (default: the defaults) as it is: the models' arguments are transformers'
+    own config, not ranke's gpt / vq / text sections.
 
     Only the language model, the generation embeddings/aligner/head and the VQ model are kept
     and moved to `device`; the understanding tower and the text LM head are dropped.
@@ -122,4 +128,4 @@ def load_janus_backbone(
         )
     policy = JanusPolicy(model).to(device).eval()
     decoder = JanusDecoder(model.model.vqmodel).to(device).eval()
-    return JanusBackbone(JanusPrompts(processor), policy, decoder)
+    return JanusBackbone(JanusPrompts(processor), policy, decoder), run_cfg or RunConfig()

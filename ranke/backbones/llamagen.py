@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from ranke.backbones.base import Backbone, build_text_encoder, check_compatible
-from ranke.config import BackboneConfig, TextConfig
+from ranke.config import RunConfig
 from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.load import load_into, read_state_dict
 from ranke.models.vq import VQ_PRESETS, VQModel
@@ -17,14 +17,14 @@ from ranke.runtime import UserError
 GPT_IGNORED_KEYS = ("*.kv_cache.k_cache", "*.kv_cache.v_cache", "freqs_cis", "causal_mask")
 
 
-def load_llamagen_backbone(
-    cfg: BackboneConfig, device: torch.device | str = "cpu", text: TextConfig = TextConfig()
-) -> tuple[Backbone, TextConfig]:
-    """LlamaGen from its official files: GPT (`gpt_ckpt`), VQ (`vq_ckpt`), flan-t5 (`t5_path`).
+def load_llamagen_backbone(run_cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[Backbone, RunConfig]:
+    """LlamaGen from its official files: GPT (`backbone.gpt_ckpt`), VQ (`backbone.vq_ckpt`),
+    flan-t5 (`backbone.t5_path`); and `run_cfg` with the models' own arguments (gpt, vq, text).
 
     Weights load strictly with weights_only unpickling (KV-cache buffers some files carry are
     ignored); the policy's token grid follows `image_size` (the GPT weights do not depend on it).
     """
+    cfg, text = run_cfg.backbone, run_cfg.text
     for key in ("gpt_ckpt", "vq_ckpt", "t5_path"):
         if not getattr(cfg, key):
             raise UserError(f"backbone.kind=llamagen needs backbone.{key} (a local file or directory)")
@@ -49,4 +49,5 @@ def load_llamagen_backbone(
     load_into(tokenizer, read_state_dict(cfg.vq_ckpt, cfg.trust_checkpoint))
     text_encoder = build_text_encoder(text_cfg, device)
     check_compatible(gpt_args, vq_args, text_cfg, cfg.image_size)
-    return Backbone(text_encoder, policy.to(device).eval(), tokenizer.to(device).eval()), text_cfg
+    backbone = Backbone(text_encoder, policy.to(device).eval(), tokenizer.to(device).eval())
+    return backbone, dataclasses.replace(run_cfg, gpt=gpt_args, vq=vq_args, text=text_cfg)

@@ -37,10 +37,12 @@ def load_toy_backbone(
     policy_path: str | Path | None = None,
     tokenizer_path: str | Path | None = None,
     device: torch.device | str = "cpu",
+    run_cfg: RunConfig | None = None,
 ) -> tuple[Backbone, RunConfig]:
-    """The toy backbone from asset files (defaults: the committed toy SFT policy and tokenizer)."""
+    """The toy backbone from asset files (defaults: the committed toy SFT policy and tokenizer),
+    and `run_cfg` (default: the defaults) with the models' own arguments (gpt, vq, text)."""
     policy, text_cfg = load_policy(policy_path, device)
     tokenizer = load_tokenizer(tokenizer_path, device)
-    cfg = dataclasses.replace(RunConfig(), text=text_cfg, gpt=policy.args, vq=tokenizer.args)
+    cfg = dataclasses.replace(run_cfg or RunConfig(), text=text_cfg, gpt=policy.args, vq=tokenizer.args)
     check_compatible(policy.args, tokenizer.args, text_cfg, cfg.toy.image_size)
     return Backbone(build_text_encoder(text_cfg, device), policy, tokenizer), cfg

@@ -39,7 +39,7 @@ real image sets of the evaluation's size, the floor a perfect generator would re
 
 `Evaluator` does the fixed work once (loads the three judges, renders the real images, computes
 their features and codes) and is then called on any backbone, policy and decoder, e.g. from a
-training loop with EMA copies. Batch k is sampled from its own seed (`ranke.generate.batch_seed`,
+training loop with EMA copies. Batch k is sampled from its own seed (`ranke.sample_folder.batch_seed`,
 as `ranke sample` does); under `torchrun` / `accelerate launch`, `ranke eval` splits every batch
 over the processes (`split_over_processes`) and gathers the per-image scores, so the metrics are
 those of one process. The ground-truth codes come from the base tokenizer's encoder,
@@ -69,7 +69,7 @@ from ranke.eval.shift import (
     token_entropy_bits,
     token_kl,
 )
-from ranke.generate import ModelChoice, batch_seed, load_backbone, process_rows
+from ranke.sample_folder import ModelChoice, batch_seed, load_backbone, process_rows
 from ranke.images import save_image_grid
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel, to_model_range, to_unit_range
@@ -327,7 +327,7 @@ def metrics_table(metrics: dict, label: str) -> str:
 def evaluate_to_dir(
     *, out_dir: str | Path, model: ModelChoice = ModelChoice(), n: int = 1000, seed: int = 0, batch_size: int = 64
 ) -> dict:
-    """`ranke eval`: evaluate the chosen toy-world `model` (`ranke.generate.load_backbone`) and
+    """`ranke eval`: evaluate the chosen toy-world `model` (`ranke.sample_folder.load_backbone`) and
     write `out_dir/metrics.json`, `metrics.md` (one-row table) and `samples.png` (the first 64 images)."""
     backbone, cfg = load_backbone(model)
     if cfg.backbone.kind != "toy":

@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from ranke.eval.geneval_models import COLORS, ColorClassifier, Detection, Mask2FormerDetector, detector_classes
-from ranke.generate import ModelChoice, load_backbone, model_source, sample_into_dir
+from ranke.sample_folder import ModelChoice, load_backbone, model_source, sample_into_dir
 from ranke.images import save_image_grid
 from ranke.runtime import UserError, progress, read_user_text, select_device
 
@@ -178,9 +178,9 @@ def sample_geneval(
     overwrite: bool = False,
 ) -> dict:
     """Sample every prompt of a GenEval metadata file into the benchmark's layout (module docstring)
-    with the chosen `model` (`ranke.generate.load_backbone`). Resumable (finished batches are
+    with the chosen `model` (`ranke.sample_folder.load_backbone`). Resumable (finished batches are
     skipped; a complete folder loads no model) and split across processes under `torchrun` /
-    `accelerate launch` (`ranke.generate.sample_into_dir`).
+    `accelerate launch` (`ranke.sample_folder.sample_into_dir`).
     """
     from accelerate import PartialState
 

@@ -7,7 +7,7 @@
 1. prompts: one caption per COCO image, 30k of them, drawn with seed 42 (`ranke.data.read_eval_prompts`;
    a .txt/.jsonl/.csv prompt file works too);
 2. one image per prompt (seed 42, the config's guidance), written as they come, resumable and split
-   across processes under `accelerate launch` / `torchrun` (`ranke.generate.sample_prompts_to_dir`);
+   across processes under `accelerate launch` / `torchrun` (`ranke.sample_folder.sample_prompts_to_dir`);
 3. FID: clean-fid's Inception-v3 features of the samples against the reference folder, both sides
    center-cropped and resized to the model resolution (`ranke.eval.fid.folder_distance`), with
    precision, recall, density and coverage of the samples against the reference in the same
@@ -26,7 +26,7 @@ import torch
 from accelerate import PartialState
 
 from ranke.eval.fid import folder_distance
-from ranke.generate import ModelChoice, load_backbone, model_source, sample_into_dir, sample_prompts_to_dir
+from ranke.sample_folder import ModelChoice, load_backbone, model_source, sample_into_dir, sample_prompts_to_dir
 from ranke.runlock import claim_output_dir
 from ranke.runtime import UserError, progress, read_user_text, select_device
 from ranke.toy.tools import CAPTIONS_FILE
@@ -77,11 +77,11 @@ def evaluate_prompt_set(
     batch_size: int = 64,
     overwrite: bool = False,
 ) -> dict:
-    """Sample the prompt set with the chosen `model` (`ranke.generate.load_backbone`), then FID
+    """Sample the prompt set with the chosen `model` (`ranke.sample_folder.load_backbone`), then FID
     against `ref_dir` and the CLIP score; writes OUT/metrics.json.
 
     OUT/images is resumed only when it was sampled with the same model and settings
-    (`ranke.generate.sample_into_dir`); `overwrite` replaces it."""
+    (`ranke.sample_folder.sample_into_dir`); `overwrite` replaces it."""
     from ranke.data import read_eval_prompts
 
     if not Path(ref_dir).is_dir():
@@ -132,7 +132,7 @@ def evaluate_hpsv2_benchmark(
 ) -> dict:
     """The HPSv2 benchmark: one image per HPDv2 test prompt of each style (`<style>.json`, a JSON
     list of prompts, as the HPSv2 repository ships them) from the chosen `model`
-    (`ranke.generate.load_backbone`), scored by HPSv2.1; per-style means and their average (the
+    (`ranke.sample_folder.load_backbone`), scored by HPSv2.1; per-style means and their average (the
     paper's "HPSv2 average"). Needs the `hpsv2` extra (open_clip)."""
     from ranke.rewards.hpsv2 import HPSv2Reward
 

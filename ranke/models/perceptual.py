@@ -192,6 +192,9 @@ class PyramidDistance(PerceptualLoss):
         return distance / self.scales
 
 
+PERCEPTUAL_KINDS = ("lpips", "pyramid", "none")
+
+
 def build_perceptual(
     kind: str, vgg_path: str | Path | None = None, lin_path: str | Path | None = None
 ) -> PerceptualLoss:

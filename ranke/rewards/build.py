@@ -51,6 +51,59 @@ def _need(path: str | None, key: str, what: str) -> str:
     return path
 
 
+class RewardModels:
+    """Builds each reward of REWARD_NAMES by its name from local files; CLIP is loaded once for
+    `clip` and `aesthetic` (which reads its image tower)."""
+
+    def __init__(self, files: RewardFiles, device: torch.device | str):
+        self.files, self.device, self._clip = files, device, None
+
+    def build(self, name: str):
+        if name not in REWARD_NAMES:
+            raise UserError(f"unknown reward '{name}' (one of: {', '.join(REWARD_NAMES)})")
+        return getattr(self, name)()
+
+    def toy_clip(self):
+        from ranke.rewards.toy_clip import load_toy_clip
+
+        return load_toy_clip(asset_path("reward_clip"), self.device, name="toy_clip")
+
+    def verifier(self):
+        from ranke.rewards.verifier import VerifierReward
+
+        return VerifierReward()
+
+    def colorfulness(self):
+        from ranke.rewards.colorfulness import ColorfulnessReward
+
+        return ColorfulnessReward()
+
+    def clip(self):
+        if self._clip is None:
+            from ranke.rewards.clip import CLIPReward
+
+            self._clip = CLIPReward(_need(self.files.clip_path, "clip_path", "clip / aesthetic"), self.device)
+        return self._clip
+
+    def aesthetic(self):
+        from ranke.rewards.aesthetic import AestheticReward, load_aesthetic_head
+
+        path = _need(self.files.aesthetic_path, "aesthetic_path", "aesthetic")
+        image_tower = self.clip()
+        return AestheticReward(image_tower, load_aesthetic_head(path, image_tower.model.config.projection_dim))
+
+    def image_reward(self):
+        from ranke.rewards.image_reward import ImageRewardScorer
+
+        path = _need(self.files.image_reward_path, "image_reward_path", "image_reward")
+        return ImageRewardScorer(path, self.files.image_reward_tokenizer, self.device)
+
+    def hpsv2(self):
+        from ranke.rewards.hpsv2 import HPSv2Reward
+
+        return HPSv2Reward(_need(self.files.hpsv2_path, "hpsv2_path", "hpsv2"), self.device)
+
+
 def build_reward(
     weights: dict[str, float],
     device: torch.device | str = "cpu",
@@ -67,58 +120,17 @@ def build_reward(
     if not weights:
         raise UserError("posttrain.rewards is empty; name at least one reward, e.g. rewards={toy_clip: 1.0}")
     settings.check(list(weights))
-    clip = None
-
-    def shared_clip():
-        nonlocal clip
-        if clip is None:
-            from ranke.rewards.clip import CLIPReward
-
-            clip = CLIPReward(_need(files.clip_path, "clip_path", "clip / aesthetic"), device)
-        return clip
-
-    terms = []
-    for name, weight in weights.items():
-        if name == "toy_clip":
-            from ranke.rewards.toy_clip import load_toy_clip
-
-            reward = load_toy_clip(asset_path("reward_clip"), device, name="toy_clip")
-        elif name == "verifier":
-            from ranke.rewards.verifier import VerifierReward
-
-            reward = VerifierReward()
-        elif name == "colorfulness":
-            from ranke.rewards.colorfulness import ColorfulnessReward
-
-            reward = ColorfulnessReward()
-        elif name == "clip":
-            reward = shared_clip()
-        elif name == "aesthetic":
-            from ranke.rewards.aesthetic import AestheticReward, load_aesthetic_head
-
-            path = _need(files.aesthetic_path, "aesthetic_path", "aesthetic")
-            image_tower = shared_clip()
-            reward = AestheticReward(image_tower, load_aesthetic_head(path, image_tower.model.config.projection_dim))
-        elif name == "image_reward":
-            from ranke.rewards.image_reward import ImageRewardScorer
-
-            path = _need(files.image_reward_path, "image_reward_path", "image_reward")
-            reward = ImageRewardScorer(path, files.image_reward_tokenizer, device)
-        elif name == "hpsv2":
-            from ranke.rewards.hpsv2 import HPSv2Reward
-
-            reward = HPSv2Reward(_need(files.hpsv2_path, "hpsv2_path", "hpsv2"), device)
-        else:
-            raise UserError(f"unknown reward '{name}' (one of: {', '.join(REWARD_NAMES)})")
-        terms.append(
-            RewardTerm(
-                reward,
-                float(weight),
-                scale=float(settings.scale.get(name, 1.0)),
-                normalize=settings.normalize.get(name),
-                gradient=settings.gradient.get(name),
-            )
+    models = RewardModels(files, device)
+    terms = [
+        RewardTerm(
+            models.build(name),
+            float(weight),
+            scale=float(settings.scale.get(name, 1.0)),
+            normalize=settings.normalize.get(name),
+            gradient=settings.gradient.get(name),
         )
+        for name, weight in weights.items()
+    ]
     return CombinedReward(terms)
 
 

@@ -14,7 +14,7 @@ order-aware by construction: "a red circle left of a blue square" and its swappe
 different embeddings. (A 2-layer transformer with mean pooling, tried first at the same cost,
 stayed close to a bag of words: it told "left of" from "right of" no better than chance.)
 Training (symmetric InfoNCE with a learned temperature, hard negative captions) lives in
-`ranke.train.reward`.
+`ranke.train.judges`.
 """
 
 from __future__ import annotations

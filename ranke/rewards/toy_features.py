@@ -2,7 +2,7 @@
 of the reward.
 
 FID needs a fixed network whose features respond both to content and to image quality. The
-toy feature net is trained (by `ranke.train.reward.train_toy_features`) on a different objective
+toy feature net is trained (by `ranke.train.judges.train_toy_features`) on a different objective
 from the toy CLIP: predict a scene's attributes from its pixels (number of objects, which
 colours, shapes, sizes and (shape, colour, size) objects are present, where the objects are on
 a coarse grid, the background's texture kind, mean colour and contrast). Its pooled last layer

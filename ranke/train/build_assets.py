@@ -24,7 +24,7 @@ SIZE_LIMIT_MB = 25.0
 
 
 def build_toy_assets(out_dir: str, config: str = "toy", overrides: list[str] = (), install: bool = False) -> dict:
-    from ranke.train.reward import train_reward
+    from ranke.train.judges import train_judges
     from ranke.train.sft import train_sft
     from ranke.train.tokenizer import train_tokenizer
 
@@ -38,7 +38,7 @@ def build_toy_assets(out_dir: str, config: str = "toy", overrides: list[str] = (
             # precision=auto: the committed policy trained in bf16 on a CPU with native bf16
             lambda: train_sft(config, str(out / "sft"), [*overrides, f"sft.tokenizer={tokenizer_file}"], resume=True),
         ),
-        ("reward", out / "reward" / ASSET_FILES["features"], lambda: train_reward(config, str(out / "reward"), list(overrides))),
+        ("reward", out / "reward" / ASSET_FILES["features"], lambda: train_judges(config, str(out / "reward"), list(overrides))),
     ]
     minutes = {}
     for name, product, build in stages:

@@ -1,5 +1,5 @@
-"""Run directories shared by the recipes: set-up, and the run log (metrics.jsonl plus TensorBoard
-or Weights & Biases)."""
+"""The run log shared by the recipes: metrics.jsonl plus TensorBoard or Weights & Biases (run
+set-up: `ranke.train.run`)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,7 @@ from pathlib import Path
 import torch
 
 from ranke import config as config_lib
-from ranke.config import RunConfig
-from ranke.precision import check_requested
-from ranke.runlock import claim_output_dir
-from ranke.runtime import UserError, seed_everything, select_device, stop_signal_numbers, warn
-
-
-def start_run(config_path: str, out_dir: str, overrides: list[str], section: str) -> tuple[RunConfig, Path, torch.device]:
-    """Resolve (and validate) the config for recipe `section`, create and lock the run directory,
-    seed the global generators and pick the device. The recipe writes config.yaml
-    (`write_run_config`) once it has accepted the run (`ranke.train.resume.resume_point`)."""
-    cfg = config_lib.load(RunConfig, config_path, overrides, section=section)
-    check_requested(cfg.precision)
-    stop_signal_numbers(cfg.stop_signals)
-    tracker_names(cfg.log_with)  # a bad value or a missing wandb fails before any work
-    claim_output_dir(out_dir)
-    seed_everything(cfg.seed)
-    return cfg, Path(out_dir), select_device(cfg.device)
-
-
-def write_run_config(cfg: RunConfig, run: Path) -> None:
-    config_lib.save(cfg, run / "config.yaml")
+from ranke.runtime import UserError, warn
 
 
 def finite_record(record: dict) -> dict:

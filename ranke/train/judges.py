@@ -2,7 +2,7 @@
 
     ranke train-reward --config configs/toy.yaml --out RUN [key=value ...]
 
-`train_reward` trains the models named by `reward.models` (RunConfig's `reward` section), each in
+`train_judges` trains the models named by `reward.models` (RunConfig's `reward` section), each in
 its own sub-directory `RUN/<name>/` (metrics.jsonl, eval.json), and moves each asset to
 `RUN/<asset file name>` (`toy_clip_reward.safetensors`, `toy_clip_eval.safetensors`,
 `toy_features.safetensors`, the names of the committed files), with `RUN/summary.json`.
@@ -18,13 +18,19 @@ Toy features (`train_toy_features`): the Frechet distance network, trained on a 
 objective (scene attributes from pixels, `ranke.rewards.toy_features.scene_targets`), evaluated on
 held-out scenes and by Frechet distances between reference sets, real and degraded, and written
 as `RUN/toy_features.safetensors`.
+
+Both run the same short loop (`train_judge`): a batch and its loss (`JudgeTraining.batch_loss`), one
+guarded AdamW step on a warm-up + cosine schedule, the record every `log_every` steps, a stop signal
+checked after every step (no checkpoints: a rerun starts over), then the evaluation and the asset.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,18 +48,100 @@ from ranke.runtime import UserError, progress, seed_everything, select_device
 from ranke.toy.captions import NUM_PHRASINGS, CaptionSpec, describe, parse_caption
 from ranke.toy.data import ToyConfig, heldout_prompts, heldout_scenes, reference_images, render_caption, train_batch
 from ranke.toy.render import render_scenes
-from ranke.train.guard import StepGuard, guarded_step
-from ranke.train.logging import RunLogger, start_run, write_run_config
+from ranke.train.guard import StepGuard
+from ranke.train.logging import RunLogger
 from ranke.train.preemption import Preemption
+from ranke.train.run import start_run, write_run_config
 from ranke.train.schedule import warmup_cosine
+from ranke.train.trainer_state import GuardedOptimizer
 
 CLIP_ASSET = "toy_clip.safetensors"
 FEATURES_ASSET = "toy_features.safetensors"
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+@dataclass
+class JudgeTraining:
+    """What one toy judge's training is made of; `train_judge` runs it."""
+
+    label: str  # the progress bar's and the summary line's name
+    model: torch.nn.Module
+    param_groups: list[dict]  # AdamW's parameter groups (their weight decay)
+    # one batch from the generator: the loss, its terms by logged name (checked by the guard), and a
+    # callable for the figures logged beside them (called on logging steps only)
+    batch_loss: Callable[[np.random.Generator], tuple[torch.Tensor, dict[str, torch.Tensor], Callable[[], dict]]]
+    postfix: Callable[[dict], dict]  # the progress bar's figures of a record
+    evaluate: Callable[[], dict]  # held-out figures of the trained model
+    asset_file: str
+    asset_kind: str
+    summary: Callable[[dict], str]  # the final line's figures
+
+
+def train_judge(
+    describe: Callable[..., JudgeTraining],
+    cfg: ToyCLIPConfig | ToyFeatureConfig,
+    out_dir: str | Path,
+    seed: int,
+    toy: ToyConfig = ToyConfig(),
+    device: str = "cpu",
+    log_with: str = "tensorboard",
+    max_consecutive_skips: int = 10,
+    preemption: Preemption | None = None,
+) -> dict:
+    """Train the judge `describe(cfg, toy, device)` builds for `cfg.steps` steps from seed
+    `seed + cfg.seed_offset`, evaluate it, write eval.json and its asset in `out_dir`; returns the
+    evaluation (plus train_seconds, steps, seed and the asset path). Logs every `log_every` steps
+    (RunLogger: metrics.jsonl and the `log_with` trackers); with `preemption` (`train_judges`'s),
+    a stop signal stops it after the current step."""
+    run = Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    run_seed = seed + cfg.seed_offset
+    seed_everything(run_seed)
+    device = select_device(device)
+    judge = describe(cfg, toy, device)
+    lr_factor = lambda step: warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)  # noqa: E731
+    adamw = torch.optim.AdamW(judge.param_groups, lr=cfg.lr)
+    optimizer = GuardedOptimizer(
+        optimizer=adamw, module=judge.model, guard=StepGuard("model", max_consecutive_skips, device), lr=cfg.lr,
+        schedule=torch.optim.lr_scheduler.LambdaLR(adamw, lr_factor),
+    )  # fmt: skip
+    data_rng = np.random.default_rng(run_seed)
+    logger = RunLogger(run, log_with, cfg, device)  # a rerun replaces the run's log, it does not extend it
+    start = time.perf_counter()
+    bar = progress(range(cfg.steps), total=cfg.steps, desc=judge.label)
+    for step in bar:
+        judge_step(judge, optimizer, data_rng, cfg, step, logger, bar)
+        if preemption is not None and preemption.requested(step + 1):  # no checkpoints: a rerun starts over
+            logger.close()
+            preemption.stop(metrics=run / "metrics.jsonl")
+    train_seconds = time.perf_counter() - start
+    logger.close()
+    return finish_judge(judge, run, train_seconds, cfg.steps, run_seed)
+
+
+def judge_step(judge: JudgeTraining, optimizer: GuardedOptimizer, data_rng, cfg, step: int, logger: RunLogger, bar) -> None:
+    """One batch, one guarded step, and the record when it is due."""
+    judge.model.train()
+    lr = optimizer.current_lr
+    loss, terms, figures = judge.batch_loss(data_rng)
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(judge.model.parameters(), cfg.grad_clip)
+    optimizer.step(step + 1, {**terms, "grad_norm": grad_norm})
+    if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        record = {"step": step + 1, "lr": lr, **{name: value.item() for name, value in terms.items()}, **figures()}
+        logger.log({**record, **optimizer.guard.metrics()})
+        bar.set_postfix(judge.postfix(record))
+
+
+def finish_judge(judge: JudgeTraining, run: Path, train_seconds: float, steps: int, run_seed: int) -> dict:
+    """Evaluate the trained judge, write eval.json and its asset, print its line."""
+    result = judge.evaluate()
+    path = run / judge.asset_file
+    result.update(train_seconds=round(train_seconds, 1), steps=steps, seed=run_seed, asset=str(path))
+    (run / "eval.json").write_text(json.dumps(result, indent=2))
+    save_asset(path, judge.asset_kind, judge.model.args, judge.model.state_dict())
+    print(f"{judge.label}: {judge.summary(result)}; {train_seconds / 60:.1f} min -> {path}")
+    return result
 
 
 # --- toy CLIP ----------------------------------------------------------------------------------
@@ -177,87 +265,51 @@ def evaluate_toy_clip(
     }
 
 
-def train_toy_clip(
-    cfg: ToyCLIPConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
-    log_with: str = "tensorboard",
-    max_consecutive_skips: int = 10,
-    preemption: Preemption | None = None,
-) -> dict:
-    """Train one toy CLIP, evaluate it on held-out prompts, write `out_dir/toy_clip.safetensors`.
+def train_toy_clip(cfg: ToyCLIPConfig, out_dir: str | Path, seed: int, **settings) -> dict:
+    """Train one toy CLIP (`train_judge`, which takes the `settings`), evaluate it on held-out
+    prompts, write `out_dir/toy_clip.safetensors`; returns the evaluation."""
+    return train_judge(toy_clip_training, cfg, out_dir, seed, **settings)
 
-    Logs every `log_every` steps (RunLogger: metrics.jsonl and the `log_with` trackers) and writes
-    eval.json; returns the evaluation dict (plus train_seconds, steps, seed and the asset path).
-    With `preemption` (`train_reward`'s), a stop signal stops it after the current step.
-    """
-    run = Path(out_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    run_seed = seed + cfg.seed_offset
-    seed_everything(run_seed)
-    device = select_device(device)
+
+def toy_clip_training(cfg: ToyCLIPConfig, toy: ToyConfig, device: torch.device) -> JudgeTraining:
+    """A toy CLIP and how it trains: symmetric InfoNCE with hard negatives (`contrastive_loss`)."""
     model = ToyCLIP(cfg.model).to(device)
     # weight decay on matrices only (not on biases, norms or the temperature), as in CLIP
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     others = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}], lr=cfg.lr
-    )
-    data_rng = np.random.default_rng(run_seed)
-    logger = RunLogger(run, log_with, cfg, device)  # a rerun replaces the run's log, it does not extend it
-    guard = StepGuard("model", max_consecutive_skips, device)
 
-    start = time.perf_counter()
-    bar = progress(range(cfg.steps), total=cfg.steps, desc="toy clip")
-    for step in bar:
-        model.train()
-        lr = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        _set_lr(optimizer, lr)
+    def batch_loss(data_rng: np.random.Generator):
         images, texts, image_keys, text_keys = clip_batch(data_rng, cfg.batch_size, cfg.hard_negatives, toy)
         pixels = normalize_pixels(images.to(device), clip_lib.PIXEL_MEAN, clip_lib.PIXEL_STD)
         image_emb = F.normalize(model.encode_image(pixels), dim=-1)
         text_emb = F.normalize(model.encode_text(clip_lib.tokenize(texts, cfg.model.max_words).to(device)), dim=-1)
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale, image_keys.to(device), text_keys.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        guarded_step(guard, optimizer, step + 1, {"loss": loss, "grad_norm": grad_norm})
+        figures = lambda: {"logit_scale": model.logit_scale.item(), **batch_figures(image_emb, text_emb, cfg.hard_negatives)}  # noqa: E731
+        return loss, {"loss": loss}, figures
 
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            with torch.no_grad():
-                batch = image_emb.shape[0]
-                cosines = image_emb @ text_emb.T
-                own = cosines.diagonal()
-                record = {
-                    "step": step + 1,
-                    "loss": loss.item(),
-                    "logit_scale": model.logit_scale.item(),
-                    "lr": lr,
-                    **guard.metrics(),
-                    # the batch's own caption beats every one of its hard negatives
-                    "batch_hard_negative_accuracy": (
-                        (own[:, None] > cosines[:, batch:].view(batch, batch, -1).diagonal().T).float().mean().item()
-                        if cfg.hard_negatives
-                        else float("nan")
-                    ),
-                }
-            logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", scale=f"{record['logit_scale']:.1f}")
-        if preemption is not None and preemption.requested(step + 1):  # no checkpoints: a rerun starts over
-            logger.close()
-            preemption.stop(metrics=run / "metrics.jsonl")
-    train_seconds = time.perf_counter() - start
-    logger.close()
+    return JudgeTraining(
+        label="toy clip", model=model,
+        param_groups=[{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}],
+        batch_loss=batch_loss, postfix=lambda record: {"loss": f"{record['loss']:.3f}", "scale": f"{record['logit_scale']:.1f}"},
+        evaluate=lambda: evaluate_toy_clip(ToyCLIPReward(model, device), toy, cfg.eval_prompts, cfg.eval_group),
+        asset_file=CLIP_ASSET, asset_kind=clip_lib.ASSET_KIND,
+        summary=lambda result: (
+            f"retrieval top-1 {result['retrieval_top1']:.3f} among {cfg.eval_group}, pair accuracy "
+            f"{result['pair_accuracy']:.3f}, hard negatives {result['hard_negative_accuracy']:.3f}"
+        ),
+    )  # fmt: skip
 
-    result = evaluate_toy_clip(ToyCLIPReward(model, device), toy, cfg.eval_prompts, cfg.eval_group)
-    path = run / CLIP_ASSET
-    result.update(train_seconds=round(train_seconds, 1), steps=cfg.steps, seed=run_seed, asset=str(path))
-    (run / "eval.json").write_text(json.dumps(result, indent=2))
-    save_asset(path, clip_lib.ASSET_KIND, cfg.model, model.state_dict())
-    print(
-        f"toy clip: retrieval top-1 {result['retrieval_top1']:.3f} among {cfg.eval_group}, pair accuracy "
-        f"{result['pair_accuracy']:.3f}, hard negatives {result['hard_negative_accuracy']:.3f}; "
-        f"{train_seconds / 60:.1f} min -> {path}"
-    )
-    return result
+
+@torch.no_grad()
+def batch_figures(image_emb: torch.Tensor, text_emb: torch.Tensor, hard_negatives: int) -> dict[str, float]:
+    """How often the batch's own caption beats every one of its hard negatives (nan without any)."""
+    if not hard_negatives:
+        return {"batch_hard_negative_accuracy": float("nan")}
+    batch = image_emb.shape[0]
+    cosines = image_emb @ text_emb.T
+    own = cosines.diagonal()
+    beaten = own[:, None] > cosines[:, batch:].view(batch, batch, -1).diagonal().T
+    return {"batch_hard_negative_accuracy": beaten.float().mean().item()}
 
 
 # --- toy feature network -----------------------------------------------------------------------
@@ -345,64 +397,33 @@ def evaluate_toy_features(
     return result
 
 
-def train_toy_features(
-    cfg: ToyFeatureConfig, out_dir: str | Path, seed: int, toy: ToyConfig = ToyConfig(), device: str = "cpu",
-    log_with: str = "tensorboard",
-    max_consecutive_skips: int = 10,
-    preemption: Preemption | None = None,
-) -> dict:
-    """Train the feature network, evaluate it, write `out_dir/toy_features.safetensors`.
+def train_toy_features(cfg: ToyFeatureConfig, out_dir: str | Path, seed: int, **settings) -> dict:
+    """Train the feature network (`train_judge`, which takes the `settings`), evaluate it, write
+    `out_dir/toy_features.safetensors`; returns the evaluation."""
+    return train_judge(toy_features_training, cfg, out_dir, seed, **settings)
 
-    Logs every `log_every` steps (RunLogger: metrics.jsonl and the `log_with` trackers) and writes
-    eval.json; returns the evaluation dict (plus train_seconds, steps, seed and the asset path).
-    With `preemption` (`train_reward`'s), a stop signal stops it after the current step.
-    """
-    run = Path(out_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    run_seed = seed + cfg.seed_offset
-    seed_everything(run_seed)
-    device = select_device(device)
+
+def toy_features_training(cfg: ToyFeatureConfig, toy: ToyConfig, device: torch.device) -> JudgeTraining:
+    """The feature network and how it trains: scene attributes from pixels (`feature_losses`)."""
     model = ToyFeatureNet(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    data_rng = np.random.default_rng(run_seed)
-    logger = RunLogger(run, log_with, cfg, device)  # a rerun replaces the run's log, it does not extend it
-    guard = StepGuard("model", max_consecutive_skips, device)
 
-    start = time.perf_counter()
-    bar = progress(range(cfg.steps), total=cfg.steps, desc="toy features")
-    for step in bar:
-        model.train()
-        lr = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        _set_lr(optimizer, lr)
+    def batch_loss(data_rng: np.random.Generator):
         images, _, scenes = train_batch(data_rng, cfg.batch_size, toy)
         predictions = model(features_lib.to_network_input(images.to(device), cfg.model.image_size))
         losses = feature_losses(predictions, _targets_to(scene_targets(scenes), device), cfg.color_weight)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        guarded_step(guard, optimizer, step + 1, {**losses, "grad_norm": grad_norm})
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            record = {"step": step + 1, "lr": lr, **{f"loss_{k}": v.item() for k, v in losses.items()}}
-            logger.log({**record, **guard.metrics()})
-            bar.set_postfix(loss=f"{losses['total'].item():.3f}")
-        if preemption is not None and preemption.requested(step + 1):  # no checkpoints: a rerun starts over
-            logger.close()
-            preemption.stop(metrics=run / "metrics.jsonl")
-    train_seconds = time.perf_counter() - start
-    logger.close()
+        return losses["total"], {f"loss_{name}": value for name, value in losses.items()}, dict
 
-    result = evaluate_toy_features(model, toy, cfg.eval_scenes, cfg.fd_images, device)
-    path = run / FEATURES_ASSET
-    result.update(train_seconds=round(train_seconds, 1), steps=cfg.steps, seed=run_seed, asset=str(path))
-    (run / "eval.json").write_text(json.dumps(result, indent=2))
-    save_asset(path, features_lib.ASSET_KIND, cfg.model, model.state_dict())
-    print(
-        f"toy features: count {result['count_accuracy']:.3f}, objects exact {result['objects_exact']:.3f}, "
-        f"background {result['background_accuracy']:.3f}; FD real {result['fd_real']:.2f}, blur(1) "
-        f"{result['fd_blur']['1.0']:.2f}, noise(0.05) {result['fd_noise']['0.05']:.2f}; "
-        f"{train_seconds / 60:.1f} min -> {path}"
-    )
-    return result
+    return JudgeTraining(
+        label="toy features", model=model, param_groups=[{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}],
+        batch_loss=batch_loss, postfix=lambda record: {"loss": f"{record['loss_total']:.3f}"},
+        evaluate=lambda: evaluate_toy_features(model, toy, cfg.eval_scenes, cfg.fd_images, device),
+        asset_file=FEATURES_ASSET, asset_kind=features_lib.ASSET_KIND,
+        summary=lambda result: (
+            f"count {result['count_accuracy']:.3f}, objects exact {result['objects_exact']:.3f}, background "
+            f"{result['background_accuracy']:.3f}; FD real {result['fd_real']:.2f}, blur(1) "
+            f"{result['fd_blur']['1.0']:.2f}, noise(0.05) {result['fd_noise']['0.05']:.2f}"
+        ),
+    )  # fmt: skip
 
 
 # --- the recipe: all three judges --------------------------------------------------------------
@@ -410,7 +431,7 @@ def train_toy_features(
 TRAINERS = {"reward_clip": train_toy_clip, "eval_clip": train_toy_clip, "features": train_toy_features}
 
 
-def train_reward(config_path: str, out_dir: str, overrides: list[str]) -> dict:
+def train_judges(config_path: str, out_dir: str, overrides: list[str]) -> dict:
     """`ranke train-reward`: train the models of `reward.models`; returns the summary it writes.
 
     The summary maps each model name to its held-out figures (retrieval and pair accuracy of a
@@ -426,8 +447,8 @@ def train_reward(config_path: str, out_dir: str, overrides: list[str]) -> dict:
     summary = {}
     for name in cfg.reward.models:
         result = TRAINERS[name](
-            getattr(cfg.reward, name), run / name, cfg.seed, cfg.toy, cfg.device, cfg.log_with,
-            cfg.max_consecutive_skips, preemption,
+            getattr(cfg.reward, name), run / name, cfg.seed, toy=cfg.toy, device=cfg.device, log_with=cfg.log_with,
+            max_consecutive_skips=cfg.max_consecutive_skips, preemption=preemption,
         )  # fmt: skip
         asset = run / ASSET_FILES[name]
         Path(result["asset"]).replace(asset)

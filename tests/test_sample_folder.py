@@ -15,7 +15,7 @@ from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
 from ranke.assets import save_asset
 from ranke.config import RunConfig
-from ranke.generate import ModelChoice, batch_seed, load_backbone, sample_prompts_to_dir
+from ranke.sample_folder import ModelChoice, batch_seed, load_backbone, sample_prompts_to_dir
 from ranke.models.gpt import Transformer
 from ranke.models.vq import VQModel
 from ranke.runtime import UserError
