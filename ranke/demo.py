@@ -329,27 +329,37 @@ def build_report(
     reference = RealReference.load(out)
     real = reference.metrics
     compared = study.compared(methods)
-    banded = [plot_metric(sft, methods, key, out / f"curve_{key}.png", real) for key, *_ in COLUMNS]
-    curves = curves_caption(methods, any(banded), real is not None) + "\n\n" + "\n".join(
-        f"![{title} against post-training steps](curve_{key}.png)" for key, title, _, _ in COLUMNS
-    )
-    frontier = f"![{plot_frontier(sft, methods, out / 'frontier.png', real)}](frontier.png)"
-    if min((len(frontier_by_seed(method, sft, "fd")) for method in methods), default=0) >= 2:
-        frontier += "\n\nAt matched reward gain (the largest every run of both methods reaches), paired by seed:\n\n"
-        frontier += frontier_table(sft, compared)
     samples, sample_files = plot_samples(out, sft, [method for method in methods if method.spec in SAMPLED], reference)
     sections = [
-        ("Reward against fidelity", frontier),
+        ("Reward against fidelity", _frontier(out, sft, methods, compared, real)),
         ("Methods", "\n".join(f"* {method.name}: {method.spec.note}." for method in methods)),
         ("Results", _results(out, sft, methods, compared, real, mechanism)),
         ("What the numbers say", describe(sft, methods, compared, real)),
-        ("Curves", curves),
+        ("Curves", _curves(out, sft, methods, real)),
         ("Samples", samples + "\n\n" + "\n".join(f"![{label}]({name})" for label, name in sample_files)),
         ("Every run", per_run_table(methods) + "\nKID ± its standard error over disjoint subsets of the images."),
         ("Exact commands", "```\n" + "\n".join(commands) + "\n```\nEach run's resolved config is `runs/<run>/config.yaml`."),
     ]
     intro = _intro(out, preset_name, pcfg, seeds, minutes, precision)
     return write_report(Report("RankE in the toy world: GRPO vs RankE", intro, sections), out)
+
+
+def _frontier(out: Path, sft: dict, methods: list[Method], compared, real: dict | None) -> str:
+    """The section the report leads with: the reward-fidelity plane and, with paired seeds, the
+    fidelity metrics at matched reward gain (`ranke.eval.frontier`)."""
+    frontier = f"![{plot_frontier(sft, methods, out / 'frontier.png', real)}](frontier.png)"
+    if min((len(frontier_by_seed(method, sft, "fd")) for method in methods), default=0) >= 2:
+        frontier += "\n\nAt matched reward gain (the largest every run of both methods reaches), paired by seed:\n\n"
+        frontier += frontier_table(sft, compared)
+    return frontier
+
+
+def _curves(out: Path, sft: dict, methods: list[Method], real: dict | None) -> str:
+    """One figure per metric against steps, with their shared caption."""
+    banded = [plot_metric(sft, methods, key, out / f"curve_{key}.png", real) for key, *_ in COLUMNS]
+    return curves_caption(methods, any(banded), real is not None) + "\n\n" + "\n".join(
+        f"![{title} against post-training steps](curve_{key}.png)" for key, title, _, _ in COLUMNS
+    )
 
 
 def _intro(out: Path, preset_name, pcfg, seeds, minutes, precision: PrecisionChoice | None) -> str:
