@@ -22,6 +22,7 @@ from ranke.choices import check_choices
 from ranke.domains import validate
 from ranke.models.gpt import GPT_PRESETS, GPTArgs
 from ranke.models.vq import VQ_PRESETS, VQArgs
+from ranke.rewards.build import check_posttrain_rewards
 from ranke.rewards.toy_clip import ToyCLIPArgs
 from ranke.rewards.toy_features import ToyFeatureArgs
 from ranke.runtime import UserError, read_user_text
@@ -177,11 +178,14 @@ def apply_overrides(cls, data: dict, overrides: list[str], section: str | None =
 
 
 def build_checked(cls, data: dict):
-    """`build`, then each number checked against its domain (`ranke.domains`) and each choice
-    against its values (`ranke.choices`)."""
+    """`build`, then each number checked against its domain (`ranke.domains`), each choice
+    against its values (`ranke.choices`) and a run's rewards by name (`ranke.rewards.build`: a
+    user's `package.module:attribute` must import)."""
     cfg = build(cls, data)
     validate(cfg)
     check_choices(cfg)
+    if isinstance(cfg, RunConfig):
+        check_posttrain_rewards(cfg.posttrain)
     return cfg
 
 
@@ -343,6 +347,8 @@ class PosttrainConfig:
     reward_scale: dict[str, float] = field(default_factory=dict)  # default 1
     reward_normalize: dict[str, bool] = field(default_factory=dict)  # default true (running mean/std)
     reward_gradient: dict[str, bool] = field(default_factory=dict)  # default: the reward's own
+    # keyword arguments of the user's reward classes, {package.module:attribute: {argument: value}}
+    reward_args: dict[str, dict] = field(default_factory=dict)
     # policy stage (GRPO)
     policy_lr: float = 1e-5
     policy_weight_decay: float = 0.01

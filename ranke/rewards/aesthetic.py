@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ranke.models.load import layout_of, load_into, read_state_dict
-from ranke.rewards.base import check_batch
+from ranke.rewards.protocol import check_batch
 from ranke.rewards.clip import CLIPReward
 from ranke.runtime import UserError
 

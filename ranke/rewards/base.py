@@ -1,40 +1,15 @@
-"""The reward protocol, and what CLIP-like rewards share: differentiable preprocessing, caching.
-
-A reward scores decoded images against their prompts. It knows nothing about the
-generator: post-training hands it pixels in [0, 1] and reads back one number per image.
-"""
+"""What CLIP-like rewards share: differentiable preprocessing, caching (the reward protocol itself:
+`ranke.rewards.protocol`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-
-@runtime_checkable
-class Reward(Protocol):
-    """Anything that scores a batch of images against their prompts.
-
-    `name` keys the reward in logs and in `CombinedReward`; `differentiable` says whether
-    gradients flow from the score back to the pixels (needed by the decoder's `L_reward`).
-    """
-
-    name: str
-    differentiable: bool
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Score `images` [B, 3, H, W] (float in [0, 1]) against `prompts` (B strings); returns [B]."""
-        ...
-
-
-def check_batch(images: torch.Tensor, prompts: Sequence[str]) -> None:
-    """Fail early, with the shapes in the message, on a malformed reward batch."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"reward images must be [B, 3, H, W], got {tuple(images.shape)}")
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+from ranke.rewards.protocol import check_batch
 
 
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:

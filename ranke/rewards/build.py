@@ -1,5 +1,7 @@
 """Build the training reward named in a run config: `posttrain.rewards` maps reward names to weights,
-`posttrain.reward_scale` / `reward_normalize` / `reward_gradient` adjust single rewards."""
+`posttrain.reward_scale` / `reward_normalize` / `reward_gradient` adjust single rewards. A name is one
+of REWARD_NAMES or the user's own reward, `package.module:attribute` (`ranke.rewards.user`), whose
+class takes `posttrain.reward_args[name]`."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 
 from ranke.assets import asset_path
 from ranke.rewards.combine import CombinedReward, RewardTerm
+from ranke.rewards.user import UserReward, build_user_reward, is_user_reward, resolve_user_reward
 from ranke.runtime import UserError
 
 REWARD_NAMES = ("toy_clip", "verifier", "colorfulness", "clip", "aesthetic", "image_reward", "hpsv2")
@@ -33,6 +36,7 @@ class RewardSettings:
     scale: dict[str, float] = field(default_factory=dict)
     normalize: dict[str, bool] = field(default_factory=dict)
     gradient: dict[str, bool] = field(default_factory=dict)
+    args: dict[str, dict] = field(default_factory=dict)  # keyword arguments of user rewards' classes
 
     def check(self, names) -> None:
         for setting, values, kind in (("reward_scale", self.scale, (int, float)),
@@ -43,6 +47,23 @@ class RewardSettings:
                     raise UserError(f"{setting} names '{name}', which is not in posttrain.rewards ({', '.join(names)})")
                 if not isinstance(value, kind) or (kind != bool and isinstance(value, bool)):
                     raise UserError(f"{setting}.{name} must be {'true or false' if kind == bool else 'a number'}, got {value!r}")
+        for name, value in self.args.items():
+            if name not in names or not is_user_reward(name):
+                raise UserError(f"reward_args names '{name}', which is not a package.module:attribute reward in posttrain.rewards")
+            if not isinstance(value, dict):
+                raise UserError(f"reward_args.{name} must be a mapping of keyword arguments, got {value!r}")
+
+
+def check_reward_names(names) -> None:
+    """One line for the first reward name that is neither built in (REWARD_NAMES) nor a user's
+    `package.module:attribute` that imports (`ranke.rewards.user.resolve_user_reward`)."""
+    if not names:
+        raise UserError("posttrain.rewards is empty; name at least one reward, e.g. rewards={toy_clip: 1.0}")
+    for name in names:
+        if is_user_reward(name):
+            resolve_user_reward(name)
+        elif name not in REWARD_NAMES:
+            raise UserError(f"unknown reward '{name}' (one of: {', '.join(REWARD_NAMES)}, or package.module:attribute)")
 
 
 def _need(path: str | None, key: str, what: str) -> str:
@@ -52,15 +73,17 @@ def _need(path: str | None, key: str, what: str) -> str:
 
 
 class RewardModels:
-    """Builds each reward of REWARD_NAMES by its name from local files; CLIP is loaded once for
-    `clip` and `aesthetic` (which reads its image tower)."""
+    """Builds each reward of REWARD_NAMES by its name from local files, and the user's by
+    importing them (with their `args`); CLIP is loaded once for `clip` and `aesthetic` (which
+    reads its image tower)."""
 
-    def __init__(self, files: RewardFiles, device: torch.device | str):
-        self.files, self.device, self._clip = files, device, None
+    def __init__(self, files: RewardFiles, device: torch.device | str, args: dict[str, dict]):
+        self.files, self.device, self.args, self._clip = files, device, args, None
 
     def build(self, name: str):
-        if name not in REWARD_NAMES:
-            raise UserError(f"unknown reward '{name}' (one of: {', '.join(REWARD_NAMES)})")
+        check_reward_names([name])
+        if is_user_reward(name):
+            return build_user_reward(name, self.device, self.args.get(name, {}))
         return getattr(self, name)()
 
     def toy_clip(self):
@@ -116,11 +139,11 @@ def build_reward(
     differentiable); colorfulness: Hasler and Suesstrunk's colorfulness, an image statistic that is
     not realism (`ranke.rewards.colorfulness`); clip: CLIP from a local directory; aesthetic: the LAION predictor over that
     CLIP's image tower; image_reward: ImageReward from a local checkpoint and BERT tokenizer;
-    hpsv2: HPSv2 from a local checkpoint (optional extra)."""
-    if not weights:
-        raise UserError("posttrain.rewards is empty; name at least one reward, e.g. rewards={toy_clip: 1.0}")
+    hpsv2: HPSv2 from a local checkpoint (optional extra); `package.module:attribute`: the user's
+    reward (`ranke.rewards.user`)."""
+    check_reward_names(weights)
     settings.check(list(weights))
-    models = RewardModels(files, device)
+    models = RewardModels(files, device, settings.args)
     terms = [
         RewardTerm(
             models.build(name),
@@ -139,5 +162,25 @@ def build_posttrain_reward(pcfg, device: torch.device | str = "cpu") -> Combined
     files = RewardFiles(
         pcfg.clip_path, pcfg.hpsv2_path, pcfg.aesthetic_path, pcfg.image_reward_path, pcfg.image_reward_tokenizer
     )
-    settings = RewardSettings(dict(pcfg.reward_scale), dict(pcfg.reward_normalize), dict(pcfg.reward_gradient))
-    return build_reward(pcfg.rewards, device, files, settings)
+    return build_reward(pcfg.rewards, device, files, posttrain_reward_settings(pcfg))
+
+
+def posttrain_reward_settings(pcfg) -> RewardSettings:
+    """The per-reward switches and user rewards' arguments of a `PosttrainConfig`."""
+    return RewardSettings(
+        dict(pcfg.reward_scale), dict(pcfg.reward_normalize), dict(pcfg.reward_gradient), dict(pcfg.reward_args)
+    )
+
+
+def check_posttrain_rewards(pcfg) -> None:
+    """The rewards a `PosttrainConfig` names, checked without building them (when the config is
+    validated): each name resolves (a user's module imports), each setting names one of them."""
+    check_reward_names(pcfg.rewards)
+    posttrain_reward_settings(pcfg).check(list(pcfg.rewards))
+
+
+def probe_user_rewards(reward: CombinedReward, image_size: int, device: torch.device | str) -> None:
+    """Score a probe batch with each of the user's rewards in `reward` (`UserReward.probe`)."""
+    for term in reward.terms:
+        if isinstance(term.reward, UserReward):
+            term.reward.probe(image_size, device)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ranke.rewards.base import check_batch
+from ranke.rewards.protocol import check_batch
 
 SCALE = 100.0
 MEAN_WEIGHT = 0.3  # Hasler and Suesstrunk's weight of the mean opponent colour

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ranke.rewards.base import Reward
+from ranke.rewards.protocol import Reward, check_scores
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -188,9 +188,7 @@ class CombinedReward:
         nonfinite: dict[str, int] = {}
         for term in self.terms:
             reward, weight = term.reward, term.weight
-            raw = term.score(images, prompts)
-            if raw.shape != (batch,):
-                raise ValueError(f"reward '{reward.name}' returned shape {tuple(raw.shape)}, expected ({batch},)")
+            raw = check_scores(reward.name, term.score(images, prompts), batch, finite=False)
             finite = torch.isfinite(raw)
             bad = int((~finite).sum())
             if bad and reward.name not in self._warned:

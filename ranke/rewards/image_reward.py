@@ -31,7 +31,8 @@ import torch.nn as nn
 
 from ranke.models.load import compare_state_dict, layout_of, read_state_dict
 from ranke.rewards.aesthetic import AestheticHead
-from ranke.rewards.base import check_batch, normalize_pixels, resize_center_crop
+from ranke.rewards.base import normalize_pixels, resize_center_crop
+from ranke.rewards.protocol import check_batch
 from ranke.rewards.hpsv2 import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ranke.runtime import UserError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ranke.rewards.base import check_batch
+from ranke.rewards.protocol import check_batch
 from ranke.runtime import UserError
 from ranke.toy.captions import CaptionSpec, parse_caption
 from ranke.toy.verifier import score_image

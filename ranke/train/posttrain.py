@@ -69,7 +69,7 @@ from ranke.parallel import (
     whole_weights,
 )
 from ranke.precision import PrecisionChoice
-from ranke.rewards.build import build_posttrain_reward
+from ranke.rewards.build import build_posttrain_reward, probe_user_rewards
 from ranke.rewards.combine import CombinedReward
 from ranke.runtime import UserError, autocast, progress_bars_off, progress_line, set_deterministic
 from ranke.toy.data import heldout_prompts
@@ -468,12 +468,13 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     if pcfg.deterministic:
         set_deterministic(True)
     models, backbone, cfg = build_models(start.cfg, device)
+    reward = build_posttrain_reward(pcfg, device)
+    probe_user_rewards(reward, backbone.image_size, device)  # a broken user reward stops before config.yaml
     if start.main_process:
         write_run_config(cfg, start.run_dir)
     if start.resumed is not None:
         models.load_weights(start.resumed[0])
     policy_for_loss, sharding = distribute_policy(models, start)
-    reward = build_posttrain_reward(pcfg, device)
     if start.accelerator.num_processes > 1:
         reward.reduce_sum = lambda sums: start.accelerator.reduce(sums, reduction="sum")
     data_rng = np.random.default_rng(cfg.seed)
