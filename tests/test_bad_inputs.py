@@ -5,9 +5,11 @@ they were. The commands run in-process (`ranke.cli.main`); each case fails befor
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,18 @@ from ranke.toy.data import ToyConfig, heldout_prompts
 
 LATIN1 = "a small red circle caf\u00e9\n".encode("latin-1")  # not UTF-8
 RUN_SETTINGS = [*TINY, "mode=both", "steps=1", "disc_start=0", "grid_every=100"]
+BROKEN_REWARDS = """import torch
+def wrong_shape(images, prompts):
+    return torch.zeros(images.shape[0], 1)
+def nan(images, prompts):
+    return torch.full((images.shape[0],), float("nan"))
+def raises(images, prompts):
+    raise RuntimeError("the scorer fell over")
+"""
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, one_thread) -> dict[str, Path]:
+def world(tmp_path_factory, one_thread) -> Iterator[dict[str, Path]]:
     """A finished post-training run, a sample folder, and input files good and bad."""
     root = tmp_path_factory.mktemp("world")
     paths = {"root": root, "run": root / "run", "samples": root / "samples", "new": root / "new"}
@@ -63,8 +73,12 @@ def world(tmp_path_factory, one_thread) -> dict[str, Path]:
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(sizes / "00003.png")
     with open(inputs / "pickled.pt", "wb") as handle:
         pickle.dump({"model": {"w": [1, 2]}, "args": Path("x")}, handle)
+    (inputs / "ranke_broken_rewards.py").write_text(BROKEN_REWARDS)
+    sys.path.insert(0, str(inputs))  # a user's reward module outside the package
     paths["inputs"] = inputs
-    return paths
+    yield paths
+    sys.path.remove(str(inputs))
+    sys.modules.pop("ranke_broken_rewards", None)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -113,6 +127,18 @@ CASES = [
     ("reward_steps_0", ["train-reward", "--out", "{new}/a", "reward.features.steps=0"], "'reward.features.steps' is 0"),
     ("reward_lr_negative", ["train-reward", "--out", "{new}/a", "reward.reward_clip.lr=-1"], "'reward.reward_clip.lr' is -1.0"),
     ("steps_not_int", ["posttrain", "--out", "{new}/a", "steps=abc"], "config key 'posttrain.steps' must be int"),
+    # the user's own rewards (docs/posttrain.md "How do I bring my own reward?")
+    ("user_reward_not_importable", ["posttrain", "--out", "{new}/a", "rewards={{no_such_module_xyz:score: 1.0}}"],
+     "reward 'no_such_module_xyz:score': module 'no_such_module_xyz' cannot be imported"),
+    ("user_reward_missing", ["posttrain", "--out", "{new}/a", "rewards={{ranke_broken_rewards:missing: 1.0}}"], "has no attribute 'missing'"),
+    ("user_reward_wrong_shape", ["posttrain", "--out", "{new}/a", *TINY, "rewards={{ranke_broken_rewards:wrong_shape: 1.0}}"],
+     "reward 'ranke_broken_rewards:wrong_shape' returned shape (2, 1), expected (2,)"),
+    ("user_reward_nan", ["posttrain", "--out", "{new}/a", *TINY, "rewards={{toy_clip: 1.0, ranke_broken_rewards:nan: 1.0}}"],
+     "reward 'ranke_broken_rewards:nan' returned 2 non-finite score(s)"),
+    ("user_reward_raises", ["posttrain", "--out", "{new}/a", *TINY, "rewards={{ranke_broken_rewards:raises: 1.0}}"],
+     "reward 'ranke_broken_rewards:raises' raised RuntimeError: the scorer fell over"),
+    ("demo_user_reward_not_importable", ["demo", "--out", "{new}/a", "--quick", "rewards={{no_such_module_xyz:score: 1.0}}"],
+     "module 'no_such_module_xyz' cannot be imported"),
     # text inputs that are not UTF-8
     ("yaml_latin1", ["posttrain", "--config", "{inputs}/latin1.yaml", "--out", "{new}/a"], "latin1.yaml' is not UTF-8 text"),
     ("prompts_latin1", ["sample", "--prompts", "{inputs}/latin1.txt", "--out", "{new}/a"], "latin1.txt' is not UTF-8 text"),
