@@ -34,6 +34,16 @@ def sequence_token_mean(values: torch.Tensor, mask: torch.Tensor | None = None) 
     return per_sequence_mean(values, mask).mean()
 
 
+def grouped_rewards(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`rewards` [B*G] (groups contiguous: rollouts of prompt b at b*G .. b*G+G-1) or [B, G] as a
+    detached float32 [B, G]; ValueError when they do not split into groups of `group_size`."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.detach().float().reshape(-1, group_size)
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
@@ -52,11 +62,7 @@ def group_advantages(
     `unbiased=False` gives the population std (numpy's default), whose advantages are larger
     by sqrt(G / (G - 1)) (about 1.07 for G = 8). A group of one rollout has no spread: zeros.
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if rewards.numel() % group_size != 0:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.detach().float().reshape(-1, group_size)
+    grouped = grouped_rewards(rewards, group_size)
     if group_size == 1:
         return torch.zeros_like(rewards, dtype=grouped.dtype)
     mean = grouped.mean(dim=1, keepdim=True)
