@@ -16,6 +16,7 @@ from fnmatch import fnmatchcase
 
 from ranke.algo.decoder import CONSISTENCY_SCHEDULES
 from ranke.algo.grpo import KL_ANCHORS
+from ranke.algo.policy_losses import POLICY_LOSSES
 from ranke.algo.vqgan import RECONSTRUCTION_KINDS
 from ranke.models.gpt import GPT_PRESETS
 from ranke.models.perceptual import PERCEPTUAL_KINDS
@@ -47,6 +48,7 @@ CHOICES: list[tuple[str, tuple[str, ...]]] = [
     ("*.perceptual", PERCEPTUAL_KINDS),
     ("posttrain.mode", POSTTRAIN_MODES),
     ("posttrain.reference", REFERENCES),
+    ("posttrain.loss_type", tuple(POLICY_LOSSES)),
     ("posttrain.kl_kind", tuple(KL_ANCHORS)),
     ("posttrain.soft_token_logits", SOFT_TOKEN_LOGITS),
     ("posttrain.soft_token_codebook", SOFT_TOKEN_CODEBOOKS),

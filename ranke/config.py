@@ -353,7 +353,14 @@ class PosttrainConfig:
     policy_lr: float = 1e-5
     policy_weight_decay: float = 0.01
     grpo_epochs: int = 1
-    clip_eps: float = 0.2
+    loss_type: str = "grpo"  # grpo (released) | dr_grpo | dapo | gspo (ranke.algo.policy_losses; docs/posttrain.md)
+    clip_eps: float = 0.2  # grpo, dr_grpo, dapo: the ratio's clip range [1 - clip_eps, 1 + clip_eps]
+    clip_eps_high: float = 0.28  # dapo: the upper bound 1 + clip_eps_high (clip-higher)
+    gspo_clip_eps: float = 3e-4  # gspo: the sequence ratio's range [1 - gspo_clip_eps, 1 + gspo_clip_eps_high]
+    gspo_clip_eps_high: float = 4e-4
+    # DAPO's dynamic sampling: groups whose rewards are all equal are dropped and refilled by up to
+    # this many extra rollouts of new prompts per step; 0: off
+    dynamic_sampling_draws: int = 0
     kl_coef: float = 0.05
     kl_kind: str = "squared"  # squared (released) | k3
     reference: str = "frozen"  # frozen copy of the start | ema (the EMA policy, the fallback)
@@ -421,6 +428,14 @@ class PosttrainConfig:
     def trains_decoder(self) -> bool:
         """Whether the decoder stage runs (modes decoder and both): the decoder and a discriminator train."""
         return self.mode != "policy"
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """The policy loss's (eps_low, eps_high): gspo's own small range, dapo's asymmetric one,
+        else `clip_eps` on both sides."""
+        if self.loss_type == "gspo":
+            return self.gspo_clip_eps, self.gspo_clip_eps_high
+        return self.clip_eps, self.clip_eps_high if self.loss_type == "dapo" else self.clip_eps
 
     @property
     def consistency_span(self) -> tuple[int, int]:

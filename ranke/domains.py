@@ -65,6 +65,7 @@ DOMAINS: list[tuple[str, Range]] = [
     ("*num_res_blocks", NON_NEGATIVE),
     ("*_offset", NON_NEGATIVE),
     ("*seed", NON_NEGATIVE),
+    ("posttrain.dynamic_sampling_draws", NON_NEGATIVE),
     ("posttrain.group_size", Range(2)),
     # counts and sizes
     ("*.steps", AT_LEAST_ONE),
@@ -104,6 +105,7 @@ DOMAINS: list[tuple[str, Range]] = [
     ("sampling.temperature", POSITIVE),
     ("sampling.cfg_scale", NON_NEGATIVE),
     ("*clip_eps", Range(0, 1, low_open=True, high_open=True)),
+    ("*clip_eps_high", POSITIVE),  # the upper bound 1 + eps may pass 2
     ("*grad_clip", POSITIVE),
     ("collective_timeout", POSITIVE),
     ("*tau_start", POSITIVE),

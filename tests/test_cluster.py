@@ -105,7 +105,7 @@ def straight_run(tmp_path_factory, one_thread) -> Path:
 # point of step 2 -> (object, attribute whose call carries the signal, which call, when checkpoints are due)
 POINTS = {
     "rollout": (Backbone, "sample", 2, "save_every=100"),  # step 1 and 2's rollouts; the grid samples at step 3 only
-    "update": (posttrain, "grpo_policy_loss", 2, "save_every=100"),  # one GRPO pass per step
+    "update": (posttrain, "policy_loss", 2, "save_every=100"),  # one GRPO pass per step
     "checkpoint_write": (checkpoint_lib, "save_file", 1, "save_every=2"),  # the first file of step 2's checkpoint
 }
 

@@ -86,7 +86,7 @@ class NaNRewardAt:
 @pytest.mark.parametrize(
     "function, optimizer, term, trained, other",
     [
-        ("grpo_policy_loss", "policy", "policy/loss", "policy", "vq"),
+        ("policy_loss", "policy", "policy/loss", "policy", "vq"),
         ("decoder_consistency_loss", "decoder", "decoder/consistency", "vq", "policy"),
     ],
 )
@@ -140,7 +140,7 @@ def test_nan_reward_is_counted_and_its_decoder_term_skipped(tmp_path, monkeypatc
 
 
 def test_consecutive_skips_stop_the_run_with_one_line(tmp_path, monkeypatch, capsys, one_thread):
-    monkeypatch.setattr(posttrain, "grpo_policy_loss", nan_on_calls(posttrain.grpo_policy_loss, {2, 3}))
+    monkeypatch.setattr(posttrain, "policy_loss", nan_on_calls(posttrain.policy_loss, {2, 3}))
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         main(["posttrain", "--out", str(run), *SETTINGS, "mode=policy", "max_consecutive_skips=2"])

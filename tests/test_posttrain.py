@@ -257,6 +257,10 @@ def test_existing_run_needs_resume(both_run, capsys):
         (["mode=decoders"], "config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both"),
         (["rewards={toy_clip: 1.0, clipp: 1.0}"], "unknown reward 'clipp'"),
         (["kl_kind=k4"], "config key 'posttrain.kl_kind' is 'k4'; allowed: one of squared, k3"),
+        (["loss_type=ppo"], "config key 'posttrain.loss_type' is 'ppo'; allowed: one of grpo, dr_grpo, dapo, gspo"),
+        (["clip_eps_high=0"], "config key 'posttrain.clip_eps_high' is 0.0; allowed: a finite number > 0"),
+        (["gspo_clip_eps=1"], "config key 'posttrain.gspo_clip_eps' is 1.0; allowed: a number in (0, 1)"),
+        (["dynamic_sampling_draws=-1"], "config key 'posttrain.dynamic_sampling_draws' is -1; allowed: a finite number >= 0"),
         (["consistency_schedule=ramp"], "config key 'posttrain.consistency_schedule' is 'ramp'; allowed: one of none, linear, cosine"),
         (["consistency_schedule=linear", "consistency_end_step=0"],
          "posttrain.consistency_start_step=0 must be below consistency_end_step=0"),
@@ -314,3 +318,43 @@ def test_image_caption_folder_drives_the_rollouts_and_is_checkpointed(tmp_path):
     run(tmp_path / "run", f"data={tmp_path / 'data'}", "mode=both", "steps=2", "disc_start=0", "grid_every=100")
     _, trainer_state, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert trainer_state["data"]["epoch"] == 1 and trainer_state["data"]["position"] == 4  # 2 steps x 2 prompts
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "gspo"])
+def test_each_policy_loss_runs_and_logs_finite_values(tmp_path, loss_type):
+    run(tmp_path, "mode=policy", "steps=1", "save_every=1", "grid_every=100", f"loss_type={loss_type}")
+    (row,) = records(tmp_path)
+    for name in ("loss", "surrogate", "kl", "clip_fraction", "ratio_mean", "grad_norm"):
+        assert math.isfinite(row[f"policy/{name}"]), name
+    assert row["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # the first pass is on-policy
+
+
+def test_dynamic_sampling_refills_flat_groups(tmp_path, monkeypatch):
+    """The first draw's groups are made to look flat: one extra draw refills the batch with groups
+    that have a spread; without draws left, flat groups fill it."""
+    from ranke.train import posttrain
+
+    calls = []
+
+    def first_draw_flat(rewards, group_size):
+        calls.append(rewards.numel())
+        spread = torch.ones(rewards.numel() // group_size, dtype=torch.bool)
+        return spread if len(calls) > 1 else ~spread
+
+    monkeypatch.setattr(posttrain, "spread_groups", first_draw_flat)
+    run(tmp_path / "refill", "mode=both", "steps=1", "save_every=1", "grid_every=100", "disc_start=0", "loss_type=dapo",
+        "dynamic_sampling_draws=3")  # fmt: skip
+    (row,) = records(tmp_path / "refill")
+    assert calls == [4, 4]  # 2 prompts x 2 rollouts, twice
+    assert row["dynamic_sampling/draws"] == 1 and row["dynamic_sampling/spread_groups"] == 1.0
+    assert math.isfinite(row["policy/loss"]) and math.isfinite(row["decoder/loss"])
+
+    def always_flat(rewards, group_size):
+        calls.append(rewards.numel())
+        return torch.zeros(rewards.numel() // group_size, dtype=torch.bool)
+
+    calls.clear()
+    monkeypatch.setattr(posttrain, "spread_groups", always_flat)
+    run(tmp_path / "bound", "mode=policy", "steps=1", "save_every=1", "grid_every=100", "dynamic_sampling_draws=2")
+    (row,) = records(tmp_path / "bound")
+    assert len(calls) == 3 and row["dynamic_sampling/draws"] == 2 and row["dynamic_sampling/spread_groups"] == 0.0

@@ -16,16 +16,32 @@ from typing import Callable
 import torch
 
 
-def sequence_token_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the valid tokens of each sequence [N, L], then mean over sequences -> scalar.
+def per_sequence_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the valid tokens of each sequence [N, L] -> [N]: 1/|o_i| sum_t v_it.
 
-    A sequence whose mask is all zero contributes 0 (its token count is clamped to 1).
+    A sequence whose mask is all zero gets 0 (its token count is clamped to 1).
     """
     if mask is None:
-        return values.mean(dim=-1).mean()
+        return values.mean(dim=-1)
     mask = mask.to(values.dtype)
-    per_sequence = (values * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1.0)
-    return per_sequence.mean()
+    return (values * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1.0)
+
+
+def sequence_token_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the valid tokens of each sequence [N, L], then mean over sequences -> scalar:
+    1/N sum_i 1/|o_i| sum_t v_it. A sequence whose mask is all zero contributes 0.
+    """
+    return per_sequence_mean(values, mask).mean()
+
+
+def grouped_rewards(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`rewards` [B*G] (groups contiguous: rollouts of prompt b at b*G .. b*G+G-1) or [B, G] as a
+    detached float32 [B, G]; ValueError when they do not split into groups of `group_size`."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.detach().float().reshape(-1, group_size)
 
 
 def group_advantages(
@@ -46,11 +62,7 @@ def group_advantages(
     `unbiased=False` gives the population std (numpy's default), whose advantages are larger
     by sqrt(G / (G - 1)) (about 1.07 for G = 8). A group of one rollout has no spread: zeros.
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if rewards.numel() % group_size != 0:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.detach().float().reshape(-1, group_size)
+    grouped = grouped_rewards(rewards, group_size)
     if group_size == 1:
         return torch.zeros_like(rewards, dtype=grouped.dtype)
     mean = grouped.mean(dim=1, keepdim=True)
@@ -60,32 +72,50 @@ def group_advantages(
     return advantages.clamp(-clamp, clamp).reshape(rewards.shape)
 
 
+def clipped_terms(
+    ratio: torch.Tensor, advantage: torch.Tensor, clip_eps: float, clip_eps_high: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) elementwise, and where the clip cuts
+    the gradient (rho > 1 + eps_high with A > 0, or rho < 1 - eps_low with A < 0, strictly).
+
+    eps_low = `clip_eps`; eps_high = `clip_eps_high`, or `clip_eps` when None (symmetric PPO clip).
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped = ratio * advantage
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantage
+    with torch.no_grad():
+        cut = ((ratio > 1.0 + high) & (advantage > 0)) | ((ratio < 1.0 - clip_eps) & (advantage < 0))
+    return torch.minimum(unclipped, clipped), cut
+
+
+Aggregate = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
 def clipped_surrogate_loss(
     logp_new: torch.Tensor,
     logp_old: torch.Tensor,
     advantages: torch.Tensor,
     clip_eps: float = 0.2,
     mask: torch.Tensor | None = None,
+    clip_eps_high: float | None = None,
+    aggregate: Aggregate = sequence_token_mean,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """METHOD.md "clipped surrogate": -mean(min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)).
 
     `logp_new`, `logp_old`: [N, L] per-token log-probs (old = at rollout time, no grad);
     `advantages`: [N], one per sequence, broadcast over its tokens; rho = exp(new - old).
+    `clip_eps_high` makes the clip range asymmetric (DAPO's clip-higher); `aggregate` reduces the
+    [N, L] terms to a scalar (GRPO: `sequence_token_mean`; Dr. GRPO and DAPO have their own).
     Returns the loss and detached statistics: `clip_fraction`, the fraction of valid tokens
-    whose gradient the clip cuts (rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0),
-    and `ratio_mean`, the mean of rho (1 on the first update after a rollout).
+    whose gradient the clip cuts (`clipped_terms`), and `ratio_mean`, the mean of rho (1 on the
+    first update after a rollout), both aggregated like the loss.
     """
     ratio = torch.exp(logp_new - logp_old.detach())
     advantage = advantages.detach().to(ratio.dtype).unsqueeze(-1)
-    unclipped = ratio * advantage
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantage
-    loss = -sequence_token_mean(torch.minimum(unclipped, clipped), mask)
+    terms, cut = clipped_terms(ratio, advantage, clip_eps, clip_eps_high)
+    loss = -aggregate(terms, mask)
     with torch.no_grad():
-        cut = ((ratio > 1.0 + clip_eps) & (advantage > 0)) | ((ratio < 1.0 - clip_eps) & (advantage < 0))
-        stats = {
-            "clip_fraction": sequence_token_mean(cut.to(ratio.dtype), mask),
-            "ratio_mean": sequence_token_mean(ratio, mask),
-        }
+        stats = {"clip_fraction": aggregate(cut.to(ratio.dtype), mask), "ratio_mean": aggregate(ratio, mask)}
     return loss, stats
 
 
@@ -118,6 +148,31 @@ def kl_anchor(kind: str) -> Callable[..., torch.Tensor]:
     return KL_ANCHORS[kind]
 
 
+def with_kl_anchor(
+    surrogate: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+    logp_new: torch.Tensor,
+    logp_ref: torch.Tensor | None,
+    beta: float,
+    kl_kind: str,
+    mask: torch.Tensor | None,
+    loss_name: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """surrogate + beta * Omega_theta (`kl_anchor(kl_kind)`), with `surrogate` and `kl` added to `stats`.
+
+    `logp_ref` may be None only when beta == 0 (no anchor, no `kl` statistic); `loss_name` names
+    the caller in that error.
+    """
+    stats = {"surrogate": surrogate.detach(), **stats}
+    if logp_ref is None:
+        if beta != 0:
+            raise ValueError(f"{loss_name} needs logp_ref when beta != 0")
+        return surrogate, stats
+    anchor = kl_anchor(kl_kind)(logp_new, logp_ref, mask)
+    stats["kl"] = anchor.detach()
+    return surrogate + beta * anchor, stats
+
+
 def grpo_policy_loss(
     logp_new: torch.Tensor,
     logp_old: torch.Tensor,
@@ -127,19 +182,16 @@ def grpo_policy_loss(
     beta: float = 0.05,
     kl_kind: str = "squared",
     mask: torch.Tensor | None = None,
+    clip_eps_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """METHOD.md policy-stage objective: clipped surrogate + beta * Omega_theta.
+    """METHOD.md policy-stage objective (Shao et al. 2024, as released by RankE):
 
-    `logp_ref` may be None only when beta == 0 (plain clipped GRPO without anchor).
-    Returns the loss and detached statistics: `surrogate`, `kl` (absent without a reference),
-    `clip_fraction`, `ratio_mean`.
+        L = -1/N sum_i 1/|o_i| sum_t min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i) + beta * Omega_theta
+
+    with rho_it = exp(logp_new - logp_old) and A_i from `group_advantages`. `clip_eps_high`
+    (None: `clip_eps`) sets the upper bound alone. `logp_ref` may be None only when beta == 0
+    (plain clipped GRPO without anchor). Returns the loss and detached statistics: `surrogate`,
+    `kl` (absent without a reference), `clip_fraction`, `ratio_mean`.
     """
-    surrogate, stats = clipped_surrogate_loss(logp_new, logp_old, advantages, clip_eps, mask)
-    stats = {"surrogate": surrogate.detach(), **stats}
-    if logp_ref is None:
-        if beta != 0:
-            raise ValueError("grpo_policy_loss needs logp_ref when beta != 0")
-        return surrogate, stats
-    anchor = kl_anchor(kl_kind)(logp_new, logp_ref, mask)
-    stats["kl"] = anchor.detach()
-    return surrogate + beta * anchor, stats
+    surrogate, stats = clipped_surrogate_loss(logp_new, logp_old, advantages, clip_eps, mask, clip_eps_high)
+    return with_kl_anchor(surrogate, stats, logp_new, logp_ref, beta, kl_kind, mask, "grpo_policy_loss")

@@ -25,6 +25,7 @@ step with its checkpoint (`ranke.train.preemption`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from ranke.algo.decoder import (
     soft_codes,
     soft_token_consistency_loss,
 )
-from ranke.algo.grpo import group_advantages, grpo_policy_loss
+from ranke.algo.policy_losses import policy_advantages, policy_loss, spread_groups
 from ranke.algo.vqgan import adaptive_generator_weight, adopt_weight, hinge_generator_loss, reconstruction_loss
 from ranke.backbones import Backbone
 from ranke.config import PosttrainConfig, RunConfig
@@ -215,14 +216,79 @@ def reward_statistics(rollout: Rollout, group_size: int) -> dict[str, float]:
     return record
 
 
+def rollout_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rollout's `rows` (non-finite counts kept whole)."""
+    def take(value):
+        if isinstance(value, torch.Tensor):
+            return value[rows.to(value.device)]
+        if isinstance(value, list):
+            return [value[i] for i in rows.tolist()]
+        if isinstance(value, tuple):
+            return tuple(take(item) for item in value)
+        if isinstance(value, dict) and value and isinstance(next(iter(value.values())), torch.Tensor):
+            return {name: take(item) for name, item in value.items()}
+        return value
+
+    return Rollout(**{field.name: take(getattr(rollout, field.name)) for field in dataclasses.fields(Rollout)})
+
+
+def join_rollouts(parts: list[Rollout]) -> Rollout:
+    """Rollouts one after the other (rows concatenated, non-finite counts summed)."""
+    def join(values: list):
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat(values)
+        if isinstance(first, list):
+            return [item for value in values for item in value]
+        if isinstance(first, tuple):
+            return tuple(join(list(items)) for items in zip(*values))
+        if isinstance(first, dict):
+            return {name: join([value[name] for value in values]) for name in first}
+        return None if first is None else sum(values)
+
+    return Rollout(**{field.name: join([getattr(part, field.name) for part in parts]) for field in dataclasses.fields(Rollout)})
+
+
+def refill_groups(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor) -> tuple[Rollout, torch.Tensor, dict]:
+    """DAPO's dynamic sampling: while fewer of the step's groups (over all processes) have rewards
+    that differ (`spread_groups`) than it has prompts, roll out the next batch of prompts, at most
+    `dynamic_sampling_draws` times; keep this process's first B groups with a spread, in draw
+    order, filled up with all-equal groups when the bound is reached. Returns the rollout, its real
+    images and the record: the extra draws and the share of kept groups with a spread."""
+    pcfg, batch = run.pcfg, real_images.shape[0]
+    parts, images = [rollout], [real_images]
+    spread = spread_groups(rollout.reward, pcfg.group_size)
+    draws = 0
+    while draws < pcfg.dynamic_sampling_draws and global_count(run, spread) < pcfg.prompts_per_step:
+        prompts, real = next_prompts(run)
+        parts.append(collect_rollout(run, prompts, {}))
+        images.append(real)
+        spread = torch.cat([spread, spread_groups(parts[-1].reward, pcfg.group_size)])
+        draws += 1
+    groups = torch.cat([spread.nonzero().flatten(), (~spread).nonzero().flatten()])[:batch]
+    rows = (groups[:, None] * pcfg.group_size + torch.arange(pcfg.group_size, device=groups.device)).flatten()
+    record = {"dynamic_sampling/draws": draws, "dynamic_sampling/spread_groups": float(spread[groups].float().mean())}
+    return rollout_rows(join_rollouts(parts), rows), torch.cat(images)[groups.to(real_images.device)], record
+
+
+def global_count(run: PosttrainRun, flags: torch.Tensor) -> int:
+    """How many of `flags` are set over all processes (every process takes part)."""
+    return int(run.accelerator.reduce(flags.sum().to(run.device), reduction="sum"))
+
+
 def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
-    """METHOD.md "Policy stage": `grpo_epochs` passes of clipped GRPO with the KL anchor on the
+    """METHOD.md "Policy stage": `grpo_epochs` passes of the policy loss `loss_type` (the release's
+    clipped GRPO, Dr. GRPO, DAPO or GSPO, `ranke.algo.policy_losses`) with the KL anchor on the
     group-relative advantages, each one optimizer step over all rollouts (micro-batched
     forward/backward), skipped when its loss or gradient norm is not finite (the optimizer's guard);
     then the EMA policy follows every `policy_ema_every` steps, unless no pass updated the policy."""
     pcfg, models, optimizer = run.pcfg, run.models, run.optimizers["policy"]
     # the release's ablation: every rollout reinforced alike, the ranking ignored
-    advantages = torch.ones_like(rollout.reward) if pcfg.uniform_advantages else group_advantages(rollout.reward, pcfg.group_size)
+    advantages = (
+        torch.ones_like(rollout.reward) if pcfg.uniform_advantages
+        else policy_advantages(pcfg.loss_type, rollout.reward, pcfg.group_size)
+    )  # fmt: skip
+    clip_low, clip_high = pcfg.clip_range
     count = rollout.tokens.shape[0]
     micro = pcfg.micro_batch_size or count
     totals: dict[str, float] = {}
@@ -238,15 +304,10 @@ def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
                     run.policy_for_loss, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part],
                     return_entropy=True,
                 )  # fmt: skip
-            loss, stats = grpo_policy_loss(
-                logp_new,
-                rollout.logp_old[part],
-                rollout.logp_ref[part],
-                advantages[part],
-                clip_eps=pcfg.clip_eps,
-                beta=pcfg.kl_coef,
-                kl_kind=pcfg.kl_kind,
-            )
+            loss, stats = policy_loss(
+                pcfg.loss_type, logp_new, rollout.logp_old[part], rollout.logp_ref[part], advantages[part],
+                clip_low, clip_high, beta=pcfg.kl_coef, kl_kind=pcfg.kl_kind,
+            )  # fmt: skip
             run.accelerator.backward(loss * share)
             epoch_loss += float(loss.detach()) * share
             stats = {**stats, "loss": loss.detach(), "entropy": entropy.detach().mean()}
@@ -626,6 +687,10 @@ def posttrain_step(run: PosttrainRun, outputs: RunOutputs, step: int, bar) -> bo
         prompts, real_images = next_prompts(run)
         rollout = collect_rollout(run, prompts, timings)
         record = {"step": step + 1, **reward_statistics(rollout, pcfg.group_size)}
+        if pcfg.dynamic_sampling_draws:
+            with timed(timings, "refill"):
+                rollout, real_images, sampled = refill_groups(run, rollout, real_images)
+            record.update(sampled)
         if pcfg.trains_policy:
             with timed(timings, "update"):
                 record.update(policy_stage(run, rollout, step))
