@@ -205,3 +205,25 @@ def test_policy_advantages_by_name():
         assert torch.equal(policy_advantages(name, rewards, 4), group_advantages(rewards, 4))
     with pytest.raises(ValueError, match="unknown policy loss 'x'"):
         policy_advantages("x", rewards, 4)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_every_loss_and_its_anchor_ignore_masked_tokens(loss_type):
+    """A masked token's log-probs (here far off) change neither the surrogate nor the KL anchor:
+    the loss with a mask equals the loss on the unmasked tokens alone, and differs from no mask."""
+    logp_old = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    logp_new = logp_old + torch.tensor([[0.1, -0.05, 3.0], [0.02, 0.03, -4.0]])
+    logp_ref = logp_old - 0.1
+    advantages = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    settings = {"clip_eps": 0.2, "clip_eps_high": 0.28, "beta": 0.5}
+    masked, masked_stats = policy_loss(loss_type, logp_new, logp_old, logp_ref, advantages, mask=mask, **settings)
+    kept = policy_loss(loss_type, logp_new[:, :2], logp_old[:, :2], logp_ref[:, :2], advantages, **settings)[0]
+    if loss_type == "dr_grpo":  # its constant L is the token dimension: 3 with the mask, 2 for the kept tokens alone
+        surrogate = policy_loss(loss_type, logp_new[:, :2], logp_old[:, :2], None, advantages, **{**settings, "beta": 0.0})[0]
+        kept = surrogate * 2 / 3 + settings["beta"] * masked_stats["kl"]
+    unmasked = policy_loss(loss_type, logp_new, logp_old, logp_ref, advantages, **settings)[0]
+    assert torch.allclose(masked, kept, atol=1e-6)
+    assert not torch.allclose(masked, unmasked, atol=1e-3)
+    anchor_alone = policy_loss(loss_type, logp_new[:, :2], logp_old[:, :2], logp_ref[:, :2], advantages, **settings)[1]["kl"]
+    assert torch.allclose(masked_stats["kl"], anchor_alone, atol=1e-6)  # the anchor saw the mask too
