@@ -79,27 +79,33 @@ def machine_description() -> str:
     )
 
 
-def _median_seconds(run, repeats: int = 15) -> float:
-    run()  # the first call builds oneDNN's kernels
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def _seconds(run, calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
         run()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+    return time.perf_counter() - started
 
 
 @torch.no_grad()
-def measure_bf16_speedup(width: int) -> float:
+def measure_bf16_speedup(width: int, samples: int = 11, calls: int = 5) -> float:
     """fp32 time over bf16-autocast time of one linear layer at the policy's shape on the CPU
-    ([MEASURED_TOKENS, width] @ [width, 4 width], the MLP's first product); > 1: bf16 is faster."""
+    ([MEASURED_TOKENS, width] @ [width, 4 width], the MLP's first product); > 1: bf16 is faster.
+    The two are timed in alternation and the median of the per-sample ratios is returned, so a
+    change of load on a shared machine weighs on both alike."""
     generator = torch.Generator().manual_seed(0)  # the run's global generators stay untouched: seeded runs repeat
     weight, bias = torch.randn(4 * width, width, generator=generator), torch.randn(4 * width, generator=generator)
     inputs = torch.randn(MEASURED_TOKENS, width, generator=generator)
-    fp32 = _median_seconds(lambda: torch.nn.functional.linear(inputs, weight, bias))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = _median_seconds(lambda: torch.nn.functional.linear(inputs, weight, bias))
-    return fp32 / bf16
+
+    def fp32():
+        torch.nn.functional.linear(inputs, weight, bias)
+
+    def bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.linear(inputs, weight, bias)
+
+    _seconds(fp32, calls), _seconds(bf16, calls)  # the first calls build oneDNN's kernels and thread pool
+    ratios = sorted(_seconds(fp32, calls) / _seconds(bf16, calls) for _ in range(samples))
+    return ratios[len(ratios) // 2]
 
 
 def cache_path() -> Path:
@@ -109,7 +115,7 @@ def cache_path() -> Path:
 def cached_bf16_speedup(width: int, measure=measure_bf16_speedup) -> float:
     """`measure(width)`, measured once per machine and setting and then read from `cache_path()`."""
     key = (
-        f"{cpu_name()} | {torch.backends.cpu.get_cpu_capability()} | native {cpu_has_native_bf16()} | "
+        f"alternating medians | {cpu_name()} | {torch.backends.cpu.get_cpu_capability()} | native {cpu_has_native_bf16()} | "
         f"torch {torch.__version__} | {torch.get_num_threads()} threads | width {width}"
     )
     path = cache_path()

@@ -86,7 +86,8 @@ def test_emulated_avx2_chooses_fp32_on_this_machine(tmp_path):
         "import torch; from ranke.precision import choose_precision, cpu_has_native_bf16, measure_bf16_speedup; "
         "c = choose_precision('auto', torch.device('cpu'), 192); print(cpu_has_native_bf16(), c.name, measure_bf16_speedup(192))"
     )
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "RANKE_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "RANKE_CACHE_DIR": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}  # as a demo worker measures
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     native, chosen, speedup = out.split()
     assert (native, chosen) == ("False", "fp32")
