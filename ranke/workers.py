@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ranke.runtime import UserError, progress
+from ranke.runtime import EXIT_STOPPED, UserError, progress
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,13 @@ class ProgressShown:
         return False
 
 
+def _ended(returncode: int) -> str:
+    """How a worker that did not finish ended, for the study's one line."""
+    if returncode == EXIT_STOPPED:  # a stop signal: its checkpoint is written, a rerun continues it
+        return f"stopped on a signal with its checkpoint (exit {EXIT_STOPPED}); run the same command again to continue"
+    return f"failed (killed by signal {-returncode})" if returncode < 0 else f"failed (exit {returncode})"
+
+
 def run_jobs(jobs: list[Job], config: str, workers: int = 2, threads: int = 1, quiet_seconds: float = 120.0) -> dict[Path, float]:
     """Run `jobs` in `workers` processes at a time with `threads` torch threads each, showing the
     running runs' progress (module docstring); returns each run's wall time in seconds. A run that
@@ -97,10 +104,10 @@ def run_jobs(jobs: list[Job], config: str, workers: int = 2, threads: int = 1, q
                 log.close()
                 if process.returncode != 0:
                     log_path = job.run.with_suffix(".log")
-                    how = f"killed by signal {-process.returncode}" if process.returncode < 0 else f"exit {process.returncode}"
-                    bar.write(f"{job.run} failed ({how}); the end of {log_path}:")
+                    what = _ended(process.returncode)
+                    bar.write(f"{job.run} {what}; the end of {log_path}:")
                     bar.write("\n".join(f"  | {line}" for line in log_tail(log_path)))
-                    raise UserError(f"run {job.run} failed ({how}); see {log_path}")
+                    raise UserError(f"run {job.run} {what}; see {log_path}")
                 seconds[job.run] = time.perf_counter() - started
                 bar.update(1)
                 bar.write(f"done: {job.run} ({seconds[job.run] / 60:.1f} min)")

@@ -72,3 +72,18 @@ def test_progress_shown_on_each_new_tenth_or_after_a_quiet_spell(monkeypatch):
 def test_pool_sizes_must_be_positive(workers, threads):
     with pytest.raises(UserError, match="must be >= 1"):
         run_jobs([], "toy", workers=workers, threads=threads)
+
+
+def test_a_run_stopped_by_a_signal_is_named_as_stopped_and_resumable(tmp_path, capsys):
+    slow = Job(tmp_path / "runs" / "slow", ("steps=1000", "eval_samples=0", "grid_every=1000", "precision=fp32"))
+
+    def stop_when_training():  # after its first progress line, so the stop finds a step to finish
+        while not (slow.run.with_suffix(".log").is_file() and latest_progress(slow.run.with_suffix(".log"))):
+            time.sleep(0.2)
+        subprocess.run(["pkill", "-TERM", "-f", str(slow.run)])
+
+    stopper = threading.Thread(target=stop_when_training, daemon=True)
+    stopper.start()
+    with pytest.raises(UserError, match=r"run .*slow stopped on a signal with its checkpoint \(exit 75\); run the same command again"):
+        run_jobs([slow], "toy", workers=1)
+    assert "ranke: stopped by SIGTERM after step" in capsys.readouterr().out  # the log's tail
