@@ -16,20 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_posttrain import TINY
+from test_user_rewards import BROKEN as BROKEN_REWARDS
 
 from ranke.cli import main
 from ranke.toy.data import ToyConfig, heldout_prompts
 
 LATIN1 = "a small red circle caf\u00e9\n".encode("latin-1")  # not UTF-8
 RUN_SETTINGS = [*TINY, "mode=both", "steps=1", "disc_start=0", "grid_every=100"]
-BROKEN_REWARDS = """import torch
-def wrong_shape(images, prompts):
-    return torch.zeros(images.shape[0], 1)
-def nan(images, prompts):
-    return torch.full((images.shape[0],), float("nan"))
-def raises(images, prompts):
-    raise RuntimeError("the scorer fell over")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def world(tmp_path_factory, one_thread) -> Iterator[dict[str, Path]]:
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(sizes / "00003.png")
     with open(inputs / "pickled.pt", "wb") as handle:
         pickle.dump({"model": {"w": [1, 2]}, "args": Path("x")}, handle)
-    (inputs / "ranke_broken_rewards.py").write_text(BROKEN_REWARDS)
+    (inputs / "ranke_broken_rewards.py").write_text(BROKEN_REWARDS)  # the broken rewards of test_user_rewards
     sys.path.insert(0, str(inputs))  # a user's reward module outside the package
     paths["inputs"] = inputs
     yield paths
