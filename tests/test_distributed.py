@@ -13,6 +13,7 @@ policy learning rate (1e-5) keeps those small.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,14 +78,45 @@ def one_process_run(tmp_path_factory) -> Path:
     return out
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants, from /proc: torchrun starts each worker in a session of
+    its own, so killing the launcher's process group leaves the workers running."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree = [root]
+    for pid in tree:
+        tree += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def has_exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
 def kill_after_second_checkpoint_and_resume(out: Path, *overrides: str) -> None:
+    """SIGKILL to the launcher and every worker at once, as a cluster ends a job; the resume
+    starts once they are gone (the kernel frees a dead worker's lock when it exits)."""
     job = torchrun(out, "steps=4", *overrides)
     marker = out / "checkpoints" / "step_000002" / "manifest.json"
     deadline = time.monotonic() + 240
     while not marker.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(job.pid, signal.SIGKILL)
+    tree = process_tree(job.pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     job.wait()
+    deadline = time.monotonic() + 30
+    while not all(has_exited(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert marker.exists() and not (out / "checkpoints" / "step_000004").exists()
     finish(torchrun(out, "steps=4", *overrides, resume=True))
 
