@@ -3,6 +3,7 @@ and RankE at two levels of optimisation pressure, five paired seeds, 400 steps, 
 every 50 steps on the 500 held-out prompts; its plan was committed before any of these runs.
 
     OMP_NUM_THREADS=1 python benchmarks/frontier_study.py --out runs/frontier --workers 2   # runs (resumable)
+    ... --levels colorful clip     # the primary comparison's level first
     python benchmarks/frontier_study.py --out runs/frontier --table                         # what has finished
 
 Levels: `clip` (the toy reward alone, the preset's lr 5e-5) and `colorful` (the toy reward plus the
@@ -40,11 +41,12 @@ def run_dir(out: Path, level: str, method: str, seed: int) -> Path:
     return out / "runs" / f"{level}_{method}_seed{seed}"
 
 
-def study_jobs(out: Path) -> list[Job]:
-    """Every run of the plan, seed by seed (a stopped study leaves complete pairs behind)."""
+def study_jobs(out: Path, levels: list[str]) -> list[Job]:
+    """The plan's runs at `levels`, level by level, seed by seed (a stopped study leaves complete
+    pairs behind, of the first level first)."""
     return [
         Job(run_dir(out, level, method, seed), (*COMMON, *LEVELS[level], *spec.overrides, f"seed={seed}"))
-        for seed in SEEDS for level in LEVELS for method, spec in METHODS.items()
+        for level in levels for seed in SEEDS for method, spec in METHODS.items()
     ]  # fmt: skip
 
 
@@ -76,12 +78,14 @@ def main() -> None:
     parser.add_argument("--config", default="toy")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--levels", nargs="+", choices=list(LEVELS), default=list(LEVELS),
+                        help="the levels to run, in this order (default: all; the primary comparison is at colorful)")
     parser.add_argument("--table", action="store_true", help="only the tables and figures of what has finished")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        run_jobs(study_jobs(out), args.config, args.workers, args.threads)
+        run_jobs(study_jobs(out, args.levels), args.config, args.workers, args.threads)
     sft = sft_start(out, args.config)
     for level in LEVELS:
         grpo, ranke = level_methods(out, level)
