@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ranke.eval.frontier import TrajectoryPoint, common_gain, matched_gain_difference, value_at_gain
+from ranke.eval.frontier import TrajectoryPoint, common_gain, decoder_gain_parts, matched_gain_difference, value_at_gain
 from ranke.eval.runs import frontier_by_seed
 from ranke.eval.study import Method, MethodSpec
 from ranke.eval.tables import frontier_table
@@ -74,3 +74,19 @@ def test_the_frontier_table_reads_each_run_at_the_common_gain(tmp_path):
     half = 4.302653 / 3**0.5
     assert fd_row.startswith(f"| GRPO - RankE | +1.00 | FD | +1.0 [{1 - half:+.1f}, {1 + half:+.1f}] | 3 |")
     assert "| KID | +0.000 [+0.000, +0.000] | 3 |" in next(row for row in rows if "| KID |" in row)
+
+
+def test_an_adapted_decoders_gain_splits_into_real_codes_and_policy_tokens():
+    # seeds 0-2: frozen FD 50, 46, 44 -> adapted 47, 45, 44: gains on the policy's tokens 3, 1, 0;
+    # real codes 28 with the base decoder -> 27, 28, 26 adapted: gains 1, 0, 2; specific 2, 1, -2
+    parts = decoder_gain_parts({0: 50.0, 1: 46.0, 2: 44.0, 3: 40.0}, {0: 47.0, 1: 45.0, 2: 44.0}, 28.0,
+                               {0: 27.0, 1: 28.0, 2: 26.0})  # fmt: skip
+    half = 4.302653 / 3**0.5  # t(0.975, 2) / sqrt(3), times each sample's standard deviation
+    assert (parts.on_policy_tokens.mean, parts.on_policy_tokens.n) == (pytest.approx(4 / 3), 3)
+    assert parts.on_policy_tokens.high - parts.on_policy_tokens.mean == pytest.approx(half * (7 / 3) ** 0.5, rel=1e-6)
+    assert parts.on_real_codes.mean == pytest.approx(1.0)
+    assert parts.on_real_codes.high - 1.0 == pytest.approx(half * 1.0, rel=1e-6)
+    assert parts.specific_to_policy.mean == pytest.approx(1 / 3)
+    assert parts.specific_to_policy.low == pytest.approx(1 / 3 - half * (13 / 3) ** 0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="a seed with the frozen and the adapted"):
+        decoder_gain_parts({0: 1.0}, {1: 1.0}, 28.0, {1: 1.0})

@@ -63,3 +63,37 @@ def matched_gain_difference(
     at_a = {seed: value for seed, points in a.items() if (value := value_at_gain(points, gain)) is not None}
     at_b = {seed: value for seed, points in b.items() if (value := value_at_gain(points, gain)) is not None}
     return paired_interval(at_a, at_b)
+
+
+@dataclass(frozen=True)
+class DecoderGainParts:
+    """An adapted decoder's FD gain over the frozen one, taken apart (each paired over seeds)."""
+
+    on_policy_tokens: Interval  # FD(frozen, policy's tokens) - FD(adapted, the same tokens)
+    on_real_codes: Interval  # FD(base decoder, real codes) - FD(adapted, real codes): a better decoder overall
+    specific_to_policy: Interval  # the first minus the second: what only the shifted tokens gain
+
+
+def decoder_gain_parts(
+    frozen_fd: dict[int, float], adapted_fd: dict[int, float], base_real_codes_fd: float, adapted_real_codes_fd: dict[int, float]
+) -> DecoderGainParts:
+    """Split an adapted decoder's FD gain on a policy's tokens (positive = better) into the part it
+    also gives on the real images' ground-truth codes and the part specific to the policy's tokens
+    (Latent Covariate Shift proper):
+
+        gain_tokens = FD_frozen - FD_adapted,   gain_real = FD_base(real codes) - FD_adapted(real codes),
+        specific = gain_tokens - gain_real
+
+    per seed (`frozen_fd`, `adapted_fd` and `adapted_real_codes_fd` by training seed; the base
+    decoder's real-code FD is one number every seed shares), each with its paired interval."""
+    seeds = sorted(set(frozen_fd) & set(adapted_fd) & set(adapted_real_codes_fd))
+    if not seeds:
+        raise ValueError("decoder_gain_parts needs a seed with the frozen and the adapted decoder's figures")
+    on_tokens = {seed: frozen_fd[seed] - adapted_fd[seed] for seed in seeds}
+    on_real = {seed: base_real_codes_fd - adapted_real_codes_fd[seed] for seed in seeds}
+    zero = dict.fromkeys(seeds, 0.0)
+    return DecoderGainParts(
+        on_policy_tokens=paired_interval(on_tokens, zero),
+        on_real_codes=paired_interval(on_real, zero),
+        specific_to_policy=paired_interval(on_tokens, on_real),
+    )
