@@ -81,7 +81,7 @@ def cmd_build_toy_assets(args) -> None:
 def cmd_demo(args) -> None:
     from ranke.demo import run_demo
 
-    preset = next((name for name in ("quick", "full", "mechanism") if getattr(args, name)), "default")
+    preset = next((name for name in ("quick", "full", "ablations", "mechanism") if getattr(args, name)), "default")
     run_demo(args.out, preset, args.config, args.overrides, workers=args.workers)
 
 
@@ -300,7 +300,9 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a 2-3 minute version (few steps, small evaluation)")
-    size.add_argument("--full", action="store_true", help="5 paired seeds, the ablations and the mechanism runs")
+    size.add_argument("--full", action="store_true",
+                      help="the frontier study: 2 pressure levels, 5 paired seeds, 400 steps, the mechanism runs")
+    size.add_argument("--ablations", action="store_true", help="5 paired seeds at the preset, the ablations and the mechanism runs")
     size.add_argument("--mechanism", action="store_true", help="3 paired seeds and the mechanism runs, no ablations")
     p.add_argument("--workers", type=int, default=2, help="post-training runs at a time (default: 2)")
     p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")

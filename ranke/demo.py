@@ -6,12 +6,15 @@ the same start with the same seeds, evaluating every `eval_every` steps on the s
 prompts with the same sampling seed, and writes `report.md` / `report.html` with the results
 table, curves, a reward-vs-FD plot and a captioned sample grid. The runs go to worker processes
 (`ranke.workers`, two at a time on two cores); a rerun reuses finished runs and continues the
-others. `--full` runs five paired seeds of GRPO and RankE, three seeds of each ablation (rank-
-weighted vs uniform GAN at K = 4, no EMA-consistency anchor, decoder stage only) and of the
-mechanism runs (the decoder stage alone on each of three final GRPO policies), and measures how
-each trained decoder renders ground-truth codes. `--mechanism` runs three paired seeds and the
-mechanism runs without the ablations: the question to ask of a new reward or toy world (does
-GRPO's token shift cost fidelity, and does RankE remove the cost?).
+others. The default demo runs one seed for 100 steps at the frontier study's higher pressure level
+(`colorful`: the toy reward plus a colorfulness term, which is not realism). `--full` runs the
+frontier study of docs/results.md: GRPO and RankE at two pressure levels, five paired seeds, 400
+steps, and the mechanism runs (the decoder stage alone on three final GRPO policies of the higher
+level). `--ablations` runs the preset's operating point with five paired seeds, three seeds of
+each ablation (rank-weighted vs uniform GAN at K = 4, no EMA-consistency anchor, decoder stage
+only) and the mechanism runs. `--mechanism` runs three paired seeds and the mechanism runs: the
+question to ask of a new reward or toy world (does GRPO's token shift cost fidelity, and does
+RankE remove the cost?).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,14 +75,24 @@ ABLATIONS = (RANK_WEIGHTED, UNIFORM_GAN, NO_EMA_ANCHOR, DECODER_ONLY)
 # started from a finished GRPO run's final policy, so the same policy's tokens are decoded by the
 # frozen and by an adapted decoder.
 ADAPTED = MethodSpec("GRPO policy, adapted decoder", ("mode=decoder",), "ema",
-                     note="decoder stage alone on the final GRPO policy's rollouts")  # fmt: skip
+                     note="decoder stage alone on the final GRPO policy's rollouts", starts_from=GRPO)  # fmt: skip
+# Levels of optimisation pressure (the frontier study of docs/results.md), lowest first: what each
+# adds to the study's settings. `colorful` adds a reward term that is not realism (vivid colour).
+LEVELS = {"clip": (), "colorful": ("rewards={toy_clip: 1.0, colorfulness: 1.0}",)}
+
+
+def at_level(spec: MethodSpec, level: str) -> MethodSpec:
+    """`spec` at pressure level `level`: named "level: name", with the level's settings before its own."""
+    return replace(spec, name=f"{level}: {spec.name}", overrides=(*LEVELS[level], *spec.overrides), group=level,
+                   starts_from=spec.starts_from and at_level(spec.starts_from, level))  # fmt: skip
+
 
 # Every study: GRPO vs RankE; a preset with ablation or mechanism seeds extends it by those methods
 # and their comparisons ((A, B): the report gives A - B).
 GRPO_VS_RANKE = Study((GRPO, RANKE), ((RANKE, GRPO),))
 ABLATION_COMPARISONS = ((RANK_WEIGHTED, UNIFORM_GAN), (RANKE, NO_EMA_ANCHOR), (RANKE, DECODER_ONLY))
 MECHANISM_COMPARISONS = ((ADAPTED, GRPO),)  # the same GRPO policy, adapted vs frozen decoder
-SAMPLED = (GRPO, RANKE)  # the columns of the sample grid beside the real image and SFT
+SAMPLED = (GRPO.name, RANKE.name)  # the columns of the sample grid beside the real image and SFT (at the last level)
 
 
 @dataclass(frozen=True)
@@ -90,29 +103,48 @@ class DemoPreset:
     seeds: tuple[int, ...]  # paired seeds of GRPO and RankE
     ablation_seeds: tuple[int, ...] = ()  # seeds of each ablation; () = none
     mechanism_seeds: tuple[int, ...] = ()  # seeds of the mechanism runs (a subset of `seeds`); () = none
+    # pressure levels (LEVELS), lowest first: GRPO and RankE at each, the mechanism runs at the
+    # last; () = one level, the settings as given
+    levels: tuple[str, ...] = ()
+    mechanism_overrides: tuple[str, ...] = ()  # what the mechanism runs set on top, e.g. their own steps
 
     def study(self) -> Study:
         """The methods this preset runs and the comparisons its report makes."""
-        study = GRPO_VS_RANKE
-        if self.ablation_seeds:
-            study = study.extended(ABLATIONS, ABLATION_COMPARISONS)
+        if not self.levels:
+            study = GRPO_VS_RANKE
+            if self.ablation_seeds:
+                study = study.extended(ABLATIONS, ABLATION_COMPARISONS)
+            return study.extended((ADAPTED,), MECHANISM_COMPARISONS) if self.mechanism_seeds else study
+        study = Study(())
+        for level in self.levels:
+            grpo, ranke = at_level(GRPO, level), at_level(RANKE, level)
+            study = study.extended((grpo, ranke), ((ranke, grpo),))
         if self.mechanism_seeds:
-            study = study.extended((ADAPTED,), MECHANISM_COMPARISONS)
+            adapted = at_level(ADAPTED, self.levels[-1])
+            study = study.extended((adapted,), ((adapted, adapted.starts_from),))
         return study
 
     def seeds_of(self, method: MethodSpec) -> tuple[int, ...]:
         """The training seeds of one method of the study."""
         if method in ABLATIONS:
             return self.ablation_seeds
-        return self.mechanism_seeds if method == ADAPTED else self.seeds
+        return self.mechanism_seeds if method.starts_from else self.seeds
 
 
+# The frontier study's settings (its plan in docs/results.md): 400 steps in fp32, evaluated every 50
+# steps on the 500 held-out prompts; the mechanism runs keep the preset's 150 decoder steps.
+FRONTIER = ("precision=fp32", "steps=400", "eval_every=50", "save_every=50", "eval_samples=500", "eval_split=heldout",
+            "grid_every=100000")  # fmt: skip
 PRESETS = {
     "quick": DemoPreset(
         ("steps=8", "prompts_per_step=4", "group_size=4", "eval_samples=64", "eval_every=4", "disc_start=2"), (0,)
     ),
-    "default": DemoPreset(("steps=100",), (0,)),
-    "full": DemoPreset((), (0, 1, 2, 3, 4), (0, 1, 2), (0, 1, 2)),
+    # one seed at the frontier study's higher pressure level, for as many steps as fit about 10 minutes
+    "default": DemoPreset(("steps=100", *LEVELS["colorful"]), (0,)),
+    # the frontier study: both levels, five paired seeds, the mechanism at the higher level
+    "full": DemoPreset(FRONTIER, (0, 1, 2, 3, 4), (), (0, 1, 2), ("clip", "colorful"), ("steps=150",)),
+    # the preset's operating point with the ablations (the first study of docs/results.md)
+    "ablations": DemoPreset((), (0, 1, 2, 3, 4), (0, 1, 2), (0, 1, 2)),
     # the question of a new reward or world: does GRPO's token shift cost fidelity, and does RankE remove it?
     "mechanism": DemoPreset((), (0, 1, 2), (), (0, 1, 2)),
 }
@@ -147,16 +179,7 @@ def run_demo(
     RealReference.from_evaluator(evaluator).save(out)
 
     study = preset.study()
-    trained = [(method, preset.seeds_of(method)) for method in study.methods if method != ADAPTED]
-    methods, jobs = _method_jobs(out, trained, settings)
-    _run_unfinished(jobs, config, workers, threads, pcfg.steps, preset_name)
-    if ADAPTED in study.methods:  # the mechanism runs start from the GRPO runs' final policies
-        grpo = next(method for method in methods if method.spec == GRPO)
-        grpo_runs = dict(zip(preset.seeds, grpo.runs))  # absolute: the runs' configs are read from anywhere
-        adapted_settings = {seed: [f"policy={export_final_policy(grpo_runs[seed]).resolve()}"] for seed in preset.mechanism_seeds}
-        adapted, adapted_jobs = _method_jobs(out, [(ADAPTED, preset.mechanism_seeds)], settings, adapted_settings)
-        _run_unfinished(adapted_jobs, config, workers, threads, pcfg.steps, preset_name)
-        methods, jobs = methods + adapted, jobs + adapted_jobs
+    methods, jobs = run_study(out, preset, study, settings, config, workers, threads, preset_name)
 
     with autocast(device, precision.name):  # as the SFT start's reconstruction above
         mechanism = decoder_mechanism(evaluator, methods, device)
@@ -204,13 +227,36 @@ def study_precision(out: Path, cfg: RunConfig, device: torch.device, threads: in
     return choice
 
 
-def _run_unfinished(jobs: list[Job], config: str, workers: int, threads: int, steps: int, preset_name: str) -> None:
-    """Run the jobs whose latest checkpoint is not yet at `steps` (the others are done: a rerun of
-    the demo reuses them); each continues from its latest checkpoint."""
-    todo = [job for job in jobs if _checkpoint_step(job.run) < steps]
+def run_study(
+    out: Path, preset: DemoPreset, study: Study, settings: list[str], config: str, workers: int, threads: int, preset_name: str
+) -> tuple[list[Method], list[Job]]:
+    """Every run of the `study`: first the methods that start from SFT, then those that start from
+    another method's final policies (the mechanism runs), each run from its seed's source run."""
+    trained = [(method, preset.seeds_of(method)) for method in study.methods if method.starts_from is None]
+    methods, jobs = method_jobs(out, trained, settings)
+    _run_unfinished(jobs, config, workers, threads, preset_name)
+    for spec in (method for method in study.methods if method.starts_from is not None):
+        source = next(method for method in methods if method.spec == spec.starts_from)
+        source_runs = dict(zip(preset.seeds_of(spec.starts_from), source.runs))  # absolute: read from anywhere
+        per_seed = {seed: [*preset.mechanism_overrides, f"policy={export_final_policy(source_runs[seed]).resolve()}"]
+                    for seed in preset.seeds_of(spec)}  # fmt: skip
+        continued, continued_jobs = method_jobs(out, [(spec, preset.seeds_of(spec))], settings, per_seed)
+        _run_unfinished(continued_jobs, config, workers, threads, preset_name)
+        methods, jobs = methods + continued, jobs + continued_jobs
+    return methods, jobs
+
+
+def _run_unfinished(jobs: list[Job], config: str, workers: int, threads: int, preset_name: str) -> None:
+    """Run the jobs whose latest checkpoint is not yet at their `steps` (the others are done: a
+    rerun of the demo reuses them); each continues from its latest checkpoint."""
+    todo = [job for job in jobs if _checkpoint_step(job.run) < _steps(config, job)]
     if todo:
-        print(f"demo[{preset_name}]: {len(todo)} of {len(jobs)} runs to do ({steps} steps), {workers} at a time")
+        print(f"demo[{preset_name}]: {len(todo)} of {len(jobs)} runs to do, {workers} at a time")
         run_jobs(todo, config, workers, threads)
+
+
+def _steps(config: str, job: Job) -> int:
+    return config_lib.load(RunConfig, config, list(job.overrides), section="posttrain").posttrain.steps
 
 
 def _checkpoint_step(run: Path) -> int:
@@ -218,7 +264,7 @@ def _checkpoint_step(run: Path) -> int:
     return 0 if latest is None else json.loads((latest / MANIFEST).read_text())["step"]
 
 
-def _method_jobs(
+def method_jobs(
     out: Path, studied: list[tuple[MethodSpec, tuple[int, ...]]], settings, per_seed: dict[int, list[str]] | None = None
 ) -> tuple[list[Method], list[Job]]:
     """A `Method` per (method, seeds) and a posttrain job per seed (run directory OUT/runs/<slug>_seed<s>)."""
@@ -329,7 +375,9 @@ def build_report(
     reference = RealReference.load(out)
     real = reference.metrics
     compared = study.compared(methods)
-    samples, sample_files = plot_samples(out, sft, [method for method in methods if method.spec in SAMPLED], reference)
+    last_level = methods[-1].spec.group if methods else ""  # the highest pressure level
+    sampled = [method for method in methods if method.spec.group == last_level and _unlevelled(method.spec) in SAMPLED]
+    samples, sample_files = plot_samples(out, sft, sampled, reference)
     sections = [
         ("Reward against fidelity", _frontier(out, sft, methods, compared, real)),
         ("Methods", "\n".join(f"* {method.name}: {method.spec.note}." for method in methods)),
@@ -341,17 +389,38 @@ def build_report(
         ("Exact commands", "```\n" + "\n".join(commands) + "\n```\nEach run's resolved config is `runs/<run>/config.yaml`."),
     ]
     intro = _intro(out, preset_name, pcfg, seeds, minutes, precision)
+    levels = list(dict.fromkeys(spec.group for spec in study.methods if spec.group))
+    if levels:
+        intro += " Each method runs at every level of optimisation pressure: " + "; ".join(
+            f"`{level}`: {_level_text(level)}" for level in levels) + "."  # fmt: skip
     return write_report(Report("RankE in the toy world: GRPO vs RankE", intro, sections), out)
 
 
 def _frontier(out: Path, sft: dict, methods: list[Method], compared, real: dict | None) -> str:
-    """The section the report leads with: the reward-fidelity plane and, with paired seeds, the
-    fidelity metrics at matched reward gain (`ranke.eval.frontier`)."""
-    frontier = f"![{plot_frontier(sft, methods, out / 'frontier.png', real)}](frontier.png)"
-    if min((len(frontier_by_seed(method, sft, "fd")) for method in methods), default=0) >= 2:
-        frontier += "\n\nAt matched reward gain (the largest every run of both methods reaches), paired by seed:\n\n"
-        frontier += frontier_table(sft, compared)
-    return frontier
+    """The section the report leads with: per level of the study, the reward-fidelity plane of the
+    methods that start from SFT and, with paired seeds, the fidelity metrics at matched reward
+    gain (`ranke.eval.frontier`)."""
+    sections = []
+    for level in dict.fromkeys(method.spec.group for method in methods):
+        planed = [method for method in methods if method.spec.group == level and method.spec.starts_from is None]
+        figure = f"frontier_{level}.png" if level else "frontier.png"
+        text = f"**Level `{level}`** ({_level_text(level)}).\n\n" if level else ""
+        text += f"![{plot_frontier(sft, planed, out / figure, real)}]({figure})"
+        if min((len(frontier_by_seed(method, sft, "fd")) for method in planed), default=0) >= 2:
+            pairs = [(a, b) for a, b in compared if a in planed and b in planed]
+            text += "\n\nAt matched reward gain (the largest every run of both methods reaches), paired by seed:\n\n"
+            text += frontier_table(sft, pairs)
+        sections.append(text)
+    return "\n\n".join(sections)
+
+
+def _unlevelled(spec: MethodSpec) -> str:
+    """The method's name without its level's prefix (`at_level`)."""
+    return spec.name.removeprefix(f"{spec.group}: ") if spec.group else spec.name
+
+
+def _level_text(level: str) -> str:
+    return "; ".join(LEVELS[level]) or "the preset's reward"
 
 
 def _curves(out: Path, sft: dict, methods: list[Method], real: dict | None) -> str:
@@ -405,7 +474,8 @@ def _results(out: Path, sft: dict, methods: list[Method], compared, real: dict |
         results += f"\n{a.name} - {b.name}, paired by seed ({a.decoder} vs {b.decoder} decoder):\n\n" + comparison_table(a, b)
     results += "\nGain over the SFT start (mean [95% interval] over seeds):\n\n" + gain_table(sft, methods)
     by_spec = {method.spec: method for method in methods}
-    if ADAPTED in by_spec and mechanism:
-        caption = plot_decoder_mechanism(by_spec[GRPO], by_spec[ADAPTED], mechanism, sft, out / "mechanism.png")
-        results += f"\n![{caption}](mechanism.png)\n"
+    for adapted in (method for method in methods if method.spec.starts_from in by_spec and mechanism):
+        figure = f"mechanism_{adapted.spec.group}.png" if adapted.spec.group else "mechanism.png"
+        caption = plot_decoder_mechanism(by_spec[adapted.spec.starts_from], adapted, mechanism, sft, out / figure)
+        results += f"\n![{caption}]({figure})\n"
     return results

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+from ranke import config as config_lib
 from ranke.cli import main
-from ranke.demo import ABLATIONS, ADAPTED, GRPO, PRESETS, RANKE, describe, reward_description
+from ranke.config import RunConfig
+from ranke.demo import ABLATIONS, GRPO, LEVELS, PRESETS, RANKE, method_jobs, at_level, describe, reward_description
 from ranke.eval.runs import read_eval
 from ranke.eval.study import Method
 from ranke.eval.tables import COLUMNS
@@ -74,23 +77,54 @@ def test_reward_description_names_each_term_with_its_weight():
 
 
 def test_mechanism_runs_start_from_grpo_runs_of_the_same_preset():
-    """The decoder-only mechanism runs start from the final policy of the GRPO run of their seed."""
+    """The decoder-only mechanism runs start from the final policy of the GRPO run of their seed
+    (at the same level)."""
     for name, preset in PRESETS.items():
         assert set(preset.mechanism_seeds) <= set(preset.seeds), name
+        for method in preset.study().methods:
+            if method.starts_from is not None:
+                assert method.starts_from in preset.study().methods and method.starts_from.group == method.group, name
+                assert method.starts_from.overrides == (*LEVELS.get(method.group, ()), "mode=policy"), name
     assert PRESETS["mechanism"].ablation_seeds == () and len(PRESETS["mechanism"].mechanism_seeds) >= 3
 
 
 def test_each_preset_declares_the_study_it_runs():
-    """Every preset's study holds GRPO and RankE and their comparison; the ablations and the
-    mechanism runs, with their comparisons, only where the preset gives them seeds."""
+    """Every preset's study holds GRPO and RankE and their comparison (at each of its levels); the
+    ablations and the mechanism runs, with their comparisons, only where the preset gives them seeds."""
     for name, preset in PRESETS.items():
         study = preset.study()
-        assert study.methods[:2] == (GRPO, RANKE) and study.comparisons[0] == (RANKE, GRPO), name
+        for level in preset.levels or ("",):
+            grpo, ranke = (at_level(spec, level) if level else spec for spec in (GRPO, RANKE))
+            assert {grpo, ranke} <= set(study.methods) and (ranke, grpo) in study.comparisons, name
         assert all(preset.seeds_of(method) for method in study.methods), name
-        assert (ADAPTED in study.methods) == bool(preset.mechanism_seeds), name
+        assert any(method.starts_from for method in study.methods) == bool(preset.mechanism_seeds), name
         assert set(ABLATIONS) <= set(study.methods) if preset.ablation_seeds else not set(ABLATIONS) & set(study.methods)
-    full = PRESETS["full"].study()
-    assert [(a.name, b.name) for a, b in full.comparisons] == [
+    ablations = PRESETS["ablations"].study()
+    assert [(a.name, b.name) for a, b in ablations.comparisons] == [
         ("RankE", "GRPO"), ("RankE, top-4 rank-weighted", "RankE, top-4 uniform GAN"), ("RankE", "RankE, no EMA anchor"),
         ("RankE", "decoder only"), ("GRPO policy, adapted decoder", "GRPO"),
     ]  # fmt: skip
+
+
+def test_the_full_demo_is_the_frontier_study_of_its_plan():
+    """`--full` runs the plan of docs/results.md: GRPO and RankE at `clip` and `colorful` (the toy
+    reward plus colorfulness 1:1), seeds 0-4, 400 steps in fp32 evaluated every 50 steps on 500
+    held-out prompts; the decoder stage alone for 150 steps on the colorful GRPO seeds 0-2; run
+    folders named <level>_<method>_seed<s>."""
+    preset = PRESETS["full"]
+    study = preset.study()
+    assert [(a.name, b.name) for a, b in study.comparisons] == [
+        ("clip: RankE", "clip: GRPO"), ("colorful: RankE", "colorful: GRPO"),
+        ("colorful: GRPO policy, adapted decoder", "colorful: GRPO"),
+    ]  # fmt: skip
+    cfg = config_lib.load(RunConfig, "toy", [*preset.overrides, *study.methods[2].overrides], section="posttrain")
+    pcfg = cfg.posttrain
+    assert (cfg.precision, pcfg.steps, pcfg.eval_every, pcfg.eval_samples, pcfg.eval_split) == ("fp32", 400, 50, 500, "heldout")
+    assert pcfg.rewards == {"toy_clip": 1.0, "colorfulness": 1.0} and pcfg.mode == "policy"
+    assert preset.seeds == (0, 1, 2, 3, 4) and preset.seeds_of(study.methods[-1]) == (0, 1, 2)
+    mechanism = config_lib.load(RunConfig, "toy", [*preset.overrides, *study.methods[-1].overrides, *preset.mechanism_overrides],
+                                section="posttrain")  # fmt: skip
+    assert (mechanism.posttrain.steps, mechanism.posttrain.mode, mechanism.posttrain.rewards) == (150, "decoder", pcfg.rewards)
+    methods, jobs = method_jobs(Path("out"), [(spec, preset.seeds_of(spec)) for spec in study.methods[:4]], [])
+    assert [job.run.name for job in jobs[:2]] == ["clip_grpo_seed0", "clip_grpo_seed1"]
+    assert methods[3].runs[4] == Path("out/runs/colorful_ranke_seed4")

@@ -15,7 +15,7 @@ import torch
 from bs4 import BeautifulSoup
 
 from ranke.config import RunConfig
-from ranke.demo import ADAPTED, GRPO, GRPO_VS_RANKE, RANKE, build_report
+from ranke.demo import ADAPTED, GRPO, GRPO_VS_RANKE, PRESETS, RANKE, at_level, build_report
 from ranke.eval.page import render_html
 from ranke.eval.runs import RealReference
 from ranke.eval.study import Method, Study
@@ -259,3 +259,35 @@ def test_page_renders_code_lists_and_escapes_text(tmp_path):
     assert [li.get_text() for li in page.ul.find_all("li")] == ["one item", "two"] and page.ul.li.code.get_text() == "item"
     assert page.find("script") is None and last.get_text() == "A < b & c, <script>alert(1)</script> stays text."
     assert "A &lt; b &amp; c, &lt;script&gt;" in html
+
+
+def test_a_study_of_two_levels_draws_a_plane_per_level_and_the_mechanism_of_the_higher(tmp_path):
+    """`ranke demo --full`'s shape: GRPO and RankE at two pressure levels, each level its own
+    reward-fidelity plane and matched-gain table; the adapted decoder's runs, which start from the
+    higher level's GRPO policies, are left out of the plane and make the mechanism figure."""
+    out = tmp_path / "report"
+    _build(out, [0, 1])
+    study = PRESETS["full"].study()
+    methods = []
+    for spec in study.methods:
+        runs = []
+        for seed in (0, 1):
+            run = out / "runs" / f"{spec.name.replace(': ', '_').replace(' ', '_')}_seed{seed}"
+            fd, reward = FINAL_FD[seed][spec.decoder != "base"], FINAL_REWARD[seed][spec.decoder != "base"]
+            _write_run(run, seed, list(spec.decoders), fd + (3.0 if spec.group == "colorful" else 0.0), reward)
+            runs.append(run)
+        methods.append(Method(spec, runs))
+    adapted = methods[-1]
+    mechanism = {run.name: {"method": adapted.name, "recon_fd": 27.0} for run in adapted.runs}
+    markdown = build_report(out, SFT | {"recon_fd": 27.8}, study, methods, "full", RunConfig().posttrain, [0, 1], [], 0.5,
+                            mechanism)[0].read_text()  # fmt: skip
+    frontier = _section(markdown, "Reward against fidelity")
+    assert frontier.index("**Level `clip`** (the preset's reward)") < frontier.index("**Level `colorful`** (rewards=")
+    assert "](frontier_clip.png)" in frontier and "](frontier_colorful.png)" in frontier
+    assert (out / "frontier_clip.png").is_file() and (out / "frontier_colorful.png").is_file()
+    # one matched-gain table per level, each comparing that level's RankE with its GRPO
+    tables = [line for line in frontier.splitlines() if "| FD |" in line]
+    assert [row.split(" | ")[0] for row in tables] == ["| clip: RankE - clip: GRPO", "| colorful: RankE - colorful: GRPO"]
+    assert "adapted decoder" not in frontier
+    assert "](mechanism_colorful.png)" in _section(markdown, "Results") and (out / "mechanism_colorful.png").is_file()
+    assert "Each method runs at every level of optimisation pressure: `clip`: the preset's reward; `colorful`: rewards=" in markdown

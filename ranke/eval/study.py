@@ -23,6 +23,9 @@ class MethodSpec:
     decoder: str  # decoder whose metrics make its table row: base (frozen), ema or online
     extra_decoders: tuple[str, ...] = ()  # further rows, e.g. RankE's online decoder
     note: str = ""  # what it is, for the report's list of methods
+    group: str = ""  # the part of the study it belongs to (a pressure level): one reward-fidelity plane each
+    # its runs start from the final policy of this method's run of the same seed (None: from SFT)
+    starts_from: MethodSpec | None = None
 
     @property
     def decoders(self) -> tuple[str, ...]:
