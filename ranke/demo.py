@@ -43,6 +43,7 @@ from ranke.eval.tables import (
     COLUMNS,
     SHORT,
     comparison_table,
+    decoder_gain_table,
     difference_cell,
     frontier_table,
     gain_table,
@@ -230,12 +231,17 @@ def study_precision(out: Path, cfg: RunConfig, device: torch.device, threads: in
 def run_study(
     out: Path, preset: DemoPreset, study: Study, settings: list[str], config: str, workers: int, threads: int, preset_name: str
 ) -> tuple[list[Method], list[Job]]:
-    """Every run of the `study`: first the methods that start from SFT, then those that start from
-    another method's final policies (the mechanism runs), each run from its seed's source run."""
+    """Every run of the `study`, seed by seed (a stopped study leaves complete pairs), in an order
+    that starts the mechanism runs early: first the runs of the mechanism runs' level at their
+    seeds, then the mechanism runs (each from its seed's source run's final policy), then the rest."""
     trained = [(method, preset.seeds_of(method)) for method in study.methods if method.starts_from is None]
     methods, jobs = method_jobs(out, trained, settings)
-    _run_unfinished(jobs, config, workers, threads, preset_name)
-    for spec in (method for method in study.methods if method.starts_from is not None):
+    jobs.sort(key=_job_seed)  # stable: the study's method order within a seed
+    continuing = [method for method in study.methods if method.starts_from is not None]
+    first = {(spec.group, seed) for spec in continuing for seed in preset.seeds_of(spec)}
+    level_of = {run: method.spec.group for method in methods for run in method.runs}
+    _run_unfinished([job for job in jobs if (level_of[job.run], _job_seed(job)) in first], config, workers, threads, preset_name)
+    for spec in continuing:
         source = next(method for method in methods if method.spec == spec.starts_from)
         source_runs = dict(zip(preset.seeds_of(spec.starts_from), source.runs))  # absolute: read from anywhere
         per_seed = {seed: [*preset.mechanism_overrides, f"policy={export_final_policy(source_runs[seed]).resolve()}"]
@@ -243,7 +249,12 @@ def run_study(
         continued, continued_jobs = method_jobs(out, [(spec, preset.seeds_of(spec))], settings, per_seed)
         _run_unfinished(continued_jobs, config, workers, threads, preset_name)
         methods, jobs = methods + continued, jobs + continued_jobs
+    _run_unfinished(jobs, config, workers, threads, preset_name)  # the rest (finished runs are skipped)
     return methods, jobs
+
+
+def _job_seed(job: Job) -> int:
+    return int(job.overrides[-1].removeprefix("seed="))  # `method_jobs` sets it last
 
 
 def _run_unfinished(jobs: list[Job], config: str, workers: int, threads: int, preset_name: str) -> None:
@@ -476,6 +487,9 @@ def _results(out: Path, sft: dict, methods: list[Method], compared, real: dict |
     by_spec = {method.spec: method for method in methods}
     for adapted in (method for method in methods if method.spec.starts_from in by_spec and mechanism):
         figure = f"mechanism_{adapted.spec.group}.png" if adapted.spec.group else "mechanism.png"
-        caption = plot_decoder_mechanism(by_spec[adapted.spec.starts_from], adapted, mechanism, sft, out / figure)
-        results += f"\n![{caption}]({figure})\n"
+        frozen = by_spec[adapted.spec.starts_from]
+        caption = plot_decoder_mechanism(frozen, adapted, mechanism, sft, out / figure)
+        real_codes_fd = {name: row["recon_fd"] for name, row in mechanism.items()}
+        results += f"\n![{caption}]({figure})\n\nWhat the adapted decoder's FD gain is made of, paired by seed:\n\n"
+        results += decoder_gain_table(frozen, adapted, sft["recon_fd"], real_codes_fd)
     return results

@@ -128,3 +128,22 @@ def test_the_full_demo_is_the_frontier_study_of_its_plan():
     methods, jobs = method_jobs(Path("out"), [(spec, preset.seeds_of(spec)) for spec in study.methods[:4]], [])
     assert [job.run.name for job in jobs[:2]] == ["clip_grpo_seed0", "clip_grpo_seed1"]
     assert methods[3].runs[4] == Path("out/runs/colorful_ranke_seed4")
+
+
+def test_the_study_runs_the_mechanism_level_first_then_the_mechanism_runs_then_the_rest(tmp_path, monkeypatch):
+    """The order in which `run_study` hands runs to the workers (recorded instead of run): seed by
+    seed, the mechanism level's runs of the mechanism seeds, then the mechanism runs from their
+    GRPO runs' final policies, then the rest."""
+    import ranke.demo as demo
+
+    phases = []
+    monkeypatch.setattr(demo, "_run_unfinished", lambda jobs, *args: phases.append([job.run.name for job in jobs]))
+    monkeypatch.setattr(demo, "export_final_policy", lambda run: run / "final_policy.safetensors")
+    preset = PRESETS["full"]
+    methods, jobs = demo.run_study(tmp_path, preset, preset.study(), ["steps=4"], "toy", 2, 1, "full")
+    assert phases[0] == [f"colorful_{method}_seed{seed}" for seed in (0, 1, 2) for method in ("grpo", "ranke")]
+    assert phases[1] == [f"colorful_grpo_policy_adapted_decoder_seed{seed}" for seed in (0, 1, 2)]
+    assert phases[2][:4] == ["clip_grpo_seed0", "clip_ranke_seed0", "colorful_grpo_seed0", "colorful_ranke_seed0"]
+    assert len(phases[2]) == len(jobs) == 23 and len(methods) == 5
+    mechanism_job = next(job for job in jobs if job.run.name == "colorful_grpo_policy_adapted_decoder_seed1")
+    assert mechanism_job.overrides[-3:] == ("steps=150", f"policy={tmp_path / 'runs' / 'colorful_grpo_seed1' / 'final_policy.safetensors'}", "seed=1")

@@ -289,5 +289,11 @@ def test_a_study_of_two_levels_draws_a_plane_per_level_and_the_mechanism_of_the_
     tables = [line for line in frontier.splitlines() if "| FD |" in line]
     assert [row.split(" | ")[0] for row in tables] == ["| clip: RankE - clip: GRPO", "| colorful: RankE - colorful: GRPO"]
     assert "adapted decoder" not in frontier
-    assert "](mechanism_colorful.png)" in _section(markdown, "Results") and (out / "mechanism_colorful.png").is_file()
+    results = _section(markdown, "Results")
+    assert "](mechanism_colorful.png)" in results and (out / "mechanism_colorful.png").is_file()
+    # seeds 0, 1: frozen (colorful GRPO) FD 51, 50, adapted 49, 47: gains 2, 3 -> 2.5 +- t(0.975, 1) * 0.707 / sqrt(2)
+    # = 6.35; real codes 27.8 -> 27.0: 0.8 each; specific 1.2, 2.2 -> 1.7 +- 6.35
+    assert "| on the policy's tokens (frozen - adapted) | +2.5 [-3.9, +8.9] | 2 |" in results
+    assert "| on the real images' codes (base - adapted) | +0.8 [+0.8, +0.8] | 2 |" in results
+    assert "| specific to the policy's tokens (the first - the second) | +1.7 [-4.7, +8.1] | 2 |" in results
     assert "Each method runs at every level of optimisation pressure: `clip`: the preset's reward; `colorful`: rewards=" in markdown

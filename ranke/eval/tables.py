@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranke.eval.frontier import common_gain, matched_gain_difference
+from ranke.eval.frontier import common_gain, decoder_gain_parts, matched_gain_difference
 from ranke.eval.runs import final_metrics, frontier_by_seed, metric_by_seed, run_seed, trajectory, values_of
 from ranke.eval.stats import Interval, gain_interval, mean_interval, paired_interval, verdict
 from ranke.eval.study import Method
@@ -165,4 +165,19 @@ def frontier_table(sft: dict, compared: list[tuple[Method, Method]]) -> str:
                 f"| {a.name} - {b.name} | {gain:+.2f} | {SHORT[key]} | {difference_cell(difference, fmt)} | "
                 f"{difference.n} | {verdict(difference, better, a.name, SHORT[key])} |"
             )
+    return "\n".join(lines) + "\n"
+
+
+def decoder_gain_table(frozen: Method, adapted: Method, base_real_codes_fd: float, real_codes_fd: dict[str, float]) -> str:
+    """Markdown table of an adapted decoder's FD gain over the frozen one on the same policy's tokens,
+    split into the part it also gives on the real images' ground-truth codes and the part specific
+    to the policy's tokens (`decoder_gain_parts`); `real_codes_fd`: run name -> the adapted run's
+    real-code FD, `base_real_codes_fd`: the base decoder's."""
+    adapted_real = {run_seed(run): real_codes_fd[run.name] for run in adapted.runs if run.name in real_codes_fd}
+    parts = decoder_gain_parts(metric_by_seed(frozen, "fd"), metric_by_seed(adapted, "fd"), base_real_codes_fd, adapted_real)
+    lines = ["| FD gain of the adapted decoder (positive: better) | mean [95% interval] | seeds |", "|---|---|---|"]
+    for name, interval in (("on the policy's tokens (frozen - adapted)", parts.on_policy_tokens),
+                           ("on the real images' codes (base - adapted)", parts.on_real_codes),
+                           ("specific to the policy's tokens (the first - the second)", parts.specific_to_policy)):  # fmt: skip
+        lines.append(f"| {name} | {difference_cell(interval, '{:.1f}')} | {interval.n} |")
     return "\n".join(lines) + "\n"
