@@ -12,7 +12,8 @@ are `key=value` strings as on the command line, applied on top) and the run dire
 the same recipe as the command of the same name: progress bars, checkpoints, the run-folder lock,
 stop signals and `resume=True` behave as there, and `ranke <command>` calls these functions. Bad
 input raises `ranke.runtime.UserError` with the line the command line prints. A stop signal
-raises `ranke.runtime.Stopped` once the run's checkpoint is written.
+raises `ranke.runtime.Stopped` once the run's checkpoint is written. The run folder's lock is
+given back when the call returns or raises.
 
 `posttrain` also takes the user's objects (`ranke.train.user_objects`): reward functions or
 instances by name (their weights in `cfg.posttrain.rewards`), a prompt list or prompt source and a
@@ -21,6 +22,7 @@ backbone. The run's config.yaml records them (its `objects` section), so a resum
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from ranke import config as config_lib
 from ranke.backbones import Backbone
 from ranke.config import RunConfig
 from ranke.data import PromptSource
+from ranke.runlock import is_held, release
 from ranke.runtime import UserError
 from ranke.train.user_objects import UserObjects
 
@@ -50,11 +53,28 @@ def load_config(config: str | Path = "toy", *overrides: str, section: str | None
     return config_lib.load(RunConfig, str(config), list(overrides), section=section)
 
 
+def last_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines log that share its last record's step ([] without the file)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [record for record in records if record.get("step") == records[-1].get("step")] if records else []
+
+
 def run_result(out: str | Path, summary: dict) -> RunResult:
     """The run in `out` after its recipe returned `summary`."""
-    log = Path(out) / "metrics.jsonl"
-    lines = log.read_text().splitlines() if log.is_file() else []
-    return RunResult(run_dir=Path(out), metrics=json.loads(lines[-1]) if lines else {}, summary=summary)
+    last = last_records(Path(out) / "metrics.jsonl")
+    return RunResult(run_dir=Path(out), metrics=last[-1] if last else {}, summary=summary)
+
+
+@contextlib.contextmanager
+def run_folder(out: str | Path):
+    """Around a recipe: the run folder's lock, which the recipe takes, is given back when the call
+    ends (as the command's exit gives it back), unless this process held it before the call."""
+    held_before = is_held(out)
+    try:
+        yield
+    finally:
+        if not held_before:
+            release(out)
 
 
 def posttrain(
@@ -82,14 +102,18 @@ def posttrain(
     # so that a config that records some (a Python run's config.yaml) asks for them
     recorded = objects.described() if objects.given else None
     cfg = config_lib.load(RunConfig, _config(config), list(overrides), section="posttrain", objects=recorded)
-    return run_result(out, train_posttrain(cfg, str(out), resume=resume, objects=objects))
+    with run_folder(out):
+        summary = train_posttrain(cfg, str(out), resume=resume, objects=objects)
+    evaluation = last_records(Path(out) / "eval.jsonl")  # the held-out evaluation of the last step, by decoder
+    return run_result(out, {**summary, "evaluation": evaluation} if evaluation else summary)
 
 
 def sft(config: RunConfig | str | Path, out: str | Path, *, overrides: list[str] = (), resume: bool = False) -> RunResult:
     """`ranke sft`: supervised training of the policy on tokenizer codes; the summary is its verifier evaluation."""
     from ranke.train.sft import train_sft
 
-    return run_result(out, train_sft(_config(config), str(out), list(overrides), resume=resume))
+    with run_folder(out):
+        return run_result(out, train_sft(_config(config), str(out), list(overrides), resume=resume))
 
 
 def train_tokenizer(
@@ -98,7 +122,8 @@ def train_tokenizer(
     """`ranke train-tokenizer`: a VQ tokenizer; the summary is its PSNR and codebook usage."""
     from ranke.train.tokenizer import train_tokenizer as train
 
-    return run_result(out, train(_config(config), str(out), list(overrides), resume=resume))
+    with run_folder(out):
+        return run_result(out, train(_config(config), str(out), list(overrides), resume=resume))
 
 
 def train_reward(config: RunConfig | str | Path, out: str | Path, *, overrides: list[str] = ()) -> RunResult:
@@ -106,7 +131,8 @@ def train_reward(config: RunConfig | str | Path, out: str | Path, *, overrides: 
     network); the summary maps each to its held-out figures and asset (each logs in RUN/<name>)."""
     from ranke.train.judges import train_judges
 
-    return run_result(out, train_judges(_config(config), str(out), list(overrides)))
+    with run_folder(out):
+        return run_result(out, train_judges(_config(config), str(out), list(overrides)))
 
 
 def _config(config: RunConfig | str | Path) -> RunConfig | str:

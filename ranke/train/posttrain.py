@@ -539,6 +539,8 @@ def start_posttrain(
     models, backbone, cfg = build_models(start.cfg, device, objects.backbone)
     reward = build_posttrain_reward(pcfg, device, objects.rewards)
     probe_user_rewards(reward, backbone.image_size, device)  # a broken user reward stops before config.yaml
+    data_rng = np.random.default_rng(cfg.seed)
+    prompt_source = build_prompt_source(cfg, backbone.image_size, data_rng, objects.prompts)  # as do bad prompts
     if start.main_process:
         write_run_config(cfg, start.run_dir)
     if start.resumed is not None:
@@ -546,12 +548,11 @@ def start_posttrain(
     policy_for_loss, sharding = distribute_policy(models, start)
     if start.accelerator.num_processes > 1:
         reward.reduce_sum = lambda sums: start.accelerator.reduce(sums, reduction="sum")
-    data_rng = np.random.default_rng(cfg.seed)
     run = PosttrainRun(
         cfg=cfg, run_dir=start.run_dir, backbone=backbone, models=models,
         optimizers=build_optimizers(models, pcfg, cfg.max_consecutive_skips, device),  # after sharding: FSDP replaces the parameters
         policy_for_loss=policy_for_loss, reward=reward,
-        prompt_source=build_prompt_source(cfg, backbone.image_size, data_rng, objects.prompts),
+        prompt_source=prompt_source,
         generators={"data": data_rng, "rollout": torch.Generator(device).manual_seed(cfg.seed)},
         accelerator=start.accelerator, shard=Shard.of(start.accelerator, pcfg.prompts_per_step),
         precision=start.precision, sharding=sharding,
