@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_posttrain import TINY
+from test_recipes import TINY_TOKENIZER
 
 import ranke
 from ranke.backbones import load_toy_backbone
@@ -190,3 +191,14 @@ def test_builtin_reward_name_cannot_be_an_object(tmp_path):
     cfg.posttrain.rewards = {"toy_clip": 1.0}
     with pytest.raises(UserError, match="the reward object 'toy_clip' needs a name of its own"):
         ranke.posttrain(cfg, tmp_path / "run", rewards={"toy_clip": redness})
+
+
+@pytest.mark.parametrize("recipe, settings", [
+    ("train_tokenizer", [*TINY_TOKENIZER, "tokenizer.steps=2", "log_with=none"]),
+    ("sft", ["sft.batch_size=4", "sft.steps=2", "sft.grid_every=100", "sft.eval_samples=2", "sft.eval_prompts=2", "log_with=none"]),
+])  # fmt: skip
+def test_each_recipe_returns_its_run_directory_metrics_and_evaluation(tmp_path, recipe, settings, one_thread):
+    result = getattr(ranke, recipe)(ranke.load_config("toy", *settings), tmp_path / "run")
+    assert result.run_dir == tmp_path / "run" and result.metrics == records(tmp_path / "run")[-1]
+    assert result.metrics["step"] == 2
+    assert result.summary == json.loads((tmp_path / "run" / "eval.json").read_text())
