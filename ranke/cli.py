@@ -1,4 +1,5 @@
-"""`ranke <command>`: argument parsing only; every command calls into the library.
+"""`ranke <command>`: argument parsing only; every command calls into the library (the training
+recipes through `ranke.api`, the functions a Python user calls).
 
 Bad input raises `UserError` (or, from the pure library code, `ValueError`), printed as one line
 with exit code 2 (`--debug` shows the traceback). A run stopped by a signal (`Stopped`) exits 75,
@@ -55,21 +56,21 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_tokenizer(args) -> None:
-    from ranke.train.tokenizer import train_tokenizer
+    from ranke.api import train_tokenizer
 
-    train_tokenizer(args.config, args.out, args.overrides, resume=args.resume)
+    train_tokenizer(args.config, args.out, overrides=args.overrides, resume=args.resume)
 
 
 def cmd_sft(args) -> None:
-    from ranke.train.sft import train_sft
+    from ranke.api import sft
 
-    train_sft(args.config, args.out, args.overrides, resume=args.resume)
+    sft(args.config, args.out, overrides=args.overrides, resume=args.resume)
 
 
 def cmd_posttrain(args) -> None:
-    from ranke.train.posttrain import train_posttrain
+    from ranke.api import posttrain
 
-    train_posttrain(args.config, args.out, _overrides(args), resume=args.resume)
+    posttrain(args.config, args.out, overrides=_overrides(args), resume=args.resume)
 
 
 def cmd_build_toy_assets(args) -> None:
@@ -133,9 +134,9 @@ def cmd_sample(args) -> None:
 
 
 def cmd_train_judges(args) -> None:
-    from ranke.train.judges import train_judges
+    from ranke.api import train_reward
 
-    train_judges(args.config, args.out, args.overrides)
+    train_reward(args.config, args.out, overrides=args.overrides)
 
 
 def cmd_fid(args) -> None:

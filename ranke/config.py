@@ -185,7 +185,7 @@ def build_checked(cls, data: dict):
     validate(cfg)
     check_choices(cfg)
     if isinstance(cfg, RunConfig):
-        check_posttrain_rewards(cfg.posttrain)
+        check_posttrain_rewards(cfg.posttrain, cfg.objects.rewards)
     return cfg
 
 
@@ -202,11 +202,20 @@ def read_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-def load(cls, path: str | None, overrides: list[str] = (), section: str | None = None):
-    """Load config dataclass `cls` from a YAML file (or defaults) plus overrides, each number
-    checked against its domain (`ranke.domains`) and each choice against its values (`ranke.choices`)."""
-    data = read_yaml(resolve_config_path(path)) if path is not None else {}
-    return build_checked(cls, apply_overrides(cls, data, list(overrides), section))
+def load(cls, config, overrides: list[str] = (), section: str | None = None, objects: dict | None = None):
+    """Config dataclass `cls` from `config` (a YAML file, a bundled preset name, None for the
+    defaults, or a `cls` object, which is copied and checked again) plus `key=value` overrides,
+    each number checked against its domain (`ranke.domains`) and each choice against its values
+    (`ranke.choices`). `objects`: a `RunConfig`'s record of the objects the Python API was given
+    (`ObjectsConfig` as a mapping), set after the overrides."""
+    if isinstance(config, cls):
+        data = to_dict(config)
+    else:
+        data = read_yaml(resolve_config_path(config)) if config is not None else {}
+    data = apply_overrides(cls, data, list(overrides), section)
+    if objects is not None:
+        data["objects"] = objects
+    return build_checked(cls, data)
 
 
 def save(cfg, path: str | Path) -> None:
@@ -500,6 +509,22 @@ class RewardTrainConfig:
 
 
 @dataclass
+class ObjectsConfig:
+    """What a run was given as Python objects rather than named in its config (`ranke.api`), each
+    described (what it was and where it came from): the Python API writes this section, and a
+    resume must give the same objects again (`ranke.train.resume`). The command line gives none."""
+
+    rewards: dict[str, str] = field(default_factory=dict)  # reward name in posttrain.rewards -> its module.qualname
+    prompts: str | None = None  # the prompt list (its length and sha256) or prompt source (its class)
+    backbone: str | None = None  # the backbone's class and parameter counts
+
+    @property
+    def given(self) -> bool:
+        """Whether the run was given any object."""
+        return bool(self.rewards) or self.prompts is not None or self.backbone is not None
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; presets under configs/ fill it, `key=value` overrides change it."""
 
@@ -526,6 +551,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
     reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    objects: ObjectsConfig = field(default_factory=ObjectsConfig)
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -323,19 +323,17 @@ class PromptSource(Protocol):
 
 
 class ToyPromptSource:
-    """The toy world's pairs: the seeded toy training stream, or prompts drawn from a toy-grammar
-    prompt file (`prompts_file`) with a freshly rendered real image for each. Its only state is
-    the loop's generator."""
+    """The toy world's pairs: the seeded toy training stream, or toy-grammar `prompts` (read from a
+    prompt file, or given as a list from Python) with a freshly rendered real image for each;
+    `origin` names where they came from in messages. Its only state is the loop's generator."""
 
-    def __init__(self, toy: ToyConfig, prompts_file: str | None, rng: np.random.Generator):
-        self.toy, self.rng = toy, rng
-        self.prompts = read_prompts(prompts_file) if prompts_file else None
-        if self.prompts:
-            for prompt in self.prompts:  # a scene for each prompt, so a bad one fails now, not mid-run
-                try:
-                    scene_for_caption(prompt, np.random.default_rng(0))
-                except ValueError as err:
-                    raise UserError(f"prompt file '{prompts_file}': {err}") from None
+    def __init__(self, toy: ToyConfig, prompts: list[str] | None, rng: np.random.Generator, origin: str = "prompts"):
+        self.toy, self.rng, self.prompts = toy, rng, prompts
+        for prompt in prompts or ():  # a scene for each prompt, so a bad one fails now, not mid-run
+            try:
+                scene_for_caption(prompt, np.random.default_rng(0))
+            except ValueError as err:
+                raise UserError(f"{origin}: {err}") from None
 
     def next_batch(self, batch_size: int) -> tuple[list[str], torch.Tensor]:
         if self.prompts is None:

@@ -68,6 +68,11 @@ def claim_output_dir(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def is_held(path: str | Path) -> bool:
+    """Whether this process holds the lock on `path`."""
+    return Path(path).resolve() in _held
+
+
 def release(path: str | Path) -> None:
     """Give up this process's lock on `path` (the lock file stays; the next writer takes it)."""
     descriptor = _held.pop(Path(path).resolve(), None)

@@ -130,6 +130,13 @@ CASES = [
      "reward 'ranke_broken_rewards:nan' returned 2 non-finite score(s)"),
     ("user_reward_raises", ["posttrain", "--out", "{new}/a", *TINY, "rewards={{ranke_broken_rewards:raises: 1.0}}"],
      "reward 'ranke_broken_rewards:raises' raised RuntimeError: the scorer fell over"),
+    # a config that records objects given from Python (ranke.api), which the command line cannot give
+    ("reward_object_from_cli", ["posttrain", "--out", "{new}/a", "rewards={{red: 1.0}}", "objects.rewards={{red: mine.red}}"],
+     "the config records reward 'red' (mine.red) given as a Python object, which the command line cannot give"),
+    ("prompts_object_from_cli", ["posttrain", "--out", "{new}/a", "objects.prompts=a list"],
+     "the config records prompts (a list) given as a Python object"),
+    ("reward_object_without_weight", ["posttrain", "--out", "{new}/a", "objects.rewards={{red: mine.red}}"],
+     "the reward object 'red' has no weight: name it in posttrain.rewards"),
     ("demo_user_reward_not_importable", ["demo", "--out", "{new}/a", "--quick", "rewards={{no_such_module_xyz:score: 1.0}}"],
      "module 'no_such_module_xyz' cannot be imported"),
     # text inputs that are not UTF-8

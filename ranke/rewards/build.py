@@ -54,16 +54,30 @@ class RewardSettings:
                 raise UserError(f"reward_args.{name} must be a mapping of keyword arguments, got {value!r}")
 
 
-def check_reward_names(names) -> None:
-    """One line for the first reward name that is neither built in (REWARD_NAMES) nor a user's
-    `package.module:attribute` that imports (`ranke.rewards.user.resolve_user_reward`)."""
+def check_reward_names(names, objects=()) -> None:
+    """One line for the first reward name that is neither built in (REWARD_NAMES), a user's
+    `package.module:attribute` that imports (`ranke.rewards.user.resolve_user_reward`), nor the
+    name of a reward object given from Python (`objects`)."""
     if not names:
         raise UserError("posttrain.rewards is empty; name at least one reward, e.g. rewards={toy_clip: 1.0}")
+    for name in objects:
+        if name not in names:
+            raise UserError(
+                f"the reward object '{name}' has no weight: name it in posttrain.rewards, e.g. "
+                f"cfg.posttrain.rewards = {{'{name}': 1.0}}"
+            )
+        if name in REWARD_NAMES or is_user_reward(name):
+            raise UserError(f"the reward object '{name}' needs a name of its own, not a built-in or package.module:attribute one")
     for name in names:
+        if name in objects:
+            continue
         if is_user_reward(name):
             resolve_user_reward(name)
         elif name not in REWARD_NAMES:
-            raise UserError(f"unknown reward '{name}' (one of: {', '.join(REWARD_NAMES)}, or package.module:attribute)")
+            raise UserError(
+                f"unknown reward '{name}' (one of: {', '.join(REWARD_NAMES)}, package.module:attribute, "
+                "or a reward object given from Python)"
+            )
 
 
 def _need(path: str | None, key: str, what: str) -> str:
@@ -77,10 +91,13 @@ class RewardModels:
     importing them (with their `args`); CLIP is loaded once for `clip` and `aesthetic` (which
     reads its image tower)."""
 
-    def __init__(self, files: RewardFiles, device: torch.device | str, args: dict[str, dict]):
+    def __init__(self, files: RewardFiles, device: torch.device | str, args: dict[str, dict], objects: dict | None = None):
         self.files, self.device, self.args, self._clip = files, device, args, None
+        self.objects = objects or {}  # reward objects given from Python, by name
 
     def build(self, name: str):
+        if name in self.objects:
+            return UserReward.of_object(name, self.objects[name])
         check_reward_names([name])
         if is_user_reward(name):
             return build_user_reward(name, self.device, self.args.get(name, {}))
@@ -132,6 +149,7 @@ def build_reward(
     device: torch.device | str = "cpu",
     files: RewardFiles = RewardFiles(),
     settings: RewardSettings = RewardSettings(),
+    objects: dict | None = None,
 ) -> CombinedReward:
     """A `CombinedReward` of the named rewards (see `RewardSettings` for the switches).
 
@@ -140,10 +158,10 @@ def build_reward(
     not realism (`ranke.rewards.colorfulness`); clip: CLIP from a local directory; aesthetic: the LAION predictor over that
     CLIP's image tower; image_reward: ImageReward from a local checkpoint and BERT tokenizer;
     hpsv2: HPSv2 from a local checkpoint (optional extra); `package.module:attribute`: the user's
-    reward (`ranke.rewards.user`)."""
-    check_reward_names(weights)
+    reward (`ranke.rewards.user`); a name of `objects`: that reward object, given from Python."""
+    check_reward_names(weights, objects or {})
     settings.check(list(weights))
-    models = RewardModels(files, device, settings.args)
+    models = RewardModels(files, device, settings.args, objects)
     terms = [
         RewardTerm(
             models.build(name),
@@ -157,12 +175,13 @@ def build_reward(
     return CombinedReward(terms)
 
 
-def build_posttrain_reward(pcfg, device: torch.device | str = "cpu") -> CombinedReward:
-    """The reward a `PosttrainConfig` names: weights, local files and per-reward switches."""
+def build_posttrain_reward(pcfg, device: torch.device | str = "cpu", objects: dict | None = None) -> CombinedReward:
+    """The reward a `PosttrainConfig` names: weights, local files and per-reward switches; the
+    reward `objects` given from Python, by name."""
     files = RewardFiles(
         pcfg.clip_path, pcfg.hpsv2_path, pcfg.aesthetic_path, pcfg.image_reward_path, pcfg.image_reward_tokenizer
     )
-    return build_reward(pcfg.rewards, device, files, posttrain_reward_settings(pcfg))
+    return build_reward(pcfg.rewards, device, files, posttrain_reward_settings(pcfg), objects)
 
 
 def posttrain_reward_settings(pcfg) -> RewardSettings:
@@ -172,10 +191,11 @@ def posttrain_reward_settings(pcfg) -> RewardSettings:
     )
 
 
-def check_posttrain_rewards(pcfg) -> None:
+def check_posttrain_rewards(pcfg, objects=()) -> None:
     """The rewards a `PosttrainConfig` names, checked without building them (when the config is
-    validated): each name resolves (a user's module imports), each setting names one of them."""
-    check_reward_names(pcfg.rewards)
+    validated): each name resolves (a user's module imports) or is one of the reward `objects`
+    given from Python, each setting names one of them."""
+    check_reward_names(pcfg.rewards, objects)
     posttrain_reward_settings(pcfg).check(list(pcfg.rewards))
 
 

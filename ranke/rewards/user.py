@@ -14,6 +14,9 @@ Two optional attributes, read from the function or the instance:
   decoder stage's `L_reward` then uses the reward (otherwise it is scored without a graph);
 * `batch_size` (default: the whole batch): score at most this many images per call.
 
+From Python (`ranke.api`) the same function or instance may be given as an object, under a name
+of the user's choosing; it is held to the same contract (`UserReward.of_object`).
+
 The module is imported with the current directory at the end of `sys.path` (a file beside the
 config works, as does a folder on PYTHONPATH). The name is resolved when the config is validated
 (`resolve_user_reward`), before a run directory is written; every call's scores are checked
@@ -83,6 +86,22 @@ class UserReward:
             not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1
         ):
             raise UserError(f"reward '{name}': batch_size must be a positive integer or None, got {self.batch_size!r}")
+
+    @classmethod
+    def of_object(cls, name: str, scorer) -> UserReward:
+        """A reward object given from Python (`ranke.api`) under `name`: a function or an instance
+        with `__call__(images, prompts)`, held to the same contract as a named one."""
+        if inspect.isclass(scorer):
+            raise UserError(
+                f"reward object '{name}' is the class {scorer.__name__}; pass an instance of it "
+                "(a class is constructed only when it is named package.module:attribute)"
+            )
+        if not callable(scorer):
+            raise UserError(
+                f"reward object '{name}' is a {type(scorer).__name__}, not a function or an object with "
+                "__call__(images, prompts)"
+            )
+        return cls(name, scorer)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         step = self.batch_size or images.shape[0]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ranke.assets import ASSET_FILES, save_asset
-from ranke.config import ToyCLIPConfig, ToyFeatureConfig
+from ranke.config import RunConfig, ToyCLIPConfig, ToyFeatureConfig
 from ranke.eval.fid import extract_features, frechet_distance_from_features
 from ranke.rewards import toy_clip as clip_lib
 from ranke.rewards import toy_features as features_lib
@@ -431,14 +431,14 @@ def toy_features_training(cfg: ToyFeatureConfig, toy: ToyConfig, device: torch.d
 TRAINERS = {"reward_clip": train_toy_clip, "eval_clip": train_toy_clip, "features": train_toy_features}
 
 
-def train_judges(config_path: str, out_dir: str, overrides: list[str]) -> dict:
+def train_judges(config: str | RunConfig, out_dir: str, overrides: list[str] = ()) -> dict:
     """`ranke train-reward`: train the models of `reward.models`; returns the summary it writes.
 
     The summary maps each model name to its held-out figures (retrieval and pair accuracy of a
     toy CLIP; attribute accuracies and Frechet distance sanity numbers of the feature network),
     its training time and its asset path.
     """
-    cfg, run, _ = start_run(config_path, out_dir, overrides, section="reward")
+    cfg, run, _ = start_run(config, out_dir, overrides, section="reward")
     unknown = [name for name in cfg.reward.models if name not in TRAINERS]
     if unknown or not cfg.reward.models:
         raise UserError(f"reward.models must list some of {', '.join(TRAINERS)}; got {cfg.reward.models}")

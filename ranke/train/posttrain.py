@@ -80,6 +80,7 @@ from ranke.train.posttrain_models import Models, build_models, build_optimizers
 from ranke.train.prompts import build_prompt_source
 from ranke.train.run import RunStart, begin_run, due, run_steps, save_recipe_checkpoint, write_run_config
 from ranke.train.trainer_state import GuardedOptimizer, restore_trainer_state, trainer_state, upgrade
+from ranke.train.user_objects import UserObjects
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -518,19 +519,28 @@ def sample_grid(run: PosttrainRun, prompts: list[str]) -> torch.Tensor:
     return torch.cat([backbone.decode(tokens, decoder=decoder) for decoder in decoders]).cpu()
 
 
-def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume: bool) -> tuple[PosttrainRun, int]:
-    """Resolve the config, build the models, restore a checkpoint with `resume`; returns the run
-    and the step to start from. One process or several under `accelerate launch` / `torchrun`."""
-    start = begin_run(
-        config_path, out_dir, overrides, "posttrain", resume, check=lambda cfg: check_posttrain_config(cfg.posttrain),
-        ddp_buckets=True,
-    )  # fmt: skip
+def start_posttrain(
+    config: str | RunConfig, out_dir: str, overrides: list[str], resume: bool, objects: UserObjects | None = None
+) -> tuple[PosttrainRun, int]:
+    """Resolve the config (a preset, a YAML file or a `RunConfig`), build the models, restore a
+    checkpoint with `resume`; returns the run and the step to start from. `objects`: the rewards,
+    prompts and backbone given from Python (`ranke.api`), as the config's `objects` section records
+    them. One process or several under `accelerate launch` / `torchrun`."""
+    objects = objects or UserObjects()
+
+    def check(cfg: RunConfig) -> None:
+        objects.require(cfg.objects)
+        check_posttrain_config(cfg.posttrain)
+
+    start = begin_run(config, out_dir, overrides, "posttrain", resume, check=check, ddp_buckets=True)
     pcfg, device = start.cfg.posttrain, start.device
     if pcfg.deterministic:
         set_deterministic(True)
-    models, backbone, cfg = build_models(start.cfg, device)
-    reward = build_posttrain_reward(pcfg, device)
+    models, backbone, cfg = build_models(start.cfg, device, objects.backbone)
+    reward = build_posttrain_reward(pcfg, device, objects.rewards)
     probe_user_rewards(reward, backbone.image_size, device)  # a broken user reward stops before config.yaml
+    data_rng = np.random.default_rng(cfg.seed)
+    prompt_source = build_prompt_source(cfg, backbone.image_size, data_rng, objects.prompts)  # as do bad prompts
     if start.main_process:
         write_run_config(cfg, start.run_dir)
     if start.resumed is not None:
@@ -538,12 +548,11 @@ def start_posttrain(config_path: str, out_dir: str, overrides: list[str], resume
     policy_for_loss, sharding = distribute_policy(models, start)
     if start.accelerator.num_processes > 1:
         reward.reduce_sum = lambda sums: start.accelerator.reduce(sums, reduction="sum")
-    data_rng = np.random.default_rng(cfg.seed)
     run = PosttrainRun(
         cfg=cfg, run_dir=start.run_dir, backbone=backbone, models=models,
         optimizers=build_optimizers(models, pcfg, cfg.max_consecutive_skips, device),  # after sharding: FSDP replaces the parameters
         policy_for_loss=policy_for_loss, reward=reward,
-        prompt_source=build_prompt_source(cfg, backbone.image_size, data_rng),
+        prompt_source=prompt_source,
         generators={"data": data_rng, "rollout": torch.Generator(device).manual_seed(cfg.seed)},
         accelerator=start.accelerator, shard=Shard.of(start.accelerator, pcfg.prompts_per_step),
         precision=start.precision, sharding=sharding,
@@ -701,10 +710,13 @@ def posttrain_step(run: PosttrainRun, outputs: RunOutputs, step: int, bar) -> bo
     return bookkeeping(run, outputs, bar, step, record, prompts)
 
 
-def train_posttrain(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
-    """Run (or with `resume`, continue) a post-training run in `out_dir`; one process or several
-    under `accelerate launch` / `torchrun` (data parallel over the step's prompts)."""
-    run, start_step = start_posttrain(config_path, out_dir, overrides, resume)
+def train_posttrain(
+    config: str | RunConfig, out_dir: str, overrides: list[str] = (), resume: bool = False, objects: UserObjects | None = None
+) -> dict:
+    """Run (or with `resume`, continue) a post-training run in `out_dir`, with the objects given
+    from Python (`start_posttrain`); one process or several under `accelerate launch` / `torchrun`
+    (data parallel over the step's prompts)."""
+    run, start_step = start_posttrain(config, out_dir, overrides, resume, objects)
     outputs = open_outputs(run, start_step)
     run_steps(
         f"posttrain[{run.pcfg.mode}]", start_step, run.pcfg.steps, run.cfg.stop_signals, run.run_dir, run.accelerator,

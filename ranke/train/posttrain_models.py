@@ -55,11 +55,15 @@ class Models:
             self.disc.load_state_dict(tensors["discriminator"])
 
 
-def build_models(cfg: RunConfig, device: torch.device) -> tuple[Models, Backbone, RunConfig]:
-    """The starting policy and tokenizer (`cfg.backbone`), their EMA copies, the reference and the
-    decoder-stage networks; returns the config updated with the models' own arguments."""
+def build_models(cfg: RunConfig, device: torch.device, backbone: Backbone | None = None) -> tuple[Models, Backbone, RunConfig]:
+    """The starting policy and tokenizer (`cfg.backbone`, or the `backbone` given from Python, moved
+    to `device`), their EMA copies, the reference and the decoder-stage networks; returns the
+    config updated with the models' own arguments (a given backbone's: the config's as they are)."""
     pcfg = cfg.posttrain
-    backbone, cfg = load_configured_backbone(cfg, device)
+    if backbone is None:
+        backbone, cfg = load_configured_backbone(cfg, device)
+    else:
+        backbone.policy.to(device), backbone.tokenizer.to(device)
     policy = backbone.policy.float().requires_grad_(pcfg.trains_policy)
     vq = backbone.tokenizer.float().requires_grad_(False)
     if pcfg.trains_decoder:  # only the decoder and post_quant_conv: the token space never moves

@@ -29,7 +29,7 @@ FIXED_ON_RESUME = {
     ),
     "sft": ("seed", "precision", "toy", "gpt", "text", "sft.tokenizer", "sft.betas", "sft.weight_decay"),
     "posttrain": (
-        "seed", "precision", "toy", "backbone", "posttrain.mode", "posttrain.policy", "posttrain.tokenizer", "posttrain.prompts",
+        "objects", "seed", "precision", "toy", "backbone", "posttrain.mode", "posttrain.policy", "posttrain.tokenizer", "posttrain.prompts",
         "posttrain.data", "posttrain.reference", "posttrain.rewards", "posttrain.policy_weight_decay",
         "posttrain.decoder_weight_decay", "posttrain.disc_channels", "posttrain.disc_layers",
         "posttrain.policy_sharding",
@@ -37,25 +37,36 @@ FIXED_ON_RESUME = {
 }  # fmt: skip
 
 
+MISSING = object()  # a key a config mapping does not hold
+
+
 def _value_at(data: dict, key: str):
     for part in key.split("."):
         if not isinstance(data, dict) or part not in data:
-            return None
+            return MISSING
         data = data[part]
     return data
 
 
+# why a key is fixed, where the general reason does not say enough
+RESUME_HINTS = {
+    "objects": "the run was given these Python objects (ranke.api); resume it from Python with the same ones",
+}
+
+
 def check_unchanged(cfg, saved_config_yaml: str, section: str) -> None:
-    """Refuse a resume whose config changes a key of FIXED_ON_RESUME[section]."""
+    """Refuse a resume whose config changes a key of FIXED_ON_RESUME[section]; a key the run's
+    config.yaml lacks (written before the key existed) counts as its default."""
     saved = yaml.safe_load(saved_config_yaml) or {}
     current = yaml.safe_load(yaml.safe_dump(config_lib.to_dict(cfg)))
+    defaults = yaml.safe_load(yaml.safe_dump(config_lib.to_dict(type(cfg)())))
     for key in FIXED_ON_RESUME[section]:
-        before, now = _value_at(saved, key), _value_at(current, key)
+        before = _value_at(saved, key)
+        before = _value_at(defaults, key) if before is MISSING else before
+        now = _value_at(current, key)
         if before != now:
-            raise UserError(
-                f"--resume cannot change {key} (the run has {before!r}, now {now!r}): the restored state fixes it; "
-                "resume with the run's setting or start a new --out"
-            )
+            hint = RESUME_HINTS.get(key, "the restored state fixes it; resume with the run's setting or start a new --out")
+            raise UserError(f"--resume cannot change {key} (the run has {before!r}, now {now!r}): {hint}")
 
 
 def resume_point(run: Path, cfg, section: str, resume: bool) -> tuple[Path, tuple[dict, dict, str]] | None:

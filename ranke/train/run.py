@@ -3,7 +3,7 @@ checkpoint it, and stop it on a signal.
 
 A checkpointing recipe (tokenizer, SFT, post-training) reads
 
-    start = begin_run(config_path, out_dir, overrides, "sft", resume)   # config, lock, resume point, accelerate
+    start = begin_run(config, out_dir, overrides, "sft", resume)   # config, lock, resume point, accelerate
     ...build its models and `GuardedOptimizer`s, restore `start.resumed`...
     return train_recipe((run, start_step), one_step, save, finish)     # log, loop, stop signals
 
@@ -38,11 +38,12 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-def start_run(config_path: str, out_dir: str, overrides: list[str], section: str) -> tuple[RunConfig, Path, torch.device]:
-    """Resolve (and validate) the config for recipe `section`, create and lock the run directory,
+def start_run(config: str | RunConfig, out_dir: str, overrides: list[str], section: str) -> tuple[RunConfig, Path, torch.device]:
+    """Resolve (and validate) the config for recipe `section` (a preset name, a YAML file or a
+    `RunConfig`, with `key=value` overrides), create and lock the run directory,
     seed the global generators and pick the device. The recipe writes config.yaml
     (`write_run_config`) once it has accepted the run (`ranke.train.resume.resume_point`)."""
-    cfg = config_lib.load(RunConfig, config_path, overrides, section=section)
+    cfg = config_lib.load(RunConfig, config, overrides, section=section)
     stop_signal_numbers(cfg.stop_signals)
     tracker_names(cfg.log_with)  # a bad value or a missing wandb fails before any work
     claim_output_dir(out_dir)
@@ -75,7 +76,7 @@ class RunStart:
 
 
 def begin_run(
-    config_path: str,
+    config: str | RunConfig,
     out_dir: str,
     overrides: list[str],
     section: str,
@@ -90,7 +91,7 @@ def begin_run(
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    cfg, run_dir, device = start_run(config_path, out_dir, overrides, section=section)
+    cfg, run_dir, device = start_run(config, out_dir, overrides, section=section)
     if check is not None:
         check(cfg)
     resumed = resume_point(run_dir, cfg, section, resume)

@@ -93,10 +93,10 @@ def policy_optimizer(policy: torch.nn.Module, scfg: SFTConfig, guard: StepGuard)
     return GuardedOptimizer(optimizer=adamw, module=policy, guard=guard, lr=scfg.lr, schedule=schedule)
 
 
-def start_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool) -> tuple[SFTRun, int]:
+def start_sft(config: str | RunConfig, out_dir: str, overrides: list[str], resume: bool) -> tuple[SFTRun, int]:
     """Set the run up (`ranke.train.run.begin_run`), build the policy on the frozen tokenizer and
     text encoder, restore a checkpoint with `resume`; returns the run and the step to start from."""
-    start = begin_run(config_path, out_dir, overrides, "sft", resume)
+    start = begin_run(config, out_dir, overrides, "sft", resume)
     cfg, device = start.cfg, start.device
     shard = Shard.of(start.accelerator, cfg.sft.batch_size, "sft.batch_size")
     tokenizer = load_tokenizer(cfg.sft.tokenizer, device).requires_grad_(False)
@@ -168,10 +168,10 @@ def save_sft_checkpoint(run: SFTRun, step: int) -> None:
     save_recipe_checkpoint(run.start.main_process, run.start.run_dir, step, tensors, state, keep_last=2)
 
 
-def train_sft(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
+def train_sft(config: str | RunConfig, out_dir: str, overrides: list[str] = (), resume: bool = False) -> dict:
     """Train (or with `resume`, continue) the policy in `out_dir`; one process or several under
     `torchrun` / `accelerate launch` (each takes its share of every batch; DDP averages gradients)."""
-    return train_recipe(start_sft(config_path, out_dir, overrides, resume), sft_step, save_sft_checkpoint, evaluate_policy)
+    return train_recipe(start_sft(config, out_dir, overrides, resume), sft_step, save_sft_checkpoint, evaluate_policy)
 
 
 def evaluate_policy(run: SFTRun, train_seconds: float) -> dict:

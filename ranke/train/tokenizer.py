@@ -31,7 +31,7 @@ from ranke.algo.vqgan import (
     reconstruction_loss,
 )
 from ranke.assets import save_asset
-from ranke.config import TokenizerTrainConfig
+from ranke.config import RunConfig, TokenizerTrainConfig
 from ranke.images import save_image_grid
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.perceptual import build_perceptual
@@ -96,10 +96,10 @@ def build_optimizers(model: VQModel, disc: PatchDiscriminator, tcfg: TokenizerTr
     }
 
 
-def start_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume: bool) -> tuple[TokenizerRun, int]:
+def start_tokenizer(config: str | RunConfig, out_dir: str, overrides: list[str], resume: bool) -> tuple[TokenizerRun, int]:
     """Set the run up (`ranke.train.run.begin_run`), build the tokenizer, its discriminator and
     perceptual distance, restore a checkpoint with `resume`; returns the run and the step to start from."""
-    start = begin_run(config_path, out_dir, overrides, "tokenizer", resume)
+    start = begin_run(config, out_dir, overrides, "tokenizer", resume)
     cfg, tcfg, device, accelerator = start.cfg, start.cfg.tokenizer, start.device, start.accelerator
     shard = Shard.of(accelerator, tcfg.batch_size, "tokenizer.batch_size")
     model = VQModel(cfg.vq).to(device)
@@ -218,12 +218,12 @@ def save_tokenizer_checkpoint(run: TokenizerRun, step: int) -> None:
     save_recipe_checkpoint(run.start.main_process, run.start.run_dir, step, tensors, state, keep_last=2)
 
 
-def train_tokenizer(config_path: str, out_dir: str, overrides: list[str], resume: bool = False) -> dict:
+def train_tokenizer(config: str | RunConfig, out_dir: str, overrides: list[str] = (), resume: bool = False) -> dict:
     """Train (or with `resume`, continue) a tokenizer in `out_dir`; one process or several under
     `torchrun` / `accelerate launch`: each takes its share of every batch, gradients are averaged
     (the adaptive GAN weight and the discriminator's BatchNorm statistics stay per process), and
     the codebook's usage window and dead-code restarts see the global batch."""
-    return train_recipe(start_tokenizer(config_path, out_dir, overrides, resume), tokenizer_train_step, save_tokenizer_checkpoint, finish_tokenizer)
+    return train_recipe(start_tokenizer(config, out_dir, overrides, resume), tokenizer_train_step, save_tokenizer_checkpoint, finish_tokenizer)
 
 
 def finish_tokenizer(run: TokenizerRun, train_seconds: float) -> dict:
