@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -93,12 +94,27 @@ def load_adapter(adapted: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> 
     adapted.load_state_dict(tensors, strict=False)
 
 
-def merge_adapter(policy: torch.nn.Module, args: LoraArgs, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+def merge_adapter(
+    policy: torch.nn.Module, args: LoraArgs, tensors: dict[str, torch.Tensor], adapter_folder: Path | None = None
+) -> torch.nn.Module:
     """The base `policy` with the adapter `tensors` merged into its weights (W + (alpha / rank) B A):
-    the plain network again, with the base's parameter names (LlamaGen's layout)."""
+    the plain network again, with the base's parameter names (LlamaGen's layout). With
+    `adapter_folder` the adapter is also written there in PEFT's own format (`save_pretrained`:
+    adapter_config.json, adapter_model.safetensors), for `PeftModel.from_pretrained(base, folder)`."""
     adapted = add_adapter(policy, args)
     load_adapter(adapted, tensors)
+    if adapter_folder is not None:
+        adapted.save_pretrained(adapter_folder)
     return adapted.merge_and_unload()
+
+
+def restore_policy(policy: torch.nn.Module, args: LoraArgs, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A post-training checkpoint's policy weights on its base `policy`: loaded as they are, or,
+    from a LoRA run (`args.enabled`: the tensors are the adapter's), merged into it."""
+    if args.enabled:
+        return merge_adapter(policy, args, tensors)
+    policy.load_state_dict(tensors)
+    return policy
 
 
 @contextlib.contextmanager
