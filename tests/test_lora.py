@@ -20,9 +20,8 @@ from ranke.models.lora import LoraArgs, adapter_dropout, add_adapter, load_adapt
 from ranke.sample_folder import ModelChoice, load_backbone
 from ranke.sampling import token_logprobs
 from ranke.train.posttrain import collect_rollout, next_prompts, start_posttrain, train_posttrain
-from test_posttrain import TINY
+from test_posttrain import LORA, TINY
 
-LORA = ["posttrain.lora.enabled=true", "posttrain.lora.rank=4", "posttrain.lora.alpha=8"]
 PROMPTS = ["a picture of a large red triangle", "a small yellow circle"]
 
 
