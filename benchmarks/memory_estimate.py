@@ -22,7 +22,11 @@ How the figures are made (nothing is downloaded or allocated; about 10 s on a CP
 * with gradient checkpointing (the models' own switches) the forward keeps what lies outside
   the checkpointed blocks plus each block's input (measured), and backward recomputes one block
   at a time (the largest block's saved tensors, measured without checkpointing);
-* the rollout KV cache, DDP buckets, FSDP gather buffers and AdamW temporaries are formulas.
+* the rollout KV cache, DDP buckets, FSDP gather buffers and AdamW temporaries are formulas;
+* the LoRA column (`posttrain.lora`, DDP): the policy's weights frozen (no gradients, no AdamW
+  states, no EMA copy, no reference copy: the reference is the base with the adapter off), the
+  adapter's weights, gradients, AdamW states and EMA (rank x (in + out) per targeted linear layer,
+  counted from the models' layers), activations and every other row as in the DDP column.
 Peak = what is held all along + the largest phase (rollout, policy forward/backward, policy
 optimizer step, decoder stage, checkpoint save). Not counted: CUDA context, allocator
 fragmentation, NCCL buffers, short-lived temporaries (largest: one fp32 logits tensor, printed
@@ -63,6 +67,7 @@ from ranke.config import RunConfig
 from ranke.models.discriminator import PatchDiscriminator
 from ranke.models.gpt import GPT_PRESETS, Transformer
 from ranke.models.janus import JanusDecoder, JanusPolicy
+from ranke.models.lora import GPT_TARGET_MODULES, LoraArgs
 from ranke.models.vq import VQ_PRESETS, VQModel, to_model_range
 from ranke.rewards.base import DualEncoderReward
 from ranke.rewards.clip import CLIPReward
@@ -120,6 +125,9 @@ JANUS_PROMPT_TOKENS = 64
 REWARD_SIZES = {"clip": ("CLIP ViT-L/14", CLIP_VIT_L14), "hpsv2": ("HPSv2.1 ViT-H/14", HPSV2_VIT_H14)}
 # bundled config presets (ranke/configs/) of the reference runs
 PRESETS = {"llamagen-xl": "llamagen_xl_clip", "janus-pro-1b": "janus_pro_1b_clip", "janus-pro-7b": "janus_pro_7b_clip"}
+# the LoRA column's adapter: the defaults of `posttrain.lora`, on each model's attention and MLP projections
+LORA = LoraArgs(enabled=True)
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,7 @@ class RunModels:
     head_dim: int
     vocab: int
     policy_inputs: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # rows -> (text input, mask)
+    lora_targets: tuple[str, ...]  # the linear layers a LoRA adapter goes on (`posttrain.lora.target_modules`)
     extra_notes: list[str] = field(default_factory=list)
 
 
@@ -233,7 +242,7 @@ def build_llamagen(pcfg, reward_kind: str) -> RunModels:
         perceptual=build_lpips(), reward=reward, reward_name=reward_name,
         image_size=gpt.grid_size * vq_args.downsample_factor, image_tokens=gpt.block_size,
         text_positions=gpt.cls_token_num, kv_layers=gpt.n_layer, kv_heads=gpt.kv_heads, head_dim=gpt.head_dim,
-        vocab=gpt.vocab_size, policy_inputs=policy_inputs,
+        vocab=gpt.vocab_size, policy_inputs=policy_inputs, lora_targets=GPT_TARGET_MODULES,
     )  # fmt: skip
 
 
@@ -266,7 +275,7 @@ def build_janus(
         perceptual=build_lpips(), reward=reward, reward_name=reward_name,
         image_size=vq.args.image_size, image_tokens=grid * grid, text_positions=JANUS_PROMPT_TOKENS,
         kv_layers=lm.num_hidden_layers, kv_heads=lm.num_key_value_heads, head_dim=lm.head_dim,
-        vocab=config.vq_config.num_embeddings, policy_inputs=policy_inputs,
+        vocab=config.vq_config.num_embeddings, policy_inputs=policy_inputs, lora_targets=LLAMA_TARGET_MODULES,
         extra_notes=[f"Janus prompt length assumed {JANUS_PROMPT_TOKENS} tokens (chat template + caption)"],
     )  # fmt: skip
 
@@ -287,6 +296,16 @@ def parameter_count(params) -> int:
 
 def millions(params) -> str:
     return f"{parameter_count(params) / 1e6:.1f}M"
+
+
+def lora_parameter_count(policy: torch.nn.Module, targets: tuple[str, ...], rank: int) -> int:
+    """The parameters of a rank-`rank` adapter on the policy's linear layers named `targets` (the
+    last part of the name, as PEFT matches them): A is rank x in, B is out x rank."""
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in policy.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
 
 
 def state_bytes(module: torch.nn.Module | None) -> int:
@@ -494,6 +513,9 @@ CHECKPOINTED_PHASES = ("rollout", "policy pass, checkpointed", "policy step", "d
                        "checkpoint save")  # fmt: skip
 
 
+COLUMNS = ("ddp", "fsdp", "lora")
+
+
 @dataclass
 class Row:
     label: str
@@ -501,6 +523,10 @@ class Row:
     fsdp: float  # bytes per GPU with the policy sharded over the GPUs (FSDP)
     phases: tuple[str, ...] = ()  # the phases it is alive in; () for what is held all along
     total: bool = False
+    lora: float | None = None  # bytes per GPU with a LoRA adapter (DDP); None: as in the DDP column
+
+    def bytes(self, column: str) -> float:
+        return self.ddp if column == "lora" and self.lora is None else getattr(self, column)
 
 
 @dataclass
@@ -511,9 +537,9 @@ class Estimate:
     seconds: float
 
 
-def held_rows(models: RunModels, policy_params: int, shard: float) -> list[Row]:
+def held_rows(models: RunModels, policy_params: int, shard: float, adapter_params: int) -> list[Row]:
     """What every GPU holds for the whole run: models, gradients, optimizer states."""
-    policy = policy_params * FP32_BYTES
+    policy, adapter = policy_params * FP32_BYTES, adapter_params * FP32_BYTES
     decoder_params = parameter_count(models.vq.decoder_parameters())
     disc_params = parameter_count(models.disc.parameters())
 
@@ -524,11 +550,13 @@ def held_rows(models: RunModels, policy_params: int, shard: float) -> list[Row]:
     if models.text_encoder is not None:
         text_label += f" ({millions(models.text_encoder.parameters())}, frozen, fp32)"
     return [
-        Row(f"policy weights, fp32 master ({policy_params / 1e6:.0f}M params)", policy, policy * shard),
-        Row("policy gradients (fp32)", policy, policy * shard),
-        Row("policy AdamW states (2 x fp32)", 2 * policy, 2 * policy * shard),
-        replicated("policy EMA (fp32)", state_bytes(models.policy)),
-        replicated("frozen reference policy (fp32; 0 with reference=ema)", state_bytes(models.policy)),
+        Row(f"policy weights, fp32 master ({policy_params / 1e6:.0f}M params; LoRA: frozen, + adapter "
+            f"{adapter_params / 1e6:.1f}M)", policy, policy * shard, lora=policy + adapter),
+        Row("policy gradients (fp32; LoRA: the adapter's)", policy, policy * shard, lora=adapter),
+        Row("policy AdamW states (2 x fp32; LoRA: the adapter's)", 2 * policy, 2 * policy * shard, lora=2 * adapter),
+        Row("policy EMA (fp32; LoRA: the adapter's)", state_bytes(models.policy), state_bytes(models.policy), lora=adapter),
+        Row("frozen reference policy (fp32; 0 with reference=ema, or LoRA: the adapter switched off)",
+            state_bytes(models.policy), state_bytes(models.policy), lora=0),
         replicated(text_label, state_bytes(models.text_encoder)),
         replicated(f"VQ-16 encoder + decoder ({millions(models.vq.parameters())} params, fp32)",
                    state_bytes(models.vq)),
@@ -546,7 +574,7 @@ def held_rows(models: RunModels, policy_params: int, shard: float) -> list[Row]:
 
 def phase_rows(
     models: RunModels, policy_params: int, setting: Setting, policy_act: Activations, decoder_act: Activations,
-    decoder_batch: str,
+    decoder_batch: str, adapter_params: int,
 ) -> list[Row]:  # fmt: skip
     """What exists only during one phase of a step, on top of the held rows."""
     cfg_rows = 2 * setting.rollouts  # classifier-free guidance: a conditional and an unconditional row each
@@ -570,7 +598,7 @@ def phase_rows(
         Row(f"policy pass: activations, micro-batch {micro}, checkpointed", policy_act.checkpointed,
             policy_act.checkpointed, ("policy pass, checkpointed",)),
         Row("policy step: foreach AdamW temporary (one fp32 copy)", policy_params * FP32_BYTES,
-            policy_params * FP32_BYTES * shard, ("policy step",)),
+            policy_params * FP32_BYTES * shard, ("policy step",), lora=adapter_params * FP32_BYTES),
         Row(f"decoder stage: activations ({decoder_batch})", decoder_act.plain + decoder_act.weight_copies,
             decoder_act.plain + decoder_act.weight_copies, ("decoder stage",)),
         Row("decoder stage: activations, decoder checkpointed", decoder_act.checkpointed + decoder_act.weight_copies,
@@ -585,12 +613,12 @@ def phase_rows(
 def peak_row(label: str, held: list[Row], phases: list[Row], names: tuple[str, ...]) -> Row:
     """Held rows plus the largest phase (each column on its own: the largest phase may differ)."""
     peaks, largest = [], []
-    for column in ("ddp", "fsdp"):
-        per_phase = {name: sum(getattr(row, column) for row in phases if name in row.phases) for name in names}
+    for column in COLUMNS:
+        per_phase = {name: sum(row.bytes(column) for row in phases if name in row.phases) for name in names}
         largest.append(max(per_phase, key=per_phase.get))
-        peaks.append(sum(getattr(row, column) for row in held) + per_phase[largest[-1]])
-    at = largest[0] if largest[0] == largest[1] else " / ".join(largest)
-    return Row(f"{label} (largest phase: {at})", *peaks, total=True)
+        peaks.append(sum(row.bytes(column) for row in held) + per_phase[largest[-1]])
+    at = " / ".join(dict.fromkeys(largest))  # each phase once, in column order
+    return Row(f"{label} (largest phase: {at})", peaks[0], peaks[1], total=True, lora=peaks[2])
 
 
 def estimate(model_name: str, setting: Setting) -> Estimate:
@@ -602,15 +630,17 @@ def estimate(model_name: str, setting: Setting) -> Estimate:
     with FakeTensorMode():
         models = BUILDERS[model_name](pcfg, setting.reward)
         policy_params = parameter_count(models.policy.parameters())
+        adapter_params = lora_parameter_count(models.policy, models.lora_targets, LORA.rank)
         policy_act = policy_activations(models, micro, setting)
         decoder_act = decoder_stage_activations(models, pcfg, setting.prompts_per_gpu, setting)
-        held = held_rows(models, policy_params, 1 / setting.gpus)
+        held = held_rows(models, policy_params, 1 / setting.gpus, adapter_params)
         selected = setting.prompts_per_gpu * pcfg.rank_top_k
         decoder_batch = f"{setting.prompts_per_gpu} real + {selected} selected images"
-        phases = phase_rows(models, policy_params, setting, policy_act, decoder_act, decoder_batch)
+        phases = phase_rows(models, policy_params, setting, policy_act, decoder_act, decoder_batch, adapter_params)
     rows = [
         *held,
-        Row("held throughout", sum(row.ddp for row in held), sum(row.fsdp for row in held), total=True),
+        Row("held throughout", *(sum(row.bytes(column) for row in held) for column in ("ddp", "fsdp")), total=True,
+            lora=sum(row.bytes("lora") for row in held)),
         *phases,
         peak_row("peak, no checkpointing", held, phases, PLAIN_PHASES),
         peak_row("peak, policy + decoder checkpointed", held, phases, CHECKPOINTED_PHASES),
@@ -624,6 +654,8 @@ def estimate(model_name: str, setting: Setting) -> Estimate:
         f"{models.image_tokens} image tokens",
         f"largest short-lived tensor (not counted): fp32 logits of a micro-batch [{micro}, {models.image_tokens}, "
         f"{models.vocab}] = {logits / GIB:.2f} GiB (reference log-probs, the backward of log-softmax)",
+        f"LoRA column: DDP with a rank-{LORA.rank} adapter (alpha {LORA.alpha:g}) on {', '.join(models.lora_targets)}: "
+        f"{adapter_params:,} trainable parameters; activations as without it",
         *models.extra_notes,
     ]
     return Estimate(models.title, rows, notes, time.perf_counter() - start)
@@ -632,11 +664,11 @@ def estimate(model_name: str, setting: Setting) -> Estimate:
 def print_table(result: Estimate, markdown: bool) -> None:
     if markdown:
         print(f"### {result.title}\n")
-        print("| per GPU, GiB | DDP | FSDP |")
-        print("|---|---:|---:|")
+        print("| per GPU, GiB | DDP | FSDP | LoRA |")
+        print("|---|---:|---:|---:|")
         for row in result.rows:
             label = f"**{row.label}**" if row.total else row.label
-            print(f"| {label} | {row.ddp / GIB:.2f} | {row.fsdp / GIB:.2f} |")
+            print(f"| {label} | " + " | ".join(f"{row.bytes(column) / GIB:.2f}" for column in COLUMNS) + " |")
         print()
         for note in result.notes:
             print(f"* {note}")
@@ -644,13 +676,13 @@ def print_table(result: Estimate, markdown: bool) -> None:
         return
     width = max(len(row.label) for row in result.rows)
     print(result.title)
-    print(f"{'per GPU, GiB':<{width}}  {'DDP':>7}  {'FSDP':>7}")
+    print(f"{'per GPU, GiB':<{width}}  {'DDP':>7}  {'FSDP':>7}  {'LoRA':>7}")
     previous_total = False
     for row in result.rows:
         if row.total and not previous_total:
-            print("-" * (width + 18))
+            print("-" * (width + 27))
         previous_total = row.total
-        print(f"{row.label:<{width}}  {row.ddp / GIB:7.2f}  {row.fsdp / GIB:7.2f}")
+        print(f"{row.label:<{width}}  " + "  ".join(f"{row.bytes(column) / GIB:7.2f}" for column in COLUMNS))
     for note in result.notes:
         print(f"  {note}")
     print(f"  (estimated in {result.seconds:.1f} s)\n")

@@ -21,6 +21,7 @@ import yaml
 from ranke.choices import check_choices
 from ranke.domains import validate
 from ranke.models.gpt import GPT_PRESETS, GPTArgs
+from ranke.models.lora import LoraArgs
 from ranke.models.vq import VQ_PRESETS, VQArgs
 from ranke.rewards.build import check_posttrain_rewards
 from ranke.rewards.toy_clip import ToyCLIPArgs
@@ -344,6 +345,9 @@ class PosttrainConfig:
     check_replicas_every: int = 0  # with several processes: every N steps, fail if their weights differ
     policy_sharding: str = "ddp"  # ddp (replicated policy) | fsdp (parameters, grads, AdamW states split over processes)
     policy_grad_checkpointing: bool = False  # recompute policy blocks in backward (memory for compute)
+    # a LoRA adapter trains instead of the whole policy (ranke.models.lora; the `lora` extra):
+    # enabled, rank, alpha, dropout, target_modules
+    lora: LoraArgs = field(default_factory=LoraArgs)
     decoder_grad_checkpointing: bool = False  # the same for the decoder in the decoder stage
     rewards: dict[str, float] = field(default_factory=lambda: {"toy_clip": 1.0})  # name -> weight
     clip_path: str | None = None  # local CLIP directory for the `clip` reward (and `aesthetic`'s image tower)

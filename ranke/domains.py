@@ -67,6 +67,8 @@ DOMAINS: list[tuple[str, Range]] = [
     ("*seed", NON_NEGATIVE),
     ("posttrain.dynamic_sampling_draws", NON_NEGATIVE),
     ("posttrain.group_size", Range(2)),
+    ("posttrain.lora.rank", AT_LEAST_ONE),
+    ("posttrain.lora.alpha", POSITIVE),
     # counts and sizes
     ("*.steps", AT_LEAST_ONE),
     ("*batch_size", AT_LEAST_ONE),

@@ -13,6 +13,10 @@
   (understanding tower, text head); the chosen policy replaces the language model and generation
   modules, the chosen decoder the VQ model's.
 
+A LoRA run's checkpoint holds the adapter alone: its adapter is merged into the run's starting
+policy (`ranke.models.lora.merge_adapter`), so `gpt.pt` (or the Janus folder) holds whole weights
+in the usual layout, and the adapter also goes to `adapter/` in PEFT's own format.
+
 Both write a model card (README.md): source checkpoint, steps, the weights chosen, the last
 evaluation the run logged, how to load the files, and the run's config. Weights are written as
 trained (fp32 master copies). Files go to a temporary folder renamed into place at the end.
@@ -29,8 +33,10 @@ import yaml
 
 from ranke import checkpoint as checkpoint_lib
 from ranke import config as config_lib
+from ranke.backbones import load_configured_backbone
 from ranke.checkpoint import DECODER_STEMS, POLICY_STEMS
 from ranke.config import RunConfig
+from ranke.models.lora import merge_adapter
 from ranke.runtime import UserError
 
 FORMATS = ("llamagen", "hf")
@@ -98,7 +104,7 @@ def _hf_files(out: Path, cfg: RunConfig, policy: dict, vq: dict) -> list[str]:
     JanusDecoder(model.model.vqmodel).load_state_dict(vq)
     model.save_pretrained(out, safe_serialization=True)
     JanusProcessor.from_pretrained(base).save_pretrained(out)
-    return sorted(path.name for path in out.iterdir())
+    return sorted(path.name for path in out.iterdir() if path.is_file())  # not the LoRA adapter folder: listed by the caller
 
 
 def _hf_usage(cfg: RunConfig) -> str:
@@ -143,6 +149,13 @@ def model_card(
     return "\n".join(lines)
 
 
+def merged_policy(cfg: RunConfig, adapter: dict[str, torch.Tensor], adapter_folder: Path) -> dict[str, torch.Tensor]:
+    """A LoRA run's whole policy weights: its starting policy (named by its config) with the
+    checkpoint's `adapter` merged in, in fp32 as trained; the adapter also to `adapter_folder`."""
+    backbone, _ = load_configured_backbone(cfg, "cpu")
+    return merge_adapter(backbone.policy.float(), cfg.posttrain.lora, adapter, adapter_folder).state_dict()
+
+
 def export_checkpoint(source: str | Path, fmt: str, out: str | Path, policy: str = "online", decoder: str = "online") -> dict:
     """Write the export (see the module docstring); returns a summary for the command line."""
     if fmt not in FORMATS:
@@ -166,7 +179,10 @@ def export_checkpoint(source: str | Path, fmt: str, out: str | Path, policy: str
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     write = _llamagen_files if fmt == "llamagen" else _hf_files
-    files = write(temporary, cfg, tensors[POLICY_STEMS[policy]], tensors[DECODER_STEMS[decoder]])
+    policy_weights, adapter_files = tensors[POLICY_STEMS[policy]], []
+    if cfg.posttrain.lora.enabled:
+        policy_weights, adapter_files = merged_policy(cfg, policy_weights, temporary / "adapter"), ["adapter/"]
+    files = [*write(temporary, cfg, policy_weights, tensors[DECODER_STEMS[decoder]]), *adapter_files]
     step = int(trainer_state["step"])
     card = model_card(checkpoint, cfg, config_text, step, fmt, policy, decoder, [*files, "README.md"])
     (temporary / "README.md").write_text(card)

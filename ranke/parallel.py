@@ -156,14 +156,21 @@ def whole_weights(module: torch.nn.Module):
 SAVE_OPTIONS = {"full_state_dict": True, "cpu_offload": True}
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's whole weights (a collective when sharded: call it on all processes; then only
-    the main process receives them)."""
-    if not is_sharded(module):
-        return module.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def full_state_dict(module: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The module's whole weights, or with `trainable_only` its trainable parameters alone (a LoRA
+    adapter's: no frozen weight is gathered). A collective when sharded: call it on all processes;
+    then only the main process receives them."""
+    if is_sharded(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(**SAVE_OPTIONS))
+        options = StateDictOptions(**SAVE_OPTIONS, ignore_frozen_params=trainable_only)
+        state = get_model_state_dict(module, options=options)
+    else:
+        state = module.state_dict()
+    if not trainable_only:
+        return state
+    # buffers are not parameters: kept by `ignore_frozen_params`, dropped here
+    return {name: state[name] for name, parameter in module.named_parameters() if parameter.requires_grad and name in state}
 
 
 def optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -21,6 +21,7 @@ from ranke.assets import asset_path
 from ranke.backbones import Backbone, load_configured_backbone
 from ranke.config import RunConfig
 from ranke.data import read_prompts
+from ranke.models.lora import restore_policy
 from ranke.runlock import claim_output_dir
 from ranke.runtime import UserError, progress, select_device
 from ranke.sampling import SamplingConfig
@@ -68,7 +69,7 @@ def _checkpoint_backbone(
     Its config.yaml, with `overrides` set, names the starting models (`backbone`, and for the
     toy world the `posttrain.policy` / `posttrain.tokenizer` assets): they are built, and the
     chosen policy and decoder weights of the checkpoint replace theirs (`base` keeps the starting
-    decoder).
+    decoder; a LoRA run's adapter is merged into the starting policy).
     """
     tensors, _, config_text = checkpoint_lib.load_checkpoint(directory)
     cfg = config_lib.build_checked(RunConfig, config_lib.set_overrides(yaml.safe_load(config_text) or {}, overrides))
@@ -80,7 +81,7 @@ def _checkpoint_backbone(
             f"choose another --policy/--decoder"
         )
     backbone, cfg = load_configured_backbone(cfg, device)
-    backbone.policy.load_state_dict(tensors[policy_stem])
+    backbone.policy = restore_policy(backbone.policy, cfg.posttrain.lora, tensors[policy_stem])
     if decoder_stem:
         backbone.tokenizer.load_state_dict(tensors[decoder_stem])
     return backbone, cfg

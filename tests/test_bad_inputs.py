@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_posttrain import TINY
+from test_posttrain import LORA, TINY
 from test_user_rewards import BROKEN as BROKEN_REWARDS
 
 from ranke.cli import main
@@ -120,6 +120,14 @@ CASES = [
     ("reward_steps_0", ["train-reward", "--out", "{new}/a", "reward.features.steps=0"], "'reward.features.steps' is 0"),
     ("reward_lr_negative", ["train-reward", "--out", "{new}/a", "reward.reward_clip.lr=-1"], "'reward.reward_clip.lr' is -1.0"),
     ("steps_not_int", ["posttrain", "--out", "{new}/a", "steps=abc"], "config key 'posttrain.steps' must be int"),
+    # a LoRA adapter on the policy (docs/posttrain.md "How do I train a LoRA adapter?")
+    ("lora_rank_0", ["posttrain", "--out", "{new}/a", "posttrain.lora.rank=0"], "'posttrain.lora.rank' is 0; allowed: a finite number >= 1"),
+    ("lora_alpha_0", ["posttrain", "--out", "{new}/a", "posttrain.lora.alpha=0"], "'posttrain.lora.alpha' is 0.0; allowed: a finite number > 0"),
+    ("lora_dropout", ["posttrain", "--out", "{new}/a", "posttrain.lora.dropout=1.5"], "'posttrain.lora.dropout' is 1.5; allowed: a number in [0, 1]"),
+    ("lora_target", ["posttrain", "--out", "{new}/a", *TINY, *LORA, "posttrain.lora.target_modules=[wqkv, q_proj]"],
+     "LoRA target_modules ['q_proj'] name no linear layer of the policy; its linear layers are: fc1, fc2, output, w1, w2, w3, wo, wqkv"),
+    ("lora_decoder_mode", ["posttrain", "--out", "{new}/a", *LORA, "mode=decoder"], "mode=decoder has none (use policy or both)"),
+    ("lora_reference_ema", ["posttrain", "--out", "{new}/a", *LORA, "reference=ema"], "set posttrain.reference=frozen"),
     # the user's own rewards (docs/posttrain.md "How do I bring my own reward?")
     ("user_reward_not_importable", ["posttrain", "--out", "{new}/a", "rewards={{no_such_module_xyz:score: 1.0}}"],
      "reward 'no_such_module_xyz:score': module 'no_such_module_xyz' cannot be imported"),
@@ -178,6 +186,7 @@ CASES = [
     ("resume_mode", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "steps=2", "mode=policy"], "--resume cannot change posttrain.mode"),
     ("resume_seed", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "steps=2", "seed=5"], "--resume cannot change seed"),
     ("resume_disc", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "steps=2", "disc_channels=32"], "cannot change posttrain.disc_channels"),
+    ("resume_lora", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "steps=2", *LORA], "--resume cannot change posttrain.lora"),
     ("resume_lr_nan", ["posttrain", "--out", "{run}", "--resume", *RUN_SETTINGS, "policy_lr=nan"], "'posttrain.policy_lr' is nan"),
     # checkpoint files
     ("pickle_needs_trust", ["check-checkpoint", "--kind", "vq", "--preset", "toy", "{inputs}/pickled.pt"], "pass --trust-checkpoint"),

@@ -24,10 +24,10 @@ def test_memory_estimate_matches_hand_counts():
     rows = {}
     for line in result.stdout.splitlines():
         cells = [cell.strip(" *") for cell in line.strip("|").split("|")]
-        if len(cells) == 3 and cells[1].replace(".", "").isdigit():
-            rows[cells[0]] = (float(cells[1]), float(cells[2]))
+        if len(cells) == 4 and cells[1].replace(".", "").isdigit():
+            rows[cells[0]] = (float(cells[1]), float(cells[2]), float(cells[3]))
 
-    def row(start: str) -> tuple[float, float]:
+    def row(start: str) -> tuple[float, float, float]:
         return next(value for label, value in rows.items() if label.startswith(start))
 
     # GPT-XL: caption MLP (2048 -> 1280 -> 1280), token embeddings and output head (16384 x 1280),
@@ -37,11 +37,18 @@ def test_memory_estimate_matches_hand_counts():
     params = 2048 * dim + dim * dim + 2 * vocab * dim + dim + 36 * block
     assert f"policy parameters as instantiated: {params:,}" in result.stdout
     gib = 2**30
-    assert row("policy weights, fp32 master") == (round(params * 4 / gib, 2), round(params * 4 / 8 / gib, 2))
+    # LoRA column: rank 16 on wqkv (1280 -> 3840), wo (1280 -> 1280), w1 and w3 (1280 -> 3584), w2 (3584 -> 1280)
+    adapter = 36 * 16 * ((dim + 3 * dim) + (dim + dim) + 3 * (dim + hidden))
+    assert f"{adapter:,} trainable parameters" in result.stdout
+    assert row("policy weights, fp32 master") == (
+        round(params * 4 / gib, 2), round(params * 4 / 8 / gib, 2), round((params + adapter) * 4 / gib, 2)
+    )
+    assert row("policy AdamW states")[2] == round(2 * adapter * 4 / gib, 2)
+    assert row("frozen reference policy")[2] == 0
     # keys and values x 36 layers x (32 conditional + 32 unconditional rows) x 20 heads x
     # (120 text + 256 image positions) x head size 64 x 2 bytes (bf16)
     kv_cache = 2 * 36 * 64 * 20 * (120 + 256) * 64 * 2
-    assert row("rollout: KV cache, bf16, 64 rows x 376 positions") == (round(kv_cache / gib, 2),) * 2
+    assert row("rollout: KV cache, bf16, 64 rows x 376 positions") == (round(kv_cache / gib, 2),) * 3
     plain = rows["policy pass: activations, micro-batch 32"][0]
     checkpointed = rows["policy pass: activations, micro-batch 32, checkpointed"][0]
     assert 25 < plain and checkpointed < plain / 4  # about 1 GiB of saved tensors per rollout
@@ -49,8 +56,9 @@ def test_memory_estimate_matches_hand_counts():
     # heads x 376^2 positions would add 6.1 GiB (the CPU math path kept two: 39.1 GiB)
     assert plain < 31
     # the peak is what is held plus the largest phase, here the policy's forward/backward
-    peak = row("peak, no checkpointing")[0]
-    assert abs(peak - (row("held throughout")[0] + row("policy pass: autocast")[0] + plain)) <= 0.02
+    peak = row("peak, no checkpointing")
+    for column in (0, 2):  # DDP, and LoRA: the same phase on top of less held memory
+        assert abs(peak[column] - (row("held throughout")[column] + row("policy pass: autocast")[column] + plain)) <= 0.02
 
 
 def test_sft_step_benchmark_prints_both_tables():

@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_logging import assert_tensorboard_matches_jsonl
+from test_posttrain import LORA
 
 from ranke.sample_folder import ModelChoice
 from ranke.train.posttrain import train_posttrain
@@ -217,3 +218,17 @@ def test_two_process_tokenizer_and_sft_match_one_process(tmp_path, one_thread, r
     assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())  # written once
     assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert_tensorboard_matches_jsonl(tmp_path / "two")
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_with_a_lora_adapter_match_one(tmp_path, sharding):
+    """A LoRA adapter on a sharded policy: the frozen base is split like the rest, the adapter, its
+    AdamW moments and EMA are gathered alone for checkpoints; two processes agree with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train_posttrain("toy", str(tmp_path / "one"), [*SETTINGS, *LORA, "steps=2"])
+    torch.set_num_threads(threads)
+    finish(torchrun(tmp_path / "two", "steps=2", f"policy_sharding={sharding}", *LORA))
+    assert_same_weights(tmp_path / "one", tmp_path / "two", 2, atol=1e-5)
+    adapter = load_file(tmp_path / "two" / "checkpoints" / "step_000002" / "policy.safetensors")
+    assert adapter and all(".lora_" in name for name in adapter)

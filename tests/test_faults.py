@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_posttrain import TINY
+from test_posttrain import LORA, TINY
 from test_recipes import TINY_TOKENIZER
 
 from ranke.cli import main
@@ -84,17 +84,20 @@ class NaNRewardAt:
 
 
 @pytest.mark.parametrize(
-    "function, optimizer, term, trained, other",
+    "function, optimizer, term, trained, other, extra",
     [
-        ("policy_loss", "policy", "policy/loss", "policy", "vq"),
-        ("decoder_consistency_loss", "decoder", "decoder/consistency", "vq", "policy"),
+        ("policy_loss", "policy", "policy/loss", "policy", "vq", []),
+        ("policy_loss", "policy", "policy/loss", "policy", "vq", LORA),  # the adapter's optimizer: the policy's guard
+        ("decoder_consistency_loss", "decoder", "decoder/consistency", "vq", "policy", []),
     ],
 )
-def test_nan_loss_skips_that_step_of_that_stage(tmp_path, monkeypatch, one_thread, function, optimizer, term, trained, other):
+def test_nan_loss_skips_that_step_of_that_stage(
+    tmp_path, monkeypatch, one_thread, function, optimizer, term, trained, other, extra
+):  # fmt: skip
     """A NaN in step 2's policy loss (or a decoder loss term): that stage skips step 2 only."""
     run = tmp_path / "run"
     monkeypatch.setattr(posttrain, function, nan_on_calls(getattr(posttrain, function), {2}))
-    train_posttrain("toy", str(run), SETTINGS)
+    train_posttrain("toy", str(run), [*SETTINGS, *extra])
     rows = strict_records(run)
     assert [row[f"skipped/{optimizer}"] for row in rows] == [0, 1, 1]
     assert rows[1][term] is None and rows[1]["nonfinite_metrics"] >= 1

@@ -41,6 +41,8 @@ from ranke.train.prompts import build_prompt_source
 
 # fp32: these tests compare values exactly, and precision=auto picks bf16 on a CPU with native bf16
 TINY = ["prompts_per_step=2", "group_size=2", "grid_prompts=2", "eval_samples=0", "deterministic=true", "seed=3", "precision=fp32"]
+# a LoRA adapter on the policy (ranke.models.lora; tests/test_lora.py)
+LORA = ["posttrain.lora.enabled=true", "posttrain.lora.rank=4", "posttrain.lora.alpha=8"]
 
 
 def run(out: Path, *overrides: str, resume: bool = False) -> None:
@@ -217,8 +219,11 @@ def test_policy_mode_never_changes_the_decoder_and_decoder_mode_never_the_policy
         assert all(torch.equal(start_policy[name].float(), end[name]) for name in start_policy)
 
 
-def test_resume_after_kill_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("policy", ["whole", "lora"])
+def test_resume_after_kill_is_bit_exact(tmp_path, policy):
+    """With LoRA the checkpoint holds the adapter, its AdamW moments and its EMA alone."""
     settings = [*TINY, "mode=both", "steps=6", "disc_start=2", "save_every=1", "grid_every=100", "policy_ema_every=2"]
+    settings += LORA if policy == "lora" else []
     train_posttrain("toy", str(tmp_path / "straight"), settings)
 
     killed = tmp_path / "killed"

@@ -76,7 +76,7 @@ from ranke.runtime import UserError, autocast, progress_bars_off, progress_line,
 from ranke.toy.data import heldout_prompts
 from ranke.train.discriminator import discriminator_step
 from ranke.train.logging import MetricsWriter, RunLogger
-from ranke.train.posttrain_models import Models, build_models, build_optimizers
+from ranke.train.posttrain_models import Models, build_models, build_optimizers, check_lora
 from ranke.train.prompts import build_prompt_source
 from ranke.train.run import RunStart, begin_run, due, run_steps, save_recipe_checkpoint, write_run_config
 from ranke.train.trainer_state import GuardedOptimizer, restore_trainer_state, trainer_state, upgrade
@@ -92,6 +92,7 @@ def check_posttrain_config(pcfg: PosttrainConfig) -> None:
     `ranke.domains`', each choice's values `ranke.choices`', checked when the config is built)."""
     if not 1 <= pcfg.rank_top_k <= pcfg.group_size:
         raise UserError(f"rank_top_k={pcfg.rank_top_k} must be between 1 and group_size={pcfg.group_size}")
+    check_lora(pcfg)
     if pcfg.consistency_schedule == "none":
         return
     start, end = pcfg.consistency_span  # checked here once: every step's lambda_c reads it
@@ -187,8 +188,8 @@ def collect_rollout(run: PosttrainRun, prompts: list[str], timings: dict[str, fl
                 text_emb, text_mask, run.cfg.sampling, run.generators["rollout"], policy=models.policy,
                 return_logprobs=True, row_offset=shard.start * pcfg.group_size, total_rows=shard.total * pcfg.group_size,
             )  # fmt: skip
-    with timed(timings, "logprobs"), autocast(backbone.device, run.precision.name):
-        logp_ref = backbone.token_logprobs(models.reference, text_emb, text_mask, sample.tokens)
+    with timed(timings, "logprobs"), autocast(backbone.device, run.precision.name), models.reference_policy() as reference:
+        logp_ref = backbone.token_logprobs(reference, text_emb, text_mask, sample.tokens)
     with timed(timings, "decode"), autocast(backbone.device, run.precision.name):
         images = backbone.decode(sample.tokens, decoder=models.vq_ema.module)
     with timed(timings, "reward"):
@@ -300,7 +301,7 @@ def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
         for start in range(0, count, micro):
             part = slice(start, start + micro)
             share = (min(start + micro, count) - start) / count
-            with autocast(run.backbone.device, run.precision.name):
+            with autocast(run.backbone.device, run.precision.name), models.training_forward():
                 logp_new, entropy = run.backbone.token_logprobs(
                     run.policy_for_loss, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part],
                     return_entropy=True,

@@ -32,7 +32,7 @@ FIXED_ON_RESUME = {
         "objects", "seed", "precision", "toy", "backbone", "posttrain.mode", "posttrain.policy", "posttrain.tokenizer", "posttrain.prompts",
         "posttrain.data", "posttrain.reference", "posttrain.rewards", "posttrain.policy_weight_decay",
         "posttrain.decoder_weight_decay", "posttrain.disc_channels", "posttrain.disc_layers",
-        "posttrain.policy_sharding",
+        "posttrain.policy_sharding", "posttrain.lora",
     ),
 }  # fmt: skip
 

@@ -18,12 +18,24 @@ class EMA:
     `module` is a frozen deep copy (eval mode, no grad) usable for inference. Its floating
     tensors are kept in fp32 so that small updates (1 - decay = 1e-3) are not rounded away
     when the model trains in bf16; other buffers are copied.
+
+    With `trainable_only` (a LoRA adapter: the rest is frozen and never moves) only the trainable
+    parameters are averaged, as fp32 tensors by state-dict name, and there is no `module` (None).
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, trainable_only: bool = False):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
+        self.module = None
+        self.tensors: dict[str, torch.Tensor] | None = None  # the shadow when `trainable_only`
+        if trainable_only:
+            self.tensors = {
+                name: parameter.detach().float().clone()
+                for name, parameter in model.named_parameters()
+                if parameter.requires_grad
+            }
+            return
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
         for parameter in self.module.parameters():
             parameter.grad = None
@@ -35,11 +47,11 @@ class EMA:
         Tied weights appear under several names with one storage: each is updated once. With a
         sharded model (FSDP) every process must call it: each tensor is gathered from the shards.
         """
-        shadow = self.module.state_dict()
+        shadow = self.state_dict()
         updated = set()
         for name, value in model.state_dict().items():
-            target = shadow[name]
-            if target.data_ptr() in updated:
+            target = shadow.get(name)
+            if target is None or target.data_ptr() in updated:  # not averaged (frozen), or tied
                 continue
             updated.add(target.data_ptr())
             if hasattr(value, "full_tensor"):  # an FSDP-sharded tensor: gathered whole, in fp32, one at a time
@@ -51,10 +63,16 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow weights (a flat tensor dict, ready for a `.safetensors` file)."""
-        return self.module.state_dict()
+        return self.tensors if self.module is None else self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+        if self.module is not None:
+            self.module.load_state_dict(state)
+            return
+        if set(state) != set(self.tensors):
+            raise UserError("the checkpoint's EMA policy is not of this LoRA adapter: resume with the run's lora settings")
+        for name, value in state.items():
+            self.tensors[name].copy_(value)
 
 
 def _plain(value: Any) -> Any:
