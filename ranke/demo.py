@@ -101,25 +101,27 @@ class DemoPreset:
     """What a demo size changes on top of the config's `posttrain` section (configs/toy.yaml)."""
 
     overrides: tuple[str, ...]
-    seeds: tuple[int, ...]  # paired seeds of GRPO and RankE
+    seeds: tuple[int, ...]  # paired seeds of the compared methods
     ablation_seeds: tuple[int, ...] = ()  # seeds of each ablation; () = none
     mechanism_seeds: tuple[int, ...] = ()  # seeds of the mechanism runs (a subset of `seeds`); () = none
-    # pressure levels (LEVELS), lowest first: GRPO and RankE at each, the mechanism runs at the
-    # last; () = one level, the settings as given
+    # pressure levels (LEVELS), lowest first: the compared methods at each, the mechanism runs at
+    # the last; () = one level, the settings as given
     levels: tuple[str, ...] = ()
     mechanism_overrides: tuple[str, ...] = ()  # what the mechanism runs set on top, e.g. their own steps
+    compared: Study = GRPO_VS_RANKE  # the methods run at every level, with their comparisons
 
     def study(self) -> Study:
         """The methods this preset runs and the comparisons its report makes."""
         if not self.levels:
-            study = GRPO_VS_RANKE
+            study = self.compared
             if self.ablation_seeds:
                 study = study.extended(ABLATIONS, ABLATION_COMPARISONS)
             return study.extended((ADAPTED,), MECHANISM_COMPARISONS) if self.mechanism_seeds else study
         study = Study(())
         for level in self.levels:
-            grpo, ranke = at_level(GRPO, level), at_level(RANKE, level)
-            study = study.extended((grpo, ranke), ((ranke, grpo),))
+            methods = tuple(at_level(spec, level) for spec in self.compared.methods)
+            comparisons = tuple((at_level(a, level), at_level(b, level)) for a, b in self.compared.comparisons)
+            study = study.extended(methods, comparisons)
         if self.mechanism_seeds:
             adapted = at_level(ADAPTED, self.levels[-1])
             study = study.extended((adapted,), ((adapted, adapted.starts_from),))
