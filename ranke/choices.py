@@ -6,7 +6,7 @@ key (`fnmatch`) gives its values. The values come from where each choice is acte
 anchors from `ranke.algo.grpo`, the precisions from `ranke.precision`, ...), so a new choice
 there is a new allowed value here. A value outside them is refused with one line, e.g.
 
-    config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both
+    config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both, pixel, pixel_and_decoder
 """
 
 from __future__ import annotations
