@@ -1,6 +1,6 @@
 """Recipe: post-training with GRPO (policy stage) and RankE's decoder stage (METHOD.md section 3).
 
-    ranke posttrain --config configs/toy.yaml --out runs/rank_e [mode=policy|decoder|both] [key=value ...]
+    ranke posttrain --config configs/toy.yaml --out runs/rank_e [mode=policy|decoder|both|pixel|pixel_and_decoder] [key=value ...]
 
 One step, for B prompts with their real images:
 
@@ -13,6 +13,10 @@ One step, for B prompts with their real images:
    discriminator step (real images vs reconstructions of their codes), then one decoder step on
    L_recon + L_rankgan + L_consist + L_reward (+ L_soft); only the decoder and `post_quant_conv`
    train, so the token space never moves; the EMA decoder follows every `decoder_ema_every` steps.
+
+The pixel modes (`pixel`, `pixel_and_decoder`: VA-π) replace step 1 by teacher-forced predictions
+of the real images' codes scored by reconstruction (`ranke.train.pixel_rollout`) and add the
+likelihood regulariser to the policy stage.
 
 Written on accelerate (single process by default; several processes split the prompts, with the
 policy in DDP or sharded by FSDP, `ranke.parallel`); `precision=bf16` runs the forward passes under
