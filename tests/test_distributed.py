@@ -135,24 +135,25 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path, one_process_r
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, sharding",
     [
-        ["loss_type=dr_grpo"],
-        ["loss_type=dapo", "dynamic_sampling_draws=1"],
+        (["loss_type=dr_grpo"], "ddp"),
+        (["loss_type=dapo", "dynamic_sampling_draws=1"], "ddp"),
         # greedy sampling: every group's rollouts are alike, so each step refills up to its bound
-        ["loss_type=dapo", "dynamic_sampling_draws=2", "sampling.top_k=1"],
-        ["loss_type=gspo"],
-        ["mode=pixel"],
-        ["mode=pixel_and_decoder", "policy_sharding=fsdp"],
+        (["loss_type=dapo", "dynamic_sampling_draws=2", "sampling.top_k=1"], "ddp"),
+        (["loss_type=gspo"], "ddp"),
+        (["mode=pixel"], "ddp"),
+        (["mode=pixel_and_decoder"], "fsdp"),
     ],
     ids=["dr_grpo", "dapo", "dapo_refills", "gspo", "pixel", "pixel_and_decoder_fsdp"],
 )
-def test_two_processes_match_one_for_each_policy_loss_and_pixel_mode(tmp_path, one_thread, overrides):
+def test_two_processes_match_one_for_each_policy_loss_and_pixel_mode(tmp_path, one_thread, overrides, sharding):
     """Every loss averages per-sequence (or, for DAPO, per-token) terms over the equal shares of the
     processes, and the pixel rollout draws its noise and predictions for the global batch, so two
-    processes train the one-process weights; DAPO's refill counts spread groups over both."""
+    processes (the policy replicated or sharded) train the one-process weights; DAPO's refill
+    counts spread groups over both."""
     train_posttrain("toy", str(tmp_path / "one"), [*SETTINGS, "steps=2", *overrides])
-    finish(torchrun(tmp_path / "two", "steps=2", *overrides))
+    finish(torchrun(tmp_path / "two", "steps=2", *overrides, f"policy_sharding={sharding}"))
     assert_same_weights(tmp_path / "one", tmp_path / "two", 2, atol=1e-5)
     rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("one", "two")}  # fmt: skip
