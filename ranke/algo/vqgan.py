@@ -26,7 +26,7 @@ def reconstruction_loss(
     return error.mean() if pixel_weight is None else (pixel_weight * error).mean()
 
 
-def pixel_error(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+def pixel_error(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
     """Elementwise reconstruction error: `l1` = |x - x_hat|, `l2` = (x - x_hat)^2."""
     if kind == "l1":
         return (x_hat - x).abs()
