@@ -6,7 +6,7 @@ key (`fnmatch`) gives its values. The values come from where each choice is acte
 anchors from `ranke.algo.grpo`, the precisions from `ranke.precision`, ...), so a new choice
 there is a new allowed value here. A value outside them is refused with one line, e.g.
 
-    config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both
+    config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both, pixel, pixel_and_decoder
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from ranke.toy.data import SPLITS
 
 BACKBONE_KINDS = ("toy", "llamagen", "janus")  # ranke.backbones.load_configured_backbone
 TEXT_KINDS = ("toy", "t5")  # ranke.backbones.base.build_text_encoder
-POSTTRAIN_MODES = ("policy", "decoder", "both")  # policy: frozen-decoder GRPO; both: RankE
+# policy: frozen-decoder GRPO; both: RankE; pixel: VA-π's pixel alignment of the policy, frozen
+# decoder; pixel_and_decoder: VA-π's policy stage with RankE's decoder stage on its rollouts
+POSTTRAIN_MODES = ("policy", "decoder", "both", "pixel", "pixel_and_decoder")
 REFERENCES = ("frozen", "ema")  # the KL anchor's policy: a frozen copy of the start, or the EMA policy
 SOFT_TOKEN_LOGITS = ("current", "rollout")
 SOFT_TOKEN_CODEBOOKS = ("unit", "raw")
@@ -49,6 +51,7 @@ CHOICES: list[tuple[str, tuple[str, ...]]] = [
     ("posttrain.mode", POSTTRAIN_MODES),
     ("posttrain.reference", REFERENCES),
     ("posttrain.loss_type", tuple(POLICY_LOSSES)),
+    ("posttrain.pixel_distance", RECONSTRUCTION_KINDS),
     ("posttrain.kl_kind", tuple(KL_ANCHORS)),
     ("posttrain.soft_token_logits", SOFT_TOKEN_LOGITS),
     ("posttrain.soft_token_codebook", SOFT_TOKEN_CODEBOOKS),

@@ -332,7 +332,9 @@ class PosttrainConfig:
     preset (configs/toy.yaml) changes the learning rates and sizes for a 2-core CPU.
     """
 
-    mode: str = "both"  # policy (frozen-decoder GRPO baseline) | decoder | both (RankE)
+    # policy (frozen-decoder GRPO baseline) | decoder | both (RankE) | pixel (VA-π's pixel alignment
+    # of the policy) | pixel_and_decoder (VA-π's policy stage, then RankE's decoder stage)
+    mode: str = "both"
     steps: int = 200
     prompts_per_step: int = 8
     group_size: int = 8
@@ -375,6 +377,15 @@ class PosttrainConfig:
     # this many extra rollouts of new prompts per step; 0: off
     dynamic_sampling_draws: int = 0
     kl_coef: float = 0.05
+    # the pixel modes (VA-π, docs/posttrain.md "What does mode=pixel do?"): teacher forcing on the real
+    # images' codes, each context code replaced by a random one with probability pixel_context_noise;
+    # reward -(pixel_weight * pixel_distance + pixel_perceptual_weight * `perceptual`) of the decoded
+    # predictions against the real image; + likelihood_weight * the real codes' cross-entropy
+    pixel_context_noise: float = 0.5
+    pixel_distance: str = "l2"  # l2 (VA-π) | l1
+    pixel_weight: float = 1.0
+    pixel_perceptual_weight: float = 1.0
+    likelihood_weight: float = 0.1
     kl_kind: str = "squared"  # squared (released) | k3
     reference: str = "frozen"  # frozen copy of the start | ema (the EMA policy, the fallback)
     policy_ema_decay: float = 0.999
@@ -434,13 +445,21 @@ class PosttrainConfig:
 
     @property
     def trains_policy(self) -> bool:
-        """Whether the policy stage runs (modes policy and both)."""
+        """Whether the policy stage runs (every mode but decoder)."""
         return self.mode != "decoder"
 
     @property
     def trains_decoder(self) -> bool:
-        """Whether the decoder stage runs (modes decoder and both): the decoder and a discriminator train."""
-        return self.mode != "policy"
+        """Whether the decoder stage runs (modes decoder, both and pixel_and_decoder): the decoder
+        and a discriminator train."""
+        return self.mode in ("decoder", "both", "pixel_and_decoder")
+
+    @property
+    def aligns_pixels(self) -> bool:
+        """Whether the rollouts are VA-π's teacher-forced predictions of the real images' codes,
+        scored by reconstruction (modes pixel and pixel_and_decoder), rather than free samples
+        scored by `rewards`."""
+        return self.mode in ("pixel", "pixel_and_decoder")
 
     @property
     def clip_range(self) -> tuple[float, float]:

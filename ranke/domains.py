@@ -102,6 +102,7 @@ DOMAINS: list[tuple[str, Range]] = [
     ("*ema_decay", FRACTION),
     ("*_ratio", FRACTION),
     ("*dropout*", FRACTION),
+    ("*context_noise", FRACTION),
     ("*betas", Range(0, 1, high_open=True)),
     ("sampling.top_p", Range(0, 1, low_open=True)),
     ("sampling.temperature", POSITIVE),

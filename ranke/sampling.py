@@ -88,7 +88,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of `probs` [B, V] by inverse-CDF sampling with `uniforms` [B] in [0, 1).
+    """One token per row of `probs` [B, V] by inverse-CDF sampling with `uniforms` [B] in [0, 1)
+    (k tokens per row, [B, k], from `uniforms` [B, k]).
 
     The token is the first whose cumulative probability exceeds u * total, so zero-probability
     (filtered) tokens are never drawn. Drawing from explicit uniforms, one per row, is what
@@ -96,8 +97,9 @@ def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     rows [a, b) of the global batch's uniforms draws exactly what one process would.
     """
     cumulative = probs.float().cumsum(dim=-1)
-    targets = uniforms.to(cumulative.dtype)[:, None] * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
+    per_row = uniforms.to(cumulative.dtype).reshape(uniforms.shape[0], -1)  # [B, k]
+    drawn = torch.searchsorted(cumulative, per_row * cumulative[:, -1:], right=True).clamp_max(probs.shape[-1] - 1)
+    return drawn.reshape(uniforms.shape)
 
 
 def sample_next_tokens(
@@ -260,8 +262,15 @@ def token_logprobs(
     entropy [B, N] of each step's full distribution.
     """
     log_probs = model(text_emb, tokens, text_mask).log_softmax(dim=-1)
-    chosen = log_probs.gather(-1, tokens[..., None])[..., 0]
-    if not return_entropy:
-        return chosen
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return chosen, entropy
+    chosen = chosen_logprobs(log_probs, tokens)
+    return (chosen, entropies(log_probs)) if return_entropy else chosen
+
+
+def chosen_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The log-probs [B, N] of `tokens` [B, N] in per-position log-distributions `log_probs` [B, N, V]."""
+    return log_probs.gather(-1, tokens[..., None])[..., 0]
+
+
+def entropies(log_probs: torch.Tensor) -> torch.Tensor:
+    """The entropy [B, N] of each per-position log-distribution of `log_probs` [B, N, V]."""
+    return -(log_probs.exp() * log_probs).sum(dim=-1)

@@ -14,6 +14,7 @@ policy learning rate (1e-5) keeps those small.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +133,36 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path, one_process_r
 
     kill_after_second_checkpoint_and_resume(tmp_path / "killed", f"policy_sharding={sharding}")
     assert_same_weights(tmp_path / "two", tmp_path / "killed", 4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, sharding",
+    [
+        (["loss_type=dr_grpo"], "ddp"),
+        (["loss_type=dapo", "dynamic_sampling_draws=1"], "ddp"),
+        # greedy sampling: every group's rollouts are alike, so each step refills up to its bound
+        (["loss_type=dapo", "dynamic_sampling_draws=2", "sampling.top_k=1"], "ddp"),
+        (["loss_type=gspo"], "ddp"),
+        (["mode=pixel"], "ddp"),
+        (["mode=pixel_and_decoder"], "fsdp"),
+    ],
+    ids=["dr_grpo", "dapo", "dapo_refills", "gspo", "pixel", "pixel_and_decoder_fsdp"],
+)
+def test_two_processes_match_one_for_each_policy_loss_and_pixel_mode(tmp_path, one_thread, overrides, sharding):
+    """Every loss averages per-sequence (or, for DAPO, per-token) terms over the equal shares of the
+    processes, and the pixel rollout draws its noise and predictions for the global batch, so two
+    processes (the policy replicated or sharded) train the one-process weights; DAPO's refill
+    counts spread groups over both."""
+    train_posttrain("toy", str(tmp_path / "one"), [*SETTINGS, "steps=2", *overrides])
+    finish(torchrun(tmp_path / "two", "steps=2", *overrides, f"policy_sharding={sharding}"))
+    assert_same_weights(tmp_path / "one", tmp_path / "two", 2, atol=1e-5)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}  # fmt: skip
+    for one, two in zip(rows["one"], rows["two"]):
+        assert one["reward"] == pytest.approx(two["reward"], rel=1e-5, abs=1e-6)
+        assert one.get("dynamic_sampling/draws") == two.get("dynamic_sampling/draws")
+    if "sampling.top_k=1" in overrides:
+        assert [row["dynamic_sampling/draws"] for row in rows["two"]] == [2, 2]
 
 
 def test_two_process_sampling_writes_the_images_of_one_process_and_resumes(tmp_path):

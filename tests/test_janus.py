@@ -278,7 +278,8 @@ def test_load_refuses_missing_or_non_janus_directories(tmp_path):
         load_janus_backbone(tmp_path)
 
 
-def test_cli_sample_and_one_ranke_step_on_janus(janus_dir, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["both", "pixel_and_decoder"])  # RankE; VA-π's rollout with the decoder stage
+def test_cli_sample_and_one_ranke_step_on_janus(janus_dir, tmp_path, capsys, mode):
     from safetensors.torch import load_file
 
     from ranke.checkpoint import latest_checkpoint
@@ -294,7 +295,7 @@ def test_cli_sample_and_one_ranke_step_on_janus(janus_dir, tmp_path, capsys):
     write_samples(4, tmp_path / "data", split="train", seed=1)
     run = tmp_path / "run"
     main(["posttrain", "--backbone", "janus", "--model-path", str(janus_dir), "--out", str(run),
-          f"data={tmp_path / 'data'}", "mode=both", "steps=1", "prompts_per_step=2", "group_size=2", "disc_start=0",
+          f"data={tmp_path / 'data'}", f"mode={mode}", "steps=1", "prompts_per_step=2", "group_size=2", "disc_start=0",
           "eval_samples=0", "grid_prompts=2", "policy_lr=1e-3", "decoder_lr=1e-3"])  # fmt: skip
     start = load_janus_backbone(janus_dir)[0]
     checkpoint = latest_checkpoint(run)

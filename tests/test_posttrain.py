@@ -219,10 +219,11 @@ def test_policy_mode_never_changes_the_decoder_and_decoder_mode_never_the_policy
         assert all(torch.equal(start_policy[name].float(), end[name]) for name in start_policy)
 
 
-@pytest.mark.parametrize("policy", ["whole", "lora"])
-def test_resume_after_kill_is_bit_exact(tmp_path, policy):
+@pytest.mark.parametrize(("mode", "policy"), [("both", "whole"), ("pixel", "whole"), ("pixel_and_decoder", "whole"),
+                                              ("both", "lora"), ("pixel", "lora")])  # fmt: skip
+def test_resume_after_kill_is_bit_exact(tmp_path, mode, policy):
     """With LoRA the checkpoint holds the adapter, its AdamW moments and its EMA alone."""
-    settings = [*TINY, "mode=both", "steps=6", "disc_start=2", "save_every=1", "grid_every=100", "policy_ema_every=2"]
+    settings = [*TINY, f"mode={mode}", "steps=6", "disc_start=2", "save_every=1", "grid_every=100", "policy_ema_every=2"]
     settings += LORA if policy == "lora" else []
     train_posttrain("toy", str(tmp_path / "straight"), settings)
 
@@ -240,7 +241,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path, policy):
     assert not (killed / "checkpoints" / "step_000006").exists(), "the run finished before it was killed"
 
     train_posttrain("toy", str(killed), settings, resume=True)
-    for stem in ("policy", "policy_ema", "vq", "vq_ema", "discriminator"):
+    for stem in ("policy", "policy_ema", "vq", "vq_ema", *(["discriminator"] if mode != "pixel" else [])):
         straight = (tmp_path / "straight" / "checkpoints" / "step_000006" / f"{stem}.safetensors").read_bytes()
         resumed = (killed / "checkpoints" / "step_000006" / f"{stem}.safetensors").read_bytes()
         assert straight == resumed, f"{stem} differs after resume"
@@ -259,7 +260,7 @@ def test_existing_run_needs_resume(both_run, capsys):
     [
         (["stepz=3"], "unknown config key 'stepz' (did you mean 'steps'?)"),
         (["group_size=1"], "config key 'posttrain.group_size' is 1; allowed: a finite number >= 2"),
-        (["mode=decoders"], "config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both"),
+        (["mode=decoders"], "config key 'posttrain.mode' is 'decoders'; allowed: one of policy, decoder, both, pixel, pixel_and_decoder"),
         (["rewards={toy_clip: 1.0, clipp: 1.0}"], "unknown reward 'clipp'"),
         (["kl_kind=k4"], "config key 'posttrain.kl_kind' is 'k4'; allowed: one of squared, k3"),
         (["loss_type=ppo"], "config key 'posttrain.loss_type' is 'ppo'; allowed: one of grpo, dr_grpo, dapo, gspo"),
@@ -325,11 +326,13 @@ def test_image_caption_folder_drives_the_rollouts_and_is_checkpointed(tmp_path):
     assert trainer_state["data"]["epoch"] == 1 and trainer_state["data"]["position"] == 4  # 2 steps x 2 prompts
 
 
+@pytest.mark.parametrize("mode", ["policy", "pixel"])
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "gspo"])
-def test_each_policy_loss_runs_and_logs_finite_values(tmp_path, loss_type):
-    run(tmp_path, "mode=policy", "steps=1", "save_every=1", "grid_every=100", f"loss_type={loss_type}")
+def test_each_policy_loss_runs_and_logs_finite_values(tmp_path, loss_type, mode):
+    run(tmp_path, f"mode={mode}", "steps=1", "save_every=1", "grid_every=100", f"loss_type={loss_type}")
     (row,) = records(tmp_path)
-    for name in ("loss", "surrogate", "kl", "clip_fraction", "ratio_mean", "grad_norm"):
+    names = ("loss", "surrogate", "kl", "clip_fraction", "ratio_mean", "grad_norm", *(["likelihood"] if mode == "pixel" else []))
+    for name in names:
         assert math.isfinite(row[f"policy/{name}"]), name
     assert row["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # the first pass is on-policy
 

@@ -163,6 +163,17 @@ def test_draw_tokens_inverse_cdf_by_hand_and_never_a_filtered_token():
     assert set(many.tolist()) == {1, 3} and abs((many == 3).float().mean().item() - 0.75) < 0.01
 
 
+
+def test_draw_tokens_k_per_row_are_the_rows_drawn_one_by_one():
+    """[B, k] uniforms draw k tokens per row (the pixel rollout's G predictions per position), each
+    the token its uniform draws alone."""
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.0, 0.5]])
+    uniforms = torch.tensor([[0.05, 0.5, 0.99], [0.2, 0.6, 0.4]])
+    drawn = draw_tokens(probs, uniforms)
+    assert drawn.tolist() == [[0, 2, 3], [0, 3, 0]]
+    for column in range(3):
+        assert torch.equal(drawn[:, column], draw_tokens(probs, uniforms[:, column]))
+
 def test_a_slice_of_the_global_batch_samples_what_the_whole_batch_does():
     """Data-parallel ranks holding rows [0, 2) and [2, 3) draw the tokens of one 3-row call."""
     model = random_model()

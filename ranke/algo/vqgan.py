@@ -22,13 +22,17 @@ def reconstruction_loss(
     With `pixel_weight` (broadcastable to x, e.g. [B, 1, H, W]) each element's error is multiplied
     by its weight before the mean; all-ones weights give the plain loss.
     """
-    if kind == "l1":
-        error = (x_hat - x).abs()
-    elif kind == "l2":
-        error = (x_hat - x) ** 2
-    else:
-        raise ValueError(f"unknown reconstruction loss '{kind}' (expected 'l1' or 'l2')")
+    error = pixel_error(x, x_hat, kind)
     return error.mean() if pixel_weight is None else (pixel_weight * error).mean()
+
+
+def pixel_error(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
+    """Elementwise reconstruction error: `l1` = |x - x_hat|, `l2` = (x - x_hat)^2."""
+    if kind == "l1":
+        return (x_hat - x).abs()
+    if kind == "l2":
+        return (x_hat - x) ** 2
+    raise ValueError(f"unknown reconstruction loss '{kind}' (expected 'l1' or 'l2')")
 
 
 def object_pixel_weight(

@@ -1,6 +1,6 @@
 """Recipe: post-training with GRPO (policy stage) and RankE's decoder stage (METHOD.md section 3).
 
-    ranke posttrain --config configs/toy.yaml --out runs/rank_e [mode=policy|decoder|both] [key=value ...]
+    ranke posttrain --config configs/toy.yaml --out runs/rank_e [mode=policy|decoder|both|pixel|pixel_and_decoder] [key=value ...]
 
 One step, for B prompts with their real images:
 
@@ -14,6 +14,10 @@ One step, for B prompts with their real images:
    L_recon + L_rankgan + L_consist + L_reward (+ L_soft); only the decoder and `post_quant_conv`
    train, so the token space never moves; the EMA decoder follows every `decoder_ema_every` steps.
 
+The pixel modes (`pixel`, `pixel_and_decoder`: VA-π) replace step 1 by teacher-forced predictions
+of the real images' codes scored by reconstruction (`ranke.train.pixel_rollout`) and add the
+likelihood regulariser to the policy stage.
+
 Written on accelerate (single process by default; several processes split the prompts, with the
 policy in DDP or sharded by FSDP, `ranke.parallel`); `precision=bf16` runs the forward passes under
 autocast. Every `log_every` steps a record goes to the run log (`metrics.jsonl` plus TensorBoard or
@@ -25,7 +29,6 @@ step with its checkpoint (`ranke.train.preemption`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ from ranke.algo.decoder import (
     soft_codes,
     soft_token_consistency_loss,
 )
+from ranke.algo.pixel import with_likelihood_regulariser
 from ranke.algo.policy_losses import policy_advantages, policy_loss, spread_groups
 from ranke.algo.vqgan import adaptive_generator_weight, adopt_weight, hinge_generator_loss, reconstruction_loss
 from ranke.backbones import Backbone
@@ -73,11 +77,14 @@ from ranke.precision import PrecisionChoice
 from ranke.rewards.build import build_posttrain_reward, probe_user_rewards
 from ranke.rewards.combine import CombinedReward
 from ranke.runtime import UserError, autocast, progress_bars_off, progress_line, set_deterministic
+from ranke.sampling import chosen_logprobs, entropies
 from ranke.toy.data import heldout_prompts
 from ranke.train.discriminator import discriminator_step
 from ranke.train.logging import MetricsWriter, RunLogger
+from ranke.train.pixel_rollout import collect_pixel_rollout
 from ranke.train.posttrain_models import Models, build_models, build_optimizers, check_lora
 from ranke.train.prompts import build_prompt_source
+from ranke.train.rollouts import Rollout, join_rollouts, rollout_rows
 from ranke.train.run import RunStart, begin_run, due, run_steps, save_recipe_checkpoint, write_run_config
 from ranke.train.trainer_state import GuardedOptimizer, restore_trainer_state, trainer_state, upgrade
 from ranke.train.user_objects import UserObjects
@@ -93,6 +100,11 @@ def check_posttrain_config(pcfg: PosttrainConfig) -> None:
     if not 1 <= pcfg.rank_top_k <= pcfg.group_size:
         raise UserError(f"rank_top_k={pcfg.rank_top_k} must be between 1 and group_size={pcfg.group_size}")
     check_lora(pcfg)
+    if pcfg.aligns_pixels and pcfg.soft_token_weight > 0:
+        raise UserError(
+            f"posttrain.soft_token_weight={pcfg.soft_token_weight}: L_soft is not defined on the pixel modes' "
+            f"teacher-forced predictions; set soft_token_weight=0 with mode={pcfg.mode}"
+        )
     if pcfg.consistency_schedule == "none":
         return
     start, end = pcfg.consistency_span  # checked here once: every step's lambda_c reads it
@@ -103,23 +115,6 @@ def check_posttrain_config(pcfg: PosttrainConfig) -> None:
             f"posttrain.consistency_start_step={start} must be below consistency_end_step={end} "
             f"(the end of the ramp; by default steps // 4)"
         )
-
-
-@dataclass
-class Rollout:
-    """G rollouts for each of B prompts, groups contiguous (prompt-major)."""
-
-    prompts: list[str]  # B*G
-    text_emb: torch.Tensor  # [B*G, T, C]
-    text_mask: torch.Tensor  # [B*G, T]
-    tokens: torch.Tensor  # [B*G, N]
-    logp_old: torch.Tensor  # [B*G, N]
-    logp_ref: torch.Tensor  # [B*G, N]
-    images: torch.Tensor  # [B*G, 3, H, W] in [0, 1], decoded by the EMA decoder
-    reward: torch.Tensor  # [B*G] combined, normalised reward
-    components: dict[str, torch.Tensor]  # raw score of each reward [B*G]
-    nonfinite: dict[str, int]  # non-finite raw scores of each reward (counted as 0 in `reward`)
-    soft_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # top-k (logits, codes) [B*G, N, k] at rollout time
 
 
 def rank_weight_entropy(weights: torch.Tensor) -> float:
@@ -205,6 +200,15 @@ def collect_rollout(run: PosttrainRun, prompts: list[str], timings: dict[str, fl
     )  # fmt: skip
 
 
+def step_rollout(run: PosttrainRun, prompts: list[str], real_images: torch.Tensor, timings: dict[str, float]) -> Rollout:
+    """The step's rollouts: in the pixel modes VA-π's predictions of the real images' codes scored
+    by reconstruction (`ranke.train.pixel_rollout`), else free samples scored by the reward."""
+    if not run.pcfg.aligns_pixels:
+        return collect_rollout(run, prompts, timings)
+    with timed(timings, "rollout"):
+        return collect_pixel_rollout(run, prompts, real_images)
+
+
 def reward_statistics(rollout: Rollout, group_size: int) -> dict[str, float]:
     """The step's reward: its mean, each component's mean and spread, and the share of groups
     whose rollouts all scored alike (they carry no GRPO signal)."""
@@ -216,39 +220,6 @@ def reward_statistics(rollout: Rollout, group_size: int) -> dict[str, float]:
     grouped = rollout.reward.view(-1, group_size)
     record["reward/zero_std_groups"] = float((grouped.std(dim=1) < 1e-4).float().mean())
     return record
-
-
-def rollout_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
-    """The rollout's `rows` (non-finite counts kept whole)."""
-    def take(value):
-        if isinstance(value, torch.Tensor):
-            return value[rows.to(value.device)]
-        if isinstance(value, list):
-            return [value[i] for i in rows.tolist()]
-        if isinstance(value, tuple):
-            return tuple(take(item) for item in value)
-        if isinstance(value, dict) and value and isinstance(next(iter(value.values())), torch.Tensor):
-            return {name: take(item) for name, item in value.items()}
-        return value
-
-    return Rollout(**{field.name: take(getattr(rollout, field.name)) for field in dataclasses.fields(Rollout)})
-
-
-def join_rollouts(parts: list[Rollout]) -> Rollout:
-    """Rollouts one after the other (rows concatenated, non-finite counts summed)."""
-    def join(values: list):
-        first = values[0]
-        if isinstance(first, torch.Tensor):
-            return torch.cat(values)
-        if isinstance(first, list):
-            return [item for value in values for item in value]
-        if isinstance(first, tuple):
-            return tuple(join(list(items)) for items in zip(*values))
-        if isinstance(first, dict):
-            return {name: join([value[name] for value in values]) for name in first}
-        return None if first is None else sum(values)
-
-    return Rollout(**{field.name: join([getattr(part, field.name) for part in parts]) for field in dataclasses.fields(Rollout)})
 
 
 def refill_groups(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor) -> tuple[Rollout, torch.Tensor, dict]:
@@ -263,7 +234,7 @@ def refill_groups(run: PosttrainRun, rollout: Rollout, real_images: torch.Tensor
     draws = 0
     while draws < pcfg.dynamic_sampling_draws and global_count(run, spread) < pcfg.prompts_per_step:
         prompts, real = next_prompts(run)
-        parts.append(collect_rollout(run, prompts, {}))
+        parts.append(step_rollout(run, prompts, real, {}))
         images.append(real)
         spread = torch.cat([spread, spread_groups(parts[-1].reward, pcfg.group_size)])
         draws += 1
@@ -301,15 +272,14 @@ def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
         for start in range(0, count, micro):
             part = slice(start, start + micro)
             share = (min(start + micro, count) - start) / count
-            with autocast(run.backbone.device, run.precision.name), models.training_forward():
-                logp_new, entropy = run.backbone.token_logprobs(
-                    run.policy_for_loss, rollout.text_emb[part], rollout.text_mask[part], rollout.tokens[part],
-                    return_entropy=True,
-                )  # fmt: skip
+            with models.training_forward():
+                logp_new, entropy, logp_real = policy_logprobs(run, rollout, part)
             loss, stats = policy_loss(
                 pcfg.loss_type, logp_new, rollout.logp_old[part], rollout.logp_ref[part], advantages[part],
                 clip_low, clip_high, beta=pcfg.kl_coef, kl_kind=pcfg.kl_kind,
             )  # fmt: skip
+            if logp_real is not None:  # the pixel modes: VA-π's likelihood regulariser
+                loss, stats = with_likelihood_regulariser(loss, stats, logp_real, pcfg.likelihood_weight)
             run.accelerator.backward(loss * share)
             epoch_loss += float(loss.detach()) * share
             stats = {**stats, "loss": loss.detach(), "entropy": entropy.detach().mean()}
@@ -324,6 +294,20 @@ def policy_stage(run: PosttrainRun, rollout: Rollout, step: int) -> dict:
         **{f"policy/{name}": value for name, value in totals.items()}, **optimizer.guard.metrics(),
         "lr/policy": optimizer.current_lr,
     }  # fmt: skip
+
+
+def policy_logprobs(run: PosttrainRun, rollout: Rollout, part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The online policy's teacher-forced log-probs [n, N] of the tokens of rollouts `part` and
+    its entropies, differentiable, from one forward on their context: the tokens themselves, or in
+    the pixel modes the corrupted real codes, whose forward also gives the real codes' log-probs
+    (else None)."""
+    context = rollout.tokens if rollout.context is None else rollout.context
+    with autocast(run.backbone.device, run.precision.name):
+        log_probs = run.backbone.token_logits(
+            run.policy_for_loss, rollout.text_emb[part], rollout.text_mask[part], context[part]
+        ).log_softmax(dim=-1)
+    logp_real = None if rollout.real_codes is None else chosen_logprobs(log_probs, rollout.real_codes[part])
+    return chosen_logprobs(log_probs, rollout.tokens[part]), entropies(log_probs), logp_real
 
 
 @dataclass
@@ -695,7 +679,7 @@ def posttrain_step(run: PosttrainRun, outputs: RunOutputs, step: int, bar) -> bo
     pcfg, timings = run.pcfg, {}
     with timed(timings, "step"):
         prompts, real_images = next_prompts(run)
-        rollout = collect_rollout(run, prompts, timings)
+        rollout = step_rollout(run, prompts, real_images, timings)
         record = {"step": step + 1, **reward_statistics(rollout, pcfg.group_size)}
         if pcfg.dynamic_sampling_draws:
             with timed(timings, "refill"):

@@ -103,6 +103,7 @@ def build_models(cfg: RunConfig, device: torch.device, backbone: Backbone | None
     disc = perceptual = None
     if pcfg.trains_decoder:
         disc = PatchDiscriminator(base_channels=pcfg.disc_channels, n_layers=pcfg.disc_layers).to(device)
+    if pcfg.trains_decoder or pcfg.aligns_pixels:  # L_recon and L_consist; the pixel modes' reward
         perceptual = build_perceptual(pcfg.perceptual, pcfg.vgg_path, pcfg.lpips_lin_path).to(device)
     models = Models(
         policy=policy, policy_ema=policy_ema, reference=reference, vq=vq, vq_ema=EMA(vq, pcfg.decoder_ema_decay),
