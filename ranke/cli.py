@@ -82,7 +82,7 @@ def cmd_build_toy_assets(args) -> None:
 def cmd_demo(args) -> None:
     from ranke.demo import run_demo
 
-    preset = next((name for name in ("quick", "full", "ablations", "mechanism") if getattr(args, name)), "default")
+    preset = next((name for name in ("quick", "full", "ablations", "mechanism", "policies") if getattr(args, name)), "default")
     run_demo(args.out, preset, args.config, args.overrides, workers=args.workers)
 
 
@@ -305,6 +305,7 @@ def _add_training_commands(sub) -> None:
                       help="the frontier study: 2 pressure levels, 5 paired seeds, 400 steps, the mechanism runs")
     size.add_argument("--ablations", action="store_true", help="5 paired seeds at the preset, the ablations and the mechanism runs")
     size.add_argument("--mechanism", action="store_true", help="3 paired seeds and the mechanism runs, no ablations")
+    size.add_argument("--policies", action="store_true", help="3 paired seeds of GRPO, DAPO, VA-π and VA-π + RankE's decoder stage")
     p.add_argument("--workers", type=int, default=2, help="post-training runs at a time (default: 2)")
     p.add_argument("--config", default="toy", help="YAML file or bundled preset name (default: toy)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="posttrain config overrides")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -93,7 +94,17 @@ def at_level(spec: MethodSpec, level: str) -> MethodSpec:
 GRPO_VS_RANKE = Study((GRPO, RANKE), ((RANKE, GRPO),))
 ABLATION_COMPARISONS = ((RANK_WEIGHTED, UNIFORM_GAN), (RANKE, NO_EMA_ANCHOR), (RANKE, DECODER_ONLY))
 MECHANISM_COMPARISONS = ((ADAPTED, GRPO),)  # the same GRPO policy, adapted vs frozen decoder
-SAMPLED = (GRPO.name, RANKE.name)  # the columns of the sample grid beside the real image and SFT (at the last level)
+# The policy stage as the field runs it (issue 28's comparison), each with its paper's settings on
+# the toy preset: DAPO (clip-higher, token-level loss, dynamic sampling, no KL term) and VA-π's
+# pixel alignment (teacher-forced predictions of real codes scored by reconstruction, with the
+# likelihood regulariser; no KL term, weight decay 1e-4), alone and with RankE's decoder stage.
+DAPO = MethodSpec("DAPO", ("mode=policy", "loss_type=dapo", "kl_coef=0", "dynamic_sampling_draws=1"), "base",
+                  note="DAPO's policy stage as its paper trains it, frozen decoder")  # fmt: skip
+PIXEL = MethodSpec("VA-π", ("mode=pixel", "kl_coef=0", "policy_weight_decay=1e-4"), "base",
+                   note="VA-π's pixel-space alignment of the policy, frozen decoder")  # fmt: skip
+PIXEL_RANKE = MethodSpec("VA-π + RankE decoder", ("mode=pixel_and_decoder", "kl_coef=0", "policy_weight_decay=1e-4"),
+                         "ema", ("online",), "VA-π's policy stage + RankE's decoder stage on the same rollouts")  # fmt: skip
+POLICY_FAMILY = Study((GRPO, DAPO, PIXEL, PIXEL_RANKE), ((DAPO, GRPO), (PIXEL, GRPO), (PIXEL_RANKE, PIXEL)))
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,8 @@ PRESETS = {
     "ablations": DemoPreset((), (0, 1, 2, 3, 4), (0, 1, 2), (0, 1, 2)),
     # the question of a new reward or world: does GRPO's token shift cost fidelity, and does RankE remove it?
     "mechanism": DemoPreset((), (0, 1, 2), (), (0, 1, 2)),
+    # the policy stage's family at the preset: GRPO, DAPO, VA-π, and VA-π with the decoder stage
+    "policies": DemoPreset((), (0, 1, 2), compared=POLICY_FAMILY),
 }
 
 
@@ -315,7 +328,9 @@ def decoder_mechanism(evaluator: Evaluator, methods: list[Method], device) -> di
 
 
 def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+    """A method's run-folder name: ASCII letters, digits and underscores ("VA-π" -> "va_pi")."""
+    name = name.lower().replace("π", "pi")
+    return re.sub("_+", "_", "".join(c if c.isascii() and c.isalnum() else "_" for c in name)).strip("_")
 
 
 def describe(sft: dict, methods: list[Method], compared: list[tuple[Method, Method]], real: dict | None = None) -> str:
@@ -389,7 +404,8 @@ def build_report(
     real = reference.metrics
     compared = study.compared(methods)
     last_level = methods[-1].spec.group if methods else ""  # the highest pressure level
-    sampled = [method for method in methods if method.spec.group == last_level and _unlevelled(method.spec) in SAMPLED]
+    sampled = [method for method in methods  # the compared methods' columns beside the real image and SFT
+               if method.spec.group == last_level and not method.spec.starts_from and method.spec not in ABLATIONS]  # fmt: skip
     samples, sample_files = plot_samples(out, sft, sampled, reference)
     sections = [
         ("Reward against fidelity", _frontier(out, sft, methods, compared, real)),
@@ -425,11 +441,6 @@ def _frontier(out: Path, sft: dict, methods: list[Method], compared, real: dict 
             text += frontier_table(sft, pairs)
         sections.append(text)
     return "\n\n".join(sections)
-
-
-def _unlevelled(spec: MethodSpec) -> str:
-    """The method's name without its level's prefix (`at_level`)."""
-    return spec.name.removeprefix(f"{spec.group}: ") if spec.group else spec.name
 
 
 def _level_text(level: str) -> str:

@@ -94,11 +94,15 @@ def test_each_preset_declares_the_study_it_runs():
     for name, preset in PRESETS.items():
         study = preset.study()
         for level in preset.levels or ("",):
-            grpo, ranke = (at_level(spec, level) if level else spec for spec in (GRPO, RANKE))
-            assert {grpo, ranke} <= set(study.methods) and (ranke, grpo) in study.comparisons, name
+            leveled = (lambda spec: at_level(spec, level)) if level else (lambda spec: spec)  # noqa: B023
+            assert {leveled(spec) for spec in preset.compared.methods} <= set(study.methods), name
+            assert {(leveled(a), leveled(b)) for a, b in preset.compared.comparisons} <= set(study.comparisons), name
         assert all(preset.seeds_of(method) for method in study.methods), name
         assert any(method.starts_from for method in study.methods) == bool(preset.mechanism_seeds), name
         assert set(ABLATIONS) <= set(study.methods) if preset.ablation_seeds else not set(ABLATIONS) & set(study.methods)
+    assert PRESETS["default"].compared.comparisons == ((RANKE, GRPO),)
+    assert [(a.name, b.name) for a, b in PRESETS["policies"].study().comparisons] == [
+        ("DAPO", "GRPO"), ("VA-π", "GRPO"), ("VA-π + RankE decoder", "VA-π")]
     ablations = PRESETS["ablations"].study()
     assert [(a.name, b.name) for a, b in ablations.comparisons] == [
         ("RankE", "GRPO"), ("RankE, top-4 rank-weighted", "RankE, top-4 uniform GAN"), ("RankE", "RankE, no EMA anchor"),
