@@ -1,14 +1,18 @@
 """GRPO trajectories charted against steps on the VALIDATION prompts (never the held-out evaluation
-prompts), seed 0. Two sweeps:
+prompts), seed 0. Three sweeps:
 
 * `preset` (default): the settings that decided the toy baseline (policy lr, rollouts per step,
   KL coefficient, GRPO passes per batch), in bf16, up to 300 steps.
 * `frontier`: the candidate levels of optimisation pressure for the frontier study (issue: where
   does GRPO's reward start to cost fidelity?): longer horizons, a higher rate, no KL anchor, a
   reward with a direction other than realism; fp32 throughout, 400 steps.
+* `pixel`: VA-π's policy learning rate in the toy world (`mode=pixel` with the paper's other
+  settings, `ranke.demo.PIXEL`), at the preset's 150 steps, in bf16: the paper's 1e-6 is for a
+  775M-parameter policy, the toy preset's GRPO rate is 5e-5.
 
     python benchmarks/grpo_sweep.py --out runs/sweep --workers 2                      # runs (resumable) + chart
     python benchmarks/grpo_sweep.py --sweep frontier --out runs/frontier_sweep        # the frontier's levels
+    python benchmarks/grpo_sweep.py --sweep pixel --out runs/pixel_sweep              # VA-π's learning rate
     python benchmarks/grpo_sweep.py --out runs/sweep --plot-only                      # chart what has finished
 
 Each setting is `ranke posttrain mode=policy` from the committed toy SFT policy with an evaluation
@@ -31,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ranke import config as config_lib  # noqa: E402
 from ranke.backbones import load_toy_backbone  # noqa: E402
 from ranke.config import RunConfig  # noqa: E402
+from ranke.demo import PIXEL  # noqa: E402
 from ranke.eval.evaluate import Evaluator  # noqa: E402
 from ranke.runtime import autocast, select_device  # noqa: E402
 from ranke.workers import Job, run_jobs  # noqa: E402
@@ -57,7 +62,8 @@ FRONTIER_SETTINGS = {
     "lr1e-4_color_400": ("policy_lr=1e-4", COLORFUL, "steps=400"),
     "lr5e-5_128rollouts_300": ("policy_lr=5e-5", "prompts_per_step=16", "steps=300"),
 }
-SWEEPS = {"preset": ("bf16", PRESET_SETTINGS), "frontier": ("fp32", FRONTIER_SETTINGS)}
+PIXEL_SETTINGS = {f"pixel_lr{lr}": (*PIXEL.overrides, f"policy_lr={lr}", "steps=150") for lr in ("5e-5", "1e-5", "2e-6")}
+SWEEPS = {"preset": ("bf16", PRESET_SETTINGS), "frontier": ("fp32", FRONTIER_SETTINGS), "pixel": ("bf16", PIXEL_SETTINGS)}
 PANELS = (("reward", "reward (train toy CLIP)"), ("clip_score", "CLIP score (eval toy CLIP)"),
           ("fd", "FD (toy features)"), ("token_kl", "token KL (nats)"))  # fmt: skip
 
