@@ -138,15 +138,15 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path, one_process_r
 @pytest.mark.parametrize(
     "overrides, sharding",
     [
-        (["loss_type=dr_grpo"], "ddp"),
+        (["loss_type=dr_grpo"], "fsdp"),
         (["loss_type=dapo", "dynamic_sampling_draws=1"], "ddp"),
         # greedy sampling: every group's rollouts are alike, so each step refills up to its bound
         (["loss_type=dapo", "dynamic_sampling_draws=2", "sampling.top_k=1"], "ddp"),
-        (["loss_type=gspo"], "ddp"),
+        (["loss_type=gspo"], "fsdp"),
         (["mode=pixel"], "ddp"),
         (["mode=pixel_and_decoder"], "fsdp"),
     ],
-    ids=["dr_grpo", "dapo", "dapo_refills", "gspo", "pixel", "pixel_and_decoder_fsdp"],
+    ids=["dr_grpo_fsdp", "dapo", "dapo_refills", "gspo_fsdp", "pixel", "pixel_and_decoder_fsdp"],
 )
 def test_two_processes_match_one_for_each_policy_loss_and_pixel_mode(tmp_path, one_thread, overrides, sharding):
     """Every loss averages per-sequence (or, for DAPO, per-token) terms over the equal shares of the

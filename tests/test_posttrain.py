@@ -326,7 +326,7 @@ def test_image_caption_folder_drives_the_rollouts_and_is_checkpointed(tmp_path):
     assert trainer_state["data"]["epoch"] == 1 and trainer_state["data"]["position"] == 4  # 2 steps x 2 prompts
 
 
-@pytest.mark.parametrize("mode", ["policy", "pixel"])
+@pytest.mark.parametrize("mode", ["policy", "both", "pixel"])
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo", "gspo"])
 def test_each_policy_loss_runs_and_logs_finite_values(tmp_path, loss_type, mode):
     run(tmp_path, f"mode={mode}", "steps=1", "save_every=1", "grid_every=100", f"loss_type={loss_type}")
