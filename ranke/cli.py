@@ -409,14 +409,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         where = "" if isinstance(err, UserError) else f" (ValueError at {_raised_at(err)}; --debug shows the traceback)"
         print(f"ranke: error: {err}{where}", file=sys.stderr)
-        sys.exit(2)
+        end(2)
     except Stopped as stopped:
         print(f"ranke: {stopped}", file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
+        end(EXIT_STOPPED)
     except SecondSignal as second:  # the recipe turns one during its save into Stopped; this is one just before it
         print(f"ranke: stopped at once by a second {second}; continue with --resume from the newest checkpoint",
               file=sys.stderr)  # fmt: skip
-        sys.exit(EXIT_STOPPED)
+        end(EXIT_STOPPED)
     except RuntimeError as err:
         from ranke.parallel import collective_failure
 
@@ -425,17 +425,36 @@ def main(argv: list[str] | None = None) -> None:
         from ranke.train.preemption import record_lost_process
 
         print(f"ranke: error: {record_lost_process(err)}", file=sys.stderr)
-        # the process group's threads may still wait on the lost process, and tearing them down at
-        # interpreter exit aborts (exit -6, "terminate called ..."): leave without running it
+        end(EXIT_LOST_PROCESS)
+    except KeyboardInterrupt:
+        print("ranke: interrupted", file=sys.stderr)
+        end(130)
+    finally:
+        release_all()
+    end(0)
+
+
+def end(code: int) -> None:
+    """End the command with exit code `code`. A process of a multi-process job leaves without the
+    interpreter's finalisation: there a gloo thread that still holds a finished collective's
+    tensors must take the interpreter lock to free them, and the process aborts instead (-6,
+    "terminate called without an active exception"), in a run that ended well as in one that lost
+    a process. Everything a run writes is closed by then; the locks are released here. In a single
+    process, 0 returns (a caller in Python goes on) and any other code raises SystemExit."""
+    if "torch" in sys.modules and _in_multi_process_job():
         release_all()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_LOST_PROCESS)
-    except KeyboardInterrupt:
-        print("ranke: interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        release_all()
+        os._exit(code)
+    if code:
+        sys.exit(code)
+
+
+def _in_multi_process_job() -> bool:
+    import torch
+
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
 
 
 if __name__ == "__main__":
