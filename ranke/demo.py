@@ -424,7 +424,16 @@ def build_report(
     if levels:
         intro += " Each method runs at every level of optimisation pressure: " + "; ".join(
             f"`{level}`: {_level_text(level)}" for level in levels) + "."  # fmt: skip
-    return write_report(Report("RankE in the toy world: GRPO vs RankE", intro, sections), out)
+    return write_report(Report(f"RankE in the toy world: {report_title(study)}", intro, sections), out)
+
+
+def report_title(study: Study) -> str:
+    """The compared methods by their names without a level ("GRPO vs RankE"; "A, B, C and D"), the
+    ablations and the runs that start from another method's policies left out."""
+    names = [spec.name.removeprefix(f"{spec.group}: ") for spec in study.methods
+             if not spec.starts_from and spec not in ABLATIONS]  # fmt: skip
+    names = list(dict.fromkeys(names))
+    return " vs ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _frontier(out: Path, sft: dict, methods: list[Method], compared, real: dict | None) -> str:

@@ -15,7 +15,7 @@ import torch
 from bs4 import BeautifulSoup
 
 from ranke.config import RunConfig
-from ranke.demo import ADAPTED, GRPO, GRPO_VS_RANKE, PRESETS, RANKE, at_level, build_report
+from ranke.demo import ADAPTED, GRPO, GRPO_VS_RANKE, POLICY_FAMILY, PRESETS, RANKE, at_level, build_report, report_title
 from ranke.eval.page import render_html
 from ranke.eval.runs import RealReference
 from ranke.eval.study import Method, Study
@@ -201,6 +201,7 @@ def test_a_renamed_method_keeps_its_comparison(tmp_path):
     fd_row = next(line for line in results.splitlines() if line.startswith("| FD (toy features) |"))
     assert fd_row.endswith("| -3.0 [-5.5, -0.5] | 3 | co-evolved decoder lower FD (better) |")
     assert "RankE" not in results
+    assert markdown.startswith("# RankE in the toy world: GRPO vs co-evolved decoder\n")
 
 
 def test_a_study_refuses_a_comparison_of_a_method_it_lacks():
@@ -297,3 +298,9 @@ def test_a_study_of_two_levels_draws_a_plane_per_level_and_the_mechanism_of_the_
     assert "| on the real images' codes (base - adapted) | +0.8 [+0.8, +0.8] | 2 |" in results
     assert "| specific to the policy's tokens (the first - the second) | +1.7 [-4.7, +8.1] | 2 |" in results
     assert "Each method runs at every level of optimisation pressure: `clip`: the preset's reward; `colorful`: rewards=" in markdown
+    assert markdown.startswith("# RankE in the toy world: GRPO vs RankE\n")  # levels, ablations and mechanism runs left out
+
+
+def test_a_study_of_more_than_two_methods_names_them_all_in_its_title():
+    assert report_title(POLICY_FAMILY) == "GRPO, DAPO, VA-π and VA-π + RankE decoder"
+    assert report_title(PRESETS["ablations"].study()) == "GRPO vs RankE"
