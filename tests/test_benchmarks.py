@@ -82,3 +82,27 @@ def test_precision_benchmark_names_the_machine_and_the_choice():
     assert "CPU capability " in result.stdout and "bf16 matmul native: " in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 32 |"))
     assert row.split("|")[4].strip() in ("fp32", "bf16")
+
+
+def test_decoder_sensitivity_replaces_the_drawn_fraction_by_the_chosen_substitutes():
+    """benchmarks/decoder_sensitivity.py's corruption: by hand on a 1-d codebook 0, 1, 3 (nearest
+    of 0 is 1, of 1 is 0, of 3 is 1), and the replaced fraction of 20,000 positions near p."""
+    import importlib.util
+
+    import torch
+
+    path = Path(__file__).parent.parent / "benchmarks" / "decoder_sensitivity.py"
+    spec = importlib.util.spec_from_file_location("decoder_sensitivity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    codebook = torch.tensor([[0.0], [1.0], [3.0]])
+    codes = torch.tensor([[0, 1, 2, 2]])
+    generator = torch.Generator().manual_seed(0)
+    assert module.substitutes(codebook, "nearest", codes, generator).tolist() == [[1, 0, 1, 1]]
+    uniform = module.substitutes(codebook, "uniform", torch.zeros(1, 20_000, dtype=torch.long), generator)
+    assert set(uniform.unique().tolist()) == {0, 1, 2}
+    codes = torch.zeros(1, 20_000, dtype=torch.long)
+    replacement = torch.ones_like(codes)
+    assert torch.equal(module.corrupted(codes, 0.0, replacement, generator), codes)
+    assert torch.equal(module.corrupted(codes, 1.0, replacement, generator), replacement)
+    assert abs(module.corrupted(codes, 0.1, replacement, generator).float().mean().item() - 0.1) < 0.01
