@@ -23,7 +23,7 @@ from ranke import config as config_lib
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator, quantize
 from ranke.eval.fid import frechet_distance_from_features
-from ranke.eval.shift import roundtrip_agreement
+from ranke.eval.shift import token_agreement
 from ranke.models.vq import VQModel, to_unit_range
 from ranke.precision import machine_description
 from ranke.runtime import select_device
@@ -47,14 +47,13 @@ def corrupted(codes: torch.Tensor, fraction: float, replacement: torch.Tensor, g
 
 
 def fidelity(evaluator: Evaluator, decoder: VQModel, codes: torch.Tensor) -> tuple[float, float]:
-    """FD of the decoded, 8-bit `codes` to the real images, and their mean round-trip agreement."""
-    def decode(rows):
-        return quantize(to_unit_range(decoder.decode_codes(rows.to(evaluator.device))).float())
-
+    """FD of the decoded, 8-bit `codes` to the real images, and their mean round-trip agreement
+    (each chunk decoded once, for both)."""
     features, agreement = [], []
     for chunk in codes.split(evaluator.batch_size):
-        features.append(evaluator.features(decode(chunk)))
-        agreement.append(roundtrip_agreement(chunk, decode, evaluator.encode))
+        images = quantize(to_unit_range(decoder.decode_codes(chunk.to(evaluator.device))).float())
+        features.append(evaluator.features(images))
+        agreement.append(token_agreement(chunk, evaluator.encode(images)))
     return frechet_distance_from_features(np.concatenate(features), evaluator.real_features), float(torch.cat(agreement).mean())
 
 
