@@ -21,10 +21,10 @@ import torch
 
 from ranke import config as config_lib
 from ranke.config import RunConfig
-from ranke.eval.evaluate import Evaluator, quantize
+from ranke.eval.evaluate import Evaluator, decode_8bit
 from ranke.eval.fid import frechet_distance_from_features
 from ranke.eval.shift import token_agreement
-from ranke.models.vq import VQModel, to_unit_range
+from ranke.models.vq import VQModel
 from ranke.precision import machine_description
 from ranke.runtime import select_device
 from ranke.sample_folder import ModelChoice, load_backbone
@@ -51,10 +51,21 @@ def fidelity(evaluator: Evaluator, decoder: VQModel, codes: torch.Tensor) -> tup
     (each chunk decoded once, for both)."""
     features, agreement = [], []
     for chunk in codes.split(evaluator.batch_size):
-        images = quantize(to_unit_range(decoder.decode_codes(chunk.to(evaluator.device))).float())
+        images = decode_8bit(decoder, chunk.to(evaluator.device))
         features.append(evaluator.features(images))
         agreement.append(token_agreement(chunk, evaluator.encode(images)))
     return frechet_distance_from_features(np.concatenate(features), evaluator.real_features), float(torch.cat(agreement).mean())
+
+
+def fraction_list(text: str) -> list[float]:
+    """`--fractions`: comma-separated fractions in [0, 1]."""
+    try:
+        fractions = [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0.0 <= fraction <= 1.0 for fraction in fractions):
+        raise argparse.ArgumentTypeError(f"every fraction must lie in [0, 1], got {text!r}")
+    return fractions
 
 
 @torch.no_grad()
@@ -62,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", default=[], help="a post-training run whose EMA decoder is measured too")
     parser.add_argument("--n", type=int, default=500, help="held-out prompts (the study's 500)")
-    parser.add_argument("--fractions", default="0,0.02,0.05,0.1,0.2")
+    parser.add_argument("--fractions", type=fraction_list, default="0,0.02,0.05,0.1,0.2", help="of the positions replaced")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cfg = config_lib.load(RunConfig, "toy", ["precision=fp32"], section="posttrain")
@@ -78,7 +89,7 @@ def main() -> None:
     codes = evaluator.real_codes
     codebook = evaluator.tokenizer.codebook_vectors().cpu()
     for kind in ("uniform", "nearest"):
-        for fraction in (float(value) for value in args.fractions.split(",")):
+        for fraction in args.fractions:
             generator = torch.Generator().manual_seed(args.seed)
             replacement = substitutes(codebook, kind, codes, generator)
             changed = corrupted(codes, fraction, replacement, generator)

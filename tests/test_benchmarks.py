@@ -1,9 +1,12 @@
 """The GPU benchmark script still runs (its CPU smoke mode, toy sizes), so it is ready when a GPU is lent."""
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def test_gpu_rollout_benchmark_smoke():
@@ -106,3 +109,7 @@ def test_decoder_sensitivity_replaces_the_drawn_fraction_by_the_chosen_substitut
     assert torch.equal(module.corrupted(codes, 0.0, replacement, generator), codes)
     assert torch.equal(module.corrupted(codes, 1.0, replacement, generator), replacement)
     assert abs(module.corrupted(codes, 0.1, replacement, generator).float().mean().item() - 0.1) < 0.01
+    assert module.fraction_list("0,0.05,1") == [0.0, 0.05, 1.0]
+    for bad in ("0,x", "0,1.5", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            module.fraction_list(bad)

@@ -113,6 +113,12 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0.0, 1.0) * 255.0).round() / 255.0
 
 
+def decode_8bit(decoder: VQModel, codes: torch.Tensor) -> torch.Tensor:
+    """`codes` [B, L] decoded by `decoder` and rounded to 8 bits, as a saved sample would be:
+    float images [B, 3, H, W] in [0, 1]."""
+    return quantize(to_unit_range(decoder.decode_codes(codes)).float())
+
+
 class Evaluator:
     """Scores a backbone on the first `n` prompts of a split (`heldout`, or `validation` for
     choosing settings); build once, call many times.
@@ -220,7 +226,7 @@ class Evaluator:
         scores = {key: [] for key in (*SCORES, "roundtrip_real", "features", "codes", "verdicts")}
 
         def decode(codes):  # the evaluator's own decoder, 8-bit as a sample
-            return quantize(to_unit_range(self.tokenizer.decode_codes(codes)).float())
+            return decode_8bit(self.tokenizer, codes)
 
         for begin in range(0, self.n, self.batch_size):
             images = real[begin : begin + self.batch_size].float().div(255.0).to(self.device)
@@ -272,7 +278,7 @@ class Evaluator:
         decoder has them."""
         reconstructions, squared_errors = [], []
         for codes, real in zip(self.real_codes.split(self.batch_size), self.real_images.split(self.batch_size)):
-            image = quantize(to_unit_range(decoder.decode_codes(codes.to(self.device))).float())
+            image = decode_8bit(decoder, codes.to(self.device))
             reconstructions.append(self.features(image))
             squared_errors.append((image.cpu() - real.float().div(255.0)).pow(2).flatten(1).mean(dim=1))
         mse = torch.cat(squared_errors)
