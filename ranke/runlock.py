@@ -40,13 +40,19 @@ def _is_main_process() -> bool:
 
 def claim_output_dir(path: str | Path, flag: str = "--out") -> Path:
     """Create `path` if needed and, on the main process, hold its lock until this process exits
-    (or `release`). Claiming a folder this process already holds is a no-op."""
+    (or `release`). Claiming a folder this process already holds is a no-op, unless the folder was
+    removed and made again since (a notebook deleting a run and starting it afresh): then its new
+    lock file is claimed."""
     import fcntl
 
     path = prepare_output_dir(path, flag).resolve()
-    if path in _held or not _is_main_process():
+    if not _is_main_process():
         return path
     lock = path / LOCK_FILE
+    if path in _held:
+        if _holds_file(_held[path], lock):
+            return path
+        os.close(_held.pop(path))  # the folder was removed and made again since: its new lock file is free
     try:
         descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
@@ -66,6 +72,16 @@ def claim_output_dir(path: str | Path, flag: str = "--out") -> Path:
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     _held[path] = descriptor
     return path
+
+
+def _holds_file(descriptor: int, lock: Path) -> bool:
+    """Whether `descriptor` is open on the file now at `lock` (not on one removed since)."""
+    try:
+        now = os.stat(lock)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(descriptor)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 def is_held(path: str | Path) -> bool:

@@ -173,6 +173,27 @@ def test_a_second_writer_is_refused_and_a_dead_writer_lock_is_taken_over(tmp_pat
     assert lock.read_text() == ""  # a clean release empties it
 
 
+def test_a_folder_removed_under_this_process_s_lock_is_locked_afresh(tmp_path):
+    """A run folder this process holds, removed and made again (a notebook starting a deleted run
+    afresh), gets a new lock file held by this process, which another process cannot take."""
+    run = tmp_path / "run"
+    claim_output_dir(run)
+    claim_output_dir(run)  # held already: no-op
+    assert (run / LOCK_FILE).read_text().strip() == str(os.getpid())
+    shutil.rmtree(run)
+    claim_output_dir(run)
+    try:
+        assert (run / LOCK_FILE).read_text().strip() == str(os.getpid())
+        other = subprocess.run(
+            [sys.executable, "-c", f"from ranke.runlock import claim_output_dir; claim_output_dir({str(run)!r})"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert other.returncode == 1 and f"is in use by another ranke process (pid {os.getpid()})" in other.stderr
+    finally:
+        release(run)
+    assert (run / LOCK_FILE).read_text() == ""
+
+
 def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != LOCK_FILE}
 
