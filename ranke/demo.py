@@ -36,9 +36,17 @@ from ranke.checkpoint import MANIFEST, latest_checkpoint
 from ranke.config import RunConfig
 from ranke.eval.evaluate import Evaluator
 from ranke.eval.manifold import MIN_FEATURES
-from ranke.eval.figures import curves_caption, plot_decoder_mechanism, plot_frontier, plot_metric, plot_samples
+from ranke.eval.figures import (
+    curves_caption,
+    plot_decoder_mechanism,
+    plot_frontier,
+    plot_metric,
+    plot_samples,
+    seed_counts,
+    seeds_text,
+)
 from ranke.eval.page import Report, write_report
-from ranke.eval.runs import RealReference, final_metrics, frontier_by_seed
+from ranke.eval.runs import RealReference, frontier_by_seed
 from ranke.eval.study import Method, MethodSpec, Study
 from ranke.eval.tables import (
     COLUMNS,
@@ -340,7 +348,7 @@ def describe(sft: dict, methods: list[Method], compared: list[tuple[Method, Meth
     from the intervals: a difference is called better or worse only when its 95% interval over
     seeds excludes 0."""
     lines = []
-    seeds = min((len(final_metrics(m, m.decoder)) for m in methods), default=0)
+    most_seeds = seed_counts(methods)[1]
     if real is not None:
         kid_se = f" (standard error {real['kid_se']:.3f})" if real.get("kid_se") else ""
         lines.append(
@@ -349,7 +357,7 @@ def describe(sft: dict, methods: list[Method], compared: list[tuple[Method, Meth
             "would score; FD or KID differences well inside that are sampling noise of the evaluation."
         )
         lines.append("")  # a paragraph of its own in the markdown
-    if seeds < 2:
+    if most_seeds < 2:
         lines.append(
             "One seed per method: each figure is one training run evaluated once, so there is no interval and "
             "nothing here is called better or worse. One seed shows what a run does to each metric, to set "
@@ -358,7 +366,7 @@ def describe(sft: dict, methods: list[Method], compared: list[tuple[Method, Meth
         )
     else:
         lines.append(
-            f"{seeds} paired seeds: each seed gives every method the same start, prompts and rollout stream. A "
+            f"Paired seeds ({seeds_text(methods)}): each seed gives every method the same start, prompts and rollout stream. A "
             "difference is called only where its 95% interval excludes 0; elsewhere it is not separated."
         )
     lines.append("")
@@ -459,11 +467,15 @@ def _level_text(level: str) -> str:
 
 
 def _curves(out: Path, sft: dict, methods: list[Method], real: dict | None) -> str:
-    """One figure per metric against steps, with their shared caption."""
-    banded = [plot_metric(sft, methods, key, out / f"curve_{key}.png", real) for key, *_ in COLUMNS]
-    return curves_caption(methods, any(banded), real is not None) + "\n\n" + "\n".join(
-        f"![{title} against post-training steps](curve_{key}.png)" for key, title, _, _ in COLUMNS
-    )
+    """One figure per metric against steps, with their shared caption: the methods that start from
+    SFT (a run that starts from another method's final policy has no step 0 at the SFT start; the
+    Results tables and the mechanism figure hold it)."""
+    from_sft = [method for method in methods if method.spec.starts_from is None]
+    banded = [plot_metric(sft, from_sft, key, out / f"curve_{key}.png", real) for key, *_ in COLUMNS]
+    caption = curves_caption(from_sft, any(banded), real is not None)
+    if len(from_sft) < len(methods):
+        caption += " The runs that start from another method's final policy are in the Results tables, not here."
+    return caption + "\n\n" + "\n".join(f"![{title} against post-training steps](curve_{key}.png)" for key, title, _, _ in COLUMNS)
 
 
 def _intro(out: Path, preset_name, pcfg, seeds, minutes, precision: PrecisionChoice | None) -> str:

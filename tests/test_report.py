@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from bs4 import BeautifulSoup
+from PIL import Image
 
 from ranke.config import RunConfig
-from ranke.demo import ADAPTED, GRPO, GRPO_VS_RANKE, POLICY_FAMILY, PRESETS, RANKE, at_level, build_report, report_title
+from ranke.demo import ADAPTED, GRPO, GRPO_VS_RANKE, POLICY_FAMILY, PRESETS, RANKE, build_report, describe, report_title
+from ranke.eval.figures import plot_metric, seed_counts, seeds_text
 from ranke.eval.page import render_html
 from ranke.eval.runs import RealReference
 from ranke.eval.study import Method, Study
@@ -80,7 +82,7 @@ def test_multi_seed_report_tables_intervals_and_verdicts(tmp_path):
     assert reward_row.endswith("| 3 | not separated |")
     said = _section(markdown, "What the numbers say")
     assert "RankE lower FD (better), -3.0 [-5.5, -0.5]" in said and "Not separated: reward +0.17" in said
-    assert "3 paired seeds" in said and "one seed" not in said.lower()
+    assert "Paired seeds (3 seeds per method)" in said and "one seed" not in said.lower()
     # GRPO's final FD minus SFT's: +3, +2, +4 -> +3.0 [+0.5, +5.5]: worse
     assert "GRPO higher FD (worse), +3.0 [+0.5, +5.5]" in said
     results = _section(markdown, "Results")
@@ -88,6 +90,36 @@ def test_multi_seed_report_tables_intervals_and_verdicts(tmp_path):
     curves = _section(markdown, "Curves")
     assert "3 seeds per method" in curves and "shaded: its 95% interval (Student t over seeds)" in curves
     _check_figures_and_html(tmp_path / "report", markdown, html)
+
+
+def test_methods_with_different_seed_counts_say_both(tmp_path):
+    """A study's mechanism runs may have fewer seeds than the methods they continue: the text and
+    the captions give the range, not the smallest or the largest count alone."""
+    grpo = [tmp_path / f"grpo_seed{seed}" for seed in (0, 1, 2)]
+    adapted = [tmp_path / f"adapted_seed{seed}" for seed in (0, 1)]
+    for seed, run in enumerate(grpo):
+        _write_run(run, seed, ["base"], FINAL_FD[seed][0], FINAL_REWARD[seed][0])
+    for seed, run in enumerate(adapted):
+        _write_run(run, seed, ["ema"], FINAL_FD[seed][1], FINAL_REWARD[seed][1])
+    methods = [Method(GRPO, grpo), Method(ADAPTED, adapted)]
+    assert seed_counts(methods) == (2, 3)
+    assert seeds_text(methods) == "2 to 3 seeds per method"
+    assert seeds_text(methods[:1]) == "3 seeds per method" and seeds_text([Method(GRPO, grpo[:1])]) == "one seed per method"
+    assert "Paired seeds (2 to 3 seeds per method)" in describe(SFT, methods, [])
+
+
+def test_a_legend_too_wide_for_two_columns_takes_one_and_keeps_the_plot_s_width(tmp_path):
+    """Long method names in two legend columns would widen the saved image (the plot shrinking in
+    the page); in one column the image keeps the figure's width."""
+    runs = [tmp_path / f"grpo_seed{seed}" for seed in (0, 1)]
+    for seed, run in enumerate(runs):
+        _write_run(run, seed, ["base"], FINAL_FD[seed][0], FINAL_REWARD[seed][0])
+    long_names = [Method(replace(GRPO, name=f"{level}: GRPO policy, adapted decoder"), runs) for level in "ab"]
+    widths = {}
+    for name, methods in (("short", [Method(GRPO, runs)]), ("long", long_names)):
+        plot_metric(SFT, methods, "fd", tmp_path / f"{name}.png")
+        widths[name] = Image.open(tmp_path / f"{name}.png").width
+    assert widths["long"] <= widths["short"] * 1.05
 
 
 def test_one_seed_report_calls_nothing(tmp_path):
@@ -171,11 +203,21 @@ def test_real_reference_survives_save_and_load(tmp_path):
     np.testing.assert_array_equal(loaded.images, images)
 
 
-def test_mechanism_figure_pairs_the_frozen_and_adapted_decoder_by_seed(tmp_path):
+def test_mechanism_figure_pairs_the_frozen_and_adapted_decoder_by_seed(tmp_path, monkeypatch):
     """With the adapted-decoder runs and the reconstructions, the report shows the mechanism
-    figure and the paired comparison of the same GRPO policy's tokens under the two decoders."""
+    figure and the paired comparison of the same GRPO policy's tokens under the two decoders; the
+    curves against steps leave the adapted-decoder runs out (their step 0 is not the SFT start)."""
+    import ranke.demo
+
     out = tmp_path / "report"
     _build(out, [0, 1])
+    drawn, plot = set(), ranke.demo.plot_metric
+
+    def recording_plot(sft, methods, *rest):
+        drawn.update(method.name for method in methods)
+        return plot(sft, methods, *rest)
+
+    monkeypatch.setattr(ranke.demo, "plot_metric", recording_plot)
     adapted = []
     for seed in (0, 1):
         run = out / "runs" / f"grpo_policy_adapted_decoder_seed{seed}"
@@ -190,6 +232,8 @@ def test_mechanism_figure_pairs_the_frozen_and_adapted_decoder_by_seed(tmp_path)
     assert (out / "mechanism.png").is_file()
     fd_row = next(line for line in markdown.splitlines() if line.startswith("| FD (toy features) |"))
     assert "| -1.0 [-1.0, -1.0] | 2 | GRPO policy, adapted decoder lower FD (better) |" in fd_row
+    curves = _section(markdown, "Curves")
+    assert drawn == {"GRPO"} and "2 seeds per method" in curves and "start from another method's final policy are in the Results tables" in curves
 
 
 def test_a_renamed_method_keeps_its_comparison(tmp_path):

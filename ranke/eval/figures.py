@@ -43,8 +43,11 @@ def _curve(method: Method, key: str, sft: dict) -> tuple[list[int], list[Interva
     return steps, [mean_interval(by_step[step]) for step in steps]
 
 
-def _seed_count(methods: list[Method]) -> int:
-    return max((len(final_metrics(m, m.decoder)) for m in methods), default=0)
+def seed_counts(methods: list[Method]) -> tuple[int, int]:
+    """The fewest and the most seeds any of `methods` has finished (a study's mechanism runs may
+    have fewer seeds than the methods they continue)."""
+    counts = [len(final_metrics(method, method.decoder)) for method in methods] or [0]
+    return min(counts), max(counts)
 
 
 def _label(method: Method) -> str:
@@ -56,14 +59,25 @@ def _style() -> None:
                          "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.linewidth": 1.0})  # fmt: skip
 
 
-def _seeds_text(methods: list[Method]) -> str:
-    seeds = _seed_count(methods)
-    return "one seed per method" if seeds < 2 else f"{seeds} seeds per method"
+def seeds_text(methods: list[Method]) -> str:
+    """ "one seed per method", "5 seeds per method" or "3 to 5 seeds per method"."""
+    fewest, most = seed_counts(methods)
+    if most < 2:
+        return "one seed per method"
+    return f"{most} seeds per method" if fewest == most else f"{fewest} to {most} seeds per method"
 
 
 def _legend_below(axis, entries: int) -> None:
-    """The legend under the axes, so it never covers a curve."""
-    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(entries, 2), frameon=False)
+    """The legend under the axes, so it never covers a curve: in two columns where they fit the
+    figure's width, else in one (a wider legend would widen the saved image and shrink the plot).
+    Called after `tight_layout`, so the axes keep their size and the saved image (`bbox_inches="tight"`)
+    grows to hold it."""
+    place = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.2), "frameon": False}
+    legend = axis.legend(ncol=min(entries, 2), **place)
+    figure = axis.figure
+    if legend.get_window_extent(figure.canvas.get_renderer()).width > figure.bbox.width:
+        legend.remove()
+        axis.legend(ncol=1, **place)
 
 
 def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: dict | None = None) -> bool:
@@ -90,8 +104,8 @@ def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: di
     axis.set_ylabel(SHORT[key] if better is None else f"{SHORT[key]} ({better} is better)")
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    _legend_below(axis, len(methods) + 1 + (real is not None and key in real))
     fig.tight_layout()
+    _legend_below(axis, len(methods) + 1 + (real is not None and key in real))
     fig.savefig(path, dpi=190, bbox_inches="tight")  # a long legend label stays inside the image
     plt.close(fig)
     return banded
@@ -100,7 +114,7 @@ def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: di
 def curves_caption(methods: list[Method], banded: bool, real: bool) -> str:
     """What the `plot_metric` figures draw, exactly."""
     caption = (f"Each metric on the held-out prompts against post-training steps (step 0: the SFT start every run "
-               f"shares), {_seeds_text(methods)}. Lines: ")  # fmt: skip
+               f"shares), {seeds_text(methods)}. Lines: ")  # fmt: skip
     caption += "the mean over seeds; shaded: its 95% interval (Student t over seeds)" if banded else "each run (one seed: no band)"
     caption += "; dashed: the SFT start"
     if real:
@@ -136,14 +150,13 @@ def plot_frontier(sft: dict, methods: list[Method], path: Path, real: dict | Non
     axis.set_ylabel(f"{SHORT[key]} (toy features, lower is better)")
     axis.set_title("reward against fidelity along training")
     axis.grid(alpha=0.3)
-    _legend_below(axis, len(methods) + 2)
     fig.tight_layout()
+    _legend_below(axis, len(methods) + 2)
     fig.savefig(path, dpi=180, bbox_inches="tight")
     plt.close(fig)
-    seeds = _seed_count(methods)
     can = ("With one seed this shows where one run went, not whether the methods differ: that needs paired seeds."
-           if seeds < 2 else "The frontier table compares the methods at matched reward gain, paired by seed.")  # fmt: skip
-    return (f"Reward gain against {SHORT[key]} from the SFT start (star) along each run ({_seeds_text(methods)}; thin: "
+           if seed_counts(methods)[1] < 2 else "The frontier table compares the methods at matched reward gain, paired by seed.")  # fmt: skip
+    return (f"Reward gain against {SHORT[key]} from the SFT start (star) along each run ({seeds_text(methods)}; thin: "
             f"each seed, thick: the mean at each evaluation, numbered by step; dotted: a second set of real images, the "
             f"floor). Right "
             f"is more reward, down is better fidelity: a method whose line lies lower at the same gain pays less "
