@@ -348,7 +348,7 @@ def describe(sft: dict, methods: list[Method], compared: list[tuple[Method, Meth
     from the intervals: a difference is called better or worse only when its 95% interval over
     seeds excludes 0."""
     lines = []
-    most_seeds = seed_counts(methods)[1]
+    counts = seed_counts(methods)
     if real is not None:
         kid_se = f" (standard error {real['kid_se']:.3f})" if real.get("kid_se") else ""
         lines.append(
@@ -357,7 +357,7 @@ def describe(sft: dict, methods: list[Method], compared: list[tuple[Method, Meth
             "would score; FD or KID differences well inside that are sampling noise of the evaluation."
         )
         lines.append("")  # a paragraph of its own in the markdown
-    if most_seeds < 2:
+    if counts[1] < 2:
         lines.append(
             "One seed per method: each figure is one training run evaluated once, so there is no interval and "
             "nothing here is called better or worse. One seed shows what a run does to each metric, to set "
@@ -366,7 +366,7 @@ def describe(sft: dict, methods: list[Method], compared: list[tuple[Method, Meth
         )
     else:
         lines.append(
-            f"Paired seeds ({seeds_text(methods)}): each seed gives every method the same start, prompts and rollout stream. A "
+            f"Paired seeds ({seeds_text(*counts)}): each seed gives every method the same start, prompts and rollout stream. A "
             "difference is called only where its 95% interval excludes 0; elsewhere it is not separated."
         )
     lines.append("")
@@ -415,7 +415,7 @@ def build_report(
     compared = study.compared(methods)
     last_level = methods[-1].spec.group if methods else ""  # the highest pressure level
     sampled = [method for method in methods  # the compared methods' columns beside the real image and SFT
-               if method.spec.group == last_level and not method.spec.starts_from and method.spec not in ABLATIONS]  # fmt: skip
+               if method.spec.group == last_level and _headline(method.spec)]  # fmt: skip
     samples, sample_files = plot_samples(out, sft, sampled, reference)
     sections = [
         ("Reward against fidelity", _frontier(out, sft, methods, compared, real)),
@@ -438,10 +438,14 @@ def build_report(
 def report_title(study: Study) -> str:
     """The compared methods by their names without a level ("GRPO vs RankE"; "A, B, C and D"), the
     ablations and the runs that start from another method's policies left out."""
-    names = [spec.name.removeprefix(f"{spec.group}: ") for spec in study.methods
-             if not spec.starts_from and spec not in ABLATIONS]  # fmt: skip
-    names = list(dict.fromkeys(names))
+    names = list(dict.fromkeys(spec.name.removeprefix(f"{spec.group}: ") for spec in study.methods if _headline(spec)))
     return " vs ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _headline(spec: MethodSpec) -> bool:
+    """One of the methods the study compares from the SFT start: not an ablation, not a run that
+    continues another method's final policy."""
+    return spec.starts_from is None and spec not in ABLATIONS
 
 
 def _frontier(out: Path, sft: dict, methods: list[Method], compared, real: dict | None) -> str:

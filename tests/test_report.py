@@ -103,8 +103,9 @@ def test_methods_with_different_seed_counts_say_both(tmp_path):
         _write_run(run, seed, ["ema"], FINAL_FD[seed][1], FINAL_REWARD[seed][1])
     methods = [Method(GRPO, grpo), Method(ADAPTED, adapted)]
     assert seed_counts(methods) == (2, 3)
-    assert seeds_text(methods) == "2 to 3 seeds per method"
-    assert seeds_text(methods[:1]) == "3 seeds per method" and seeds_text([Method(GRPO, grpo[:1])]) == "one seed per method"
+    assert seeds_text(*seed_counts(methods)) == "2 to 3 seeds per method"
+    assert seeds_text(*seed_counts(methods[:1])) == "3 seeds per method"
+    assert seeds_text(*seed_counts([Method(GRPO, grpo[:1])])) == "one seed per method"
     assert "Paired seeds (2 to 3 seeds per method)" in describe(SFT, methods, [])
 
 

@@ -59,9 +59,8 @@ def _style() -> None:
                          "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.linewidth": 1.0})  # fmt: skip
 
 
-def seeds_text(methods: list[Method]) -> str:
-    """ "one seed per method", "5 seeds per method" or "3 to 5 seeds per method"."""
-    fewest, most = seed_counts(methods)
+def seeds_text(fewest: int, most: int) -> str:
+    """`seed_counts` in words: "one seed per method", "5 seeds per method" or "3 to 5 seeds per method"."""
     if most < 2:
         return "one seed per method"
     return f"{most} seeds per method" if fewest == most else f"{fewest} to {most} seeds per method"
@@ -114,7 +113,7 @@ def plot_metric(sft: dict, methods: list[Method], key: str, path: Path, real: di
 def curves_caption(methods: list[Method], banded: bool, real: bool) -> str:
     """What the `plot_metric` figures draw, exactly."""
     caption = (f"Each metric on the held-out prompts against post-training steps (step 0: the SFT start every run "
-               f"shares), {seeds_text(methods)}. Lines: ")  # fmt: skip
+               f"shares), {seeds_text(*seed_counts(methods))}. Lines: ")  # fmt: skip
     caption += "the mean over seeds; shaded: its 95% interval (Student t over seeds)" if banded else "each run (one seed: no band)"
     caption += "; dashed: the SFT start"
     if real:
@@ -154,9 +153,10 @@ def plot_frontier(sft: dict, methods: list[Method], path: Path, real: dict | Non
     _legend_below(axis, len(methods) + 2)
     fig.savefig(path, dpi=180, bbox_inches="tight")
     plt.close(fig)
+    counts = seed_counts(methods)
     can = ("With one seed this shows where one run went, not whether the methods differ: that needs paired seeds."
-           if seed_counts(methods)[1] < 2 else "The frontier table compares the methods at matched reward gain, paired by seed.")  # fmt: skip
-    return (f"Reward gain against {SHORT[key]} from the SFT start (star) along each run ({seeds_text(methods)}; thin: "
+           if counts[1] < 2 else "The frontier table compares the methods at matched reward gain, paired by seed.")  # fmt: skip
+    return (f"Reward gain against {SHORT[key]} from the SFT start (star) along each run ({seeds_text(*counts)}; thin: "
             f"each seed, thick: the mean at each evaluation, numbered by step; dotted: a second set of real images, the "
             f"floor). Right "
             f"is more reward, down is better fidelity: a method whose line lies lower at the same gain pays less "
